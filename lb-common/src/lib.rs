@@ -1,0 +1,350 @@
+//! Types shared by the XDP program (`lb-ebpf`) and the control plane (`lb-userspace`).
+//!
+//! Every map key/value is `#[repr(C)]` with explicit padding so both sides agree on the
+//! layout byte for byte; the size asserts below catch any drift at compile time.
+//! The flow hash lives here too: the kernel and the userspace reference model must
+//! compute exactly the same value, so there is a single implementation.
+#![cfg_attr(not(test), no_std)]
+
+/// Addresses are 16 bytes on both sides; IPv4 is stored v4-mapped (`::ffff:a.b.c.d`).
+pub type Addr = [u8; 16];
+
+/// Backend id 0 means "no backend" in the Maglev ring.
+pub const NO_BACKEND: u32 = 0;
+pub const MAX_SERVICES: u32 = 512;
+pub const MAX_BACKENDS: u32 = 4096;
+/// Distinct VIP addresses (used only on the rare path: fragments, options, truncation).
+pub const MAX_VIP_ADDRS: u32 = 1024;
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Default capacity of the shared ring map; the loader resizes it to what the config needs.
+pub const DEFAULT_RING_SLOTS: u32 = 4 * 65537;
+/// Conntrack entries (shared hash, per-CPU LRU lists).
+pub const CT_MAX_ENTRIES: u32 = 1 << 20;
+/// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list (Katran's per-CPU LRU) while
+/// lookups still see every entry, so a flow whose packets hop CPUs keeps its backend.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+pub const DEFAULT_UDP_TIMEOUT_NS: u64 = 30_000_000_000;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// How a service hashes a flow onto its Maglev ring.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HashMode {
+    /// Source address + ports + protocol (destination is fixed by the service).
+    FiveTuple = 0,
+    /// Client address only: a client always lands on the same backend.
+    SrcIp = 1,
+    /// Client address and port.
+    SrcIpPort = 2,
+}
+
+impl HashMode {
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => HashMode::SrcIp,
+            2 => HashMode::SrcIpPort,
+            _ => HashMode::FiveTuple,
+        }
+    }
+}
+
+/// Forwarding methods. Only direct routing exists today; the byte is kept in the map so
+/// tunnel modes can be added without changing the layout.
+pub const FWD_DR: u8 = 0;
+
+/// Key of the `SERVICES` map. `port == 0` is a port-wildcard service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the `SERVICES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceInfo {
+    /// Index into the per-service stats array.
+    pub id: u32,
+    /// First slot of this service's Maglev table in the shared `RING` array.
+    pub ring_offset: u32,
+    /// Number of slots (prime).
+    pub ring_size: u32,
+    pub hash_mode: u8,
+    pub fwd_mode: u8,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Backend is usable: established flows may keep using it.
+pub const BACKEND_F_VALID: u8 = 1;
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: Addr,
+    pub mac: [u8; 6],
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Conntrack key: the client-to-VIP direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Conntrack value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    pub backend: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last packet; used for UDP idle expiry.
+    pub last_seen_ns: u64,
+}
+
+/// Single entry of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalConfig {
+    pub udp_timeout_ns: u64,
+    /// Source MAC written on forwarded frames (the interface the program is attached to).
+    pub own_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Packets/bytes pair for per-service and per-backend per-CPU counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indices of the global per-CPU `STATS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...).
+    PassNotIp = 0,
+    /// IP but not addressed to a configured service.
+    PassNotVip,
+    /// Truncated Ethernet/IP header or bad IHL, not for a VIP (or not identifiable).
+    PassMalformed,
+    /// Addressed to a VIP but the L4 header is truncated.
+    DropMalformed,
+    /// IPv4/IPv6 fragment addressed to a VIP.
+    DropFragment,
+    /// IPv4 with options addressed to a VIP.
+    DropIpOptions,
+    /// Service has no usable backend.
+    DropNoBackend,
+    /// Forwarded with XDP_TX.
+    Tx,
+    /// Flow found in conntrack.
+    CtHit,
+    /// TCP SYN: always re-hashed.
+    CtMissSyn,
+    /// Non-SYN packet without a (live) conntrack entry: hashed on the current table.
+    CtMissOther,
+    /// Conntrack insert failed (map full beyond LRU eviction, should not happen).
+    CtInsertFail,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Stat::PassNotIp,
+        Stat::PassNotVip,
+        Stat::PassMalformed,
+        Stat::DropMalformed,
+        Stat::DropFragment,
+        Stat::DropIpOptions,
+        Stat::DropNoBackend,
+        Stat::Tx,
+        Stat::CtHit,
+        Stat::CtMissSyn,
+        Stat::CtMissOther,
+        Stat::CtInsertFail,
+    ];
+
+    /// Stable snake_case name used in CLI output and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::PassNotIp => "pass_not_ip",
+            Stat::PassNotVip => "pass_not_vip",
+            Stat::PassMalformed => "pass_malformed",
+            Stat::DropMalformed => "drop_malformed",
+            Stat::DropFragment => "drop_fragment",
+            Stat::DropIpOptions => "drop_ip_options",
+            Stat::DropNoBackend => "drop_no_backend",
+            Stat::Tx => "tx",
+            Stat::CtHit => "ct_hit",
+            Stat::CtMissSyn => "ct_miss_syn",
+            Stat::CtMissOther => "ct_miss_other",
+            Stat::CtInsertFail => "ct_insert_fail",
+        }
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ServiceInfo>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<CtEntry>() == 16);
+    assert!(core::mem::size_of::<GlobalConfig>() == 16);
+    assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(Stat::ALL.len() == Stat::COUNT as usize);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), contain only integers/byte arrays and have explicit
+    // padding fields, so every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceInfo {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::GlobalConfig {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+/// v4-mapped form of an IPv4 address given as its 4 wire bytes.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> Addr {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+// --- flow hash -------------------------------------------------------------------------
+// MurmurHash3 (x86, 32-bit) over a fixed number of words: cheap, well mixed, no tables,
+// and straight-line code the verifier accepts without loops.
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+/// Seed shared by every node so all of them compute identical hashes.
+pub const HASH_SEED: u32 = 0x6661_726d; // "farm"
+
+#[inline(always)]
+const fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn fmix(mut h: u32, len_words: u32) -> u32 {
+    h ^= len_words * 4;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+#[inline(always)]
+const fn word(a: &Addr, i: usize) -> u32 {
+    u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+}
+
+#[inline(always)]
+const fn addr_hash(seed: u32, a: &Addr) -> u32 {
+    let h = mix(seed, word(a, 0));
+    let h = mix(h, word(a, 4));
+    let h = mix(h, word(a, 8));
+    mix(h, word(a, 12))
+}
+
+/// Hash of a client flow as used to index a service's Maglev ring (and, in farm mode, the
+/// ownership ring). Ports are host byte order.
+#[inline(always)]
+pub const fn flow_hash(mode: HashMode, src: &Addr, sport: u16, dport: u16, proto: u8) -> u32 {
+    let h = addr_hash(HASH_SEED, src);
+    match mode {
+        HashMode::SrcIp => fmix(h, 4),
+        HashMode::SrcIpPort => fmix(mix(h, sport as u32), 5),
+        HashMode::FiveTuple => {
+            let h = mix(h, ((sport as u32) << 16) | dport as u32);
+            fmix(mix(h, proto as u32), 6)
+        }
+    }
+}
+
+/// Generic 32-bit hash of arbitrary bytes with a seed (control plane: Maglev permutations).
+pub fn hash_bytes(seed: u32, data: &[u8]) -> u32 {
+    let mut h = seed;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        h = mix(h, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    }
+    let rem = chunks.remainder();
+    if !rem.is_empty() {
+        let mut last = [0u8; 4];
+        last[..rem.len()].copy_from_slice(rem);
+        let k = u32::from_le_bytes(last)
+            .wrapping_mul(C1)
+            .rotate_left(15)
+            .wrapping_mul(C2);
+        h ^= k;
+    }
+    let mut h = h ^ data.len() as u32;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_modes_differ_and_are_stable() {
+        let a = v4_mapped([10, 0, 0, 1]);
+        let h1 = flow_hash(HashMode::FiveTuple, &a, 1000, 80, PROTO_TCP);
+        let h2 = flow_hash(HashMode::FiveTuple, &a, 1001, 80, PROTO_TCP);
+        assert_ne!(h1, h2);
+        // src-ip ignores ports.
+        assert_eq!(
+            flow_hash(HashMode::SrcIp, &a, 1, 80, PROTO_TCP),
+            flow_hash(HashMode::SrcIp, &a, 2, 443, PROTO_UDP)
+        );
+        // src-ip-port ignores the destination port and protocol.
+        assert_eq!(
+            flow_hash(HashMode::SrcIpPort, &a, 7, 80, PROTO_TCP),
+            flow_hash(HashMode::SrcIpPort, &a, 7, 443, PROTO_UDP)
+        );
+        assert_ne!(
+            flow_hash(HashMode::SrcIpPort, &a, 7, 80, PROTO_TCP),
+            flow_hash(HashMode::SrcIpPort, &a, 8, 80, PROTO_TCP)
+        );
+    }
+
+    #[test]
+    fn flow_hash_spreads_sequential_ports() {
+        let a = v4_mapped([192, 0, 2, 7]);
+        let mut buckets = [0u32; 8];
+        for p in 0..8000u16 {
+            buckets[(flow_hash(HashMode::FiveTuple, &a, p, 80, PROTO_TCP) % 8) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((900..1100).contains(&b), "{buckets:?}");
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! farmlb XDP data plane: service lookup, conntrack, weighted Maglev, direct-routing forward.
+//!
+//! Every exit path bumps exactly one reason counter in `STATS`, so packet accounting adds up
+//! (`sum(STATS) == packets seen`), which the datapath tests rely on.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod prog {
+    use aya_ebpf::{
+        bindings::xdp_action,
+        helpers::bpf_ktime_get_ns,
+        macros::{map, xdp},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
+        programs::XdpContext,
+    };
+    use lb_common::{
+        flow_hash, v4_mapped, Addr, Backend, Counter, CtEntry, FlowKey, GlobalConfig, HashMode,
+        ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES,
+        DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_VIP_ADDRS, NO_BACKEND, PROTO_TCP,
+        PROTO_UDP,
+    };
+
+    #[map]
+    static SERVICES: HashMap<ServiceKey, ServiceInfo> =
+        HashMap::with_max_entries(MAX_SERVICES, 0);
+    /// VIP addresses, consulted only on rare paths (fragments, options, truncated L4) to
+    /// decide between "drop, it was for us" and "pass, not ours".
+    #[map]
+    static VIP_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
+    /// All services' Maglev tables back to back; `ServiceInfo::ring_offset` locates each.
+    #[map]
+    static RING: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
+    #[map]
+    static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+    #[map]
+    static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+        LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
+    #[map]
+    static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+    #[map]
+    static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+    #[map]
+    static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+    #[map]
+    static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+    const ETH_HLEN: usize = 14;
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+    const ETH_P_8021Q: u16 = 0x8100;
+    const IPV6_HLEN: usize = 40;
+    const NEXTHDR_FRAGMENT: u8 = 44;
+    const TCP_FLAG_SYN: u8 = 0x02;
+    const TCP_FLAG_ACK: u8 = 0x10;
+
+    #[xdp]
+    pub fn farmlb_xdp(ctx: XdpContext) -> u32 {
+        process(&ctx)
+    }
+
+    #[inline(always)]
+    fn count(s: Stat) {
+        if let Some(p) = STATS.get_ptr_mut(s as u32) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            unsafe { *p += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn verdict(s: Stat, action: u32) -> u32 {
+        count(s);
+        action
+    }
+
+    #[inline(always)]
+    fn add(map: &PerCpuArray<Counter>, idx: u32, bytes: u64) {
+        if let Some(p) = map.get_ptr_mut(idx) {
+            // SAFETY: per-CPU slot.
+            unsafe {
+                (*p).packets += 1;
+                (*p).bytes += bytes;
+            }
+        }
+    }
+
+    /// Pointer to `T` at `off` if the packet holds it entirely.
+    #[inline(always)]
+    fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+        let start = ctx.data();
+        if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+            return None;
+        }
+        Some((start + off) as *const T)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+        // SAFETY: bounds checked by ptr_at; packet data may be unaligned.
+        ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
+    }
+
+    #[inline(always)]
+    fn be16(b: [u8; 2]) -> u16 {
+        u16::from_be_bytes(b)
+    }
+
+    /// Rare path: the packet cannot be balanced (fragment, options, truncated L4). Drop and
+    /// count it if it was addressed to a VIP, otherwise leave it to the kernel.
+    #[inline(always)]
+    fn for_vip_or_pass(dst: &Addr, reason: Stat) -> u32 {
+        // SAFETY: read-only lookup of a plain value.
+        if unsafe { VIP_ADDRS.get(dst) }.is_some() {
+            verdict(reason, xdp_action::XDP_DROP)
+        } else {
+            verdict(Stat::PassNotVip, xdp_action::XDP_PASS)
+        }
+    }
+
+    #[inline(always)]
+    fn process(ctx: &XdpContext) -> u32 {
+        let Some(mut eth_type) = read::<[u8; 2]>(ctx, 12).map(be16) else {
+            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+        };
+        let mut l3 = ETH_HLEN;
+        if eth_type == ETH_P_8021Q {
+            let Some(t) = read::<[u8; 2]>(ctx, 16).map(be16) else {
+                return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+            };
+            eth_type = t;
+            l3 += 4;
+        }
+
+        let (src, dst, proto, l4) = match eth_type {
+            ETH_P_IP => {
+                let Some(h) = ptr_at::<[u8; 20]>(ctx, l3) else {
+                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+                };
+                let h = h as *const u8;
+                // SAFETY: 20 bytes bounds-checked above.
+                let (ver_ihl, frag, proto, s, d) = unsafe {
+                    (
+                        *h,
+                        be16([*h.add(6), *h.add(7)]),
+                        *h.add(9),
+                        core::ptr::read_unaligned(h.add(12) as *const [u8; 4]),
+                        core::ptr::read_unaligned(h.add(16) as *const [u8; 4]),
+                    )
+                };
+                let ihl = ver_ihl & 0x0f;
+                if ver_ihl >> 4 != 4 || ihl < 5 {
+                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+                }
+                let dst = v4_mapped(d);
+                // MF flag or a non-zero offset: any fragment.
+                if frag & 0x3fff != 0 {
+                    return for_vip_or_pass(&dst, Stat::DropFragment);
+                }
+                if ihl != 5 {
+                    return for_vip_or_pass(&dst, Stat::DropIpOptions);
+                }
+                (v4_mapped(s), dst, proto, l3 + 20)
+            }
+            ETH_P_IPV6 => {
+                let Some(h) = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3) else {
+                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+                };
+                let h = h as *const u8;
+                // SAFETY: 40 bytes bounds-checked above.
+                let (ver, next, src, dst) = unsafe {
+                    (
+                        *h >> 4,
+                        *h.add(6),
+                        core::ptr::read_unaligned(h.add(8) as *const Addr),
+                        core::ptr::read_unaligned(h.add(24) as *const Addr),
+                    )
+                };
+                if ver != 6 {
+                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+                }
+                if next == NEXTHDR_FRAGMENT {
+                    return for_vip_or_pass(&dst, Stat::DropFragment);
+                }
+                (src, dst, next, l3 + IPV6_HLEN)
+            }
+            _ => return verdict(Stat::PassNotIp, xdp_action::XDP_PASS),
+        };
+
+        // Ports (and TCP flags) of the flow.
+        let (sport, dport, is_syn) = match proto {
+            PROTO_TCP => {
+                let Some(th) = ptr_at::<[u8; 20]>(ctx, l4) else {
+                    return for_vip_or_pass(&dst, Stat::DropMalformed);
+                };
+                let th = th as *const u8;
+                // SAFETY: 20 bytes bounds-checked above.
+                let (sp, dp, flags) = unsafe {
+                    (
+                        be16([*th, *th.add(1)]),
+                        be16([*th.add(2), *th.add(3)]),
+                        *th.add(13),
+                    )
+                };
+                let syn = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
+                (sp, dp, syn)
+            }
+            PROTO_UDP => {
+                let Some(uh) = ptr_at::<[u8; 8]>(ctx, l4) else {
+                    return for_vip_or_pass(&dst, Stat::DropMalformed);
+                };
+                let uh = uh as *const u8;
+                // SAFETY: 8 bytes bounds-checked above.
+                unsafe {
+                    (
+                        be16([*uh, *uh.add(1)]),
+                        be16([*uh.add(2), *uh.add(3)]),
+                        false,
+                    )
+                }
+            }
+            _ => return verdict(Stat::PassNotVip, xdp_action::XDP_PASS),
+        };
+
+        let mut key = ServiceKey {
+            addr: dst,
+            port: dport,
+            proto,
+            _pad: 0,
+        };
+        // SAFETY: read-only lookups; the value is copied out immediately.
+        let svc: ServiceInfo = match unsafe { SERVICES.get(&key) } {
+            Some(s) => *s,
+            None => {
+                key.port = 0;
+                match unsafe { SERVICES.get(&key) } {
+                    Some(s) => *s,
+                    None => return verdict(Stat::PassNotVip, xdp_action::XDP_PASS),
+                }
+            }
+        };
+
+        let Some(cfg) = CONFIG.get(0) else {
+            return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
+        };
+        let flow = FlowKey {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        };
+        let backend_id = pick_backend(&svc, &flow, is_syn, cfg.udp_timeout_ns);
+        let Some(be) = BACKENDS.get(backend_id) else {
+            return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);
+        };
+        if backend_id == NO_BACKEND || be.flags & BACKEND_F_VALID == 0 {
+            return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);
+        }
+
+        // Direct routing: only the MACs change; the backend holds the VIP on `lo`.
+        let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
+            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+        };
+        let eth = eth as *mut [u8; 6];
+        // SAFETY: 12 bytes checked above; two 6-byte MAC fields.
+        unsafe {
+            *eth = be.mac;
+            *eth.add(1) = cfg.own_mac;
+        }
+        let bytes = (ctx.data_end() - ctx.data()) as u64;
+        add(&SVC_STATS, svc.id, bytes);
+        add(&BACKEND_STATS, backend_id, bytes);
+        verdict(Stat::Tx, xdp_action::XDP_TX)
+    }
+
+    /// Conntrack first (except for SYNs, which always re-hash so a reused tuple follows the
+    /// current table), then the service's Maglev ring. Returns `NO_BACKEND` if none.
+    #[inline(always)]
+    fn pick_backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, udp_timeout: u64) -> u32 {
+        let udp = flow.proto == PROTO_UDP;
+        // SAFETY: helper without side effects.
+        let now = if udp { unsafe { bpf_ktime_get_ns() } } else { 0 };
+        if !is_syn {
+            if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
+                // SAFETY: the LRU value stays valid for the duration of this program run.
+                let ct = unsafe { &mut *ct };
+                let live = !udp || now.wrapping_sub(ct.last_seen_ns) <= udp_timeout;
+                if live && backend_valid(ct.backend) {
+                    if udp {
+                        ct.last_seen_ns = now;
+                    }
+                    count(Stat::CtHit);
+                    return ct.backend;
+                }
+            }
+            count(Stat::CtMissOther);
+        } else {
+            count(Stat::CtMissSyn);
+        }
+
+        if svc.ring_size == 0 {
+            return NO_BACKEND;
+        }
+        let hash = flow_hash(
+            HashMode::from_u8(svc.hash_mode),
+            &flow.src,
+            flow.sport,
+            flow.dport,
+            flow.proto,
+        );
+        let slot = svc.ring_offset + hash % svc.ring_size;
+        let backend = match RING.get(slot) {
+            Some(b) => *b,
+            None => NO_BACKEND,
+        };
+        if backend != NO_BACKEND {
+            let entry = CtEntry {
+                backend,
+                _pad: 0,
+                last_seen_ns: now,
+            };
+            if CONNTRACK.insert(flow, &entry, 0).is_err() {
+                count(Stat::CtInsertFail);
+            }
+        }
+        backend
+    }
+
+    #[inline(always)]
+    fn backend_valid(id: u32) -> bool {
+        match BACKENDS.get(id) {
+            Some(b) => id != NO_BACKEND && b.flags & BACKEND_F_VALID != 0,
+            None => false,
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,60 @@
+//! `farmlb`: the daemon and its CLI. Everything of substance lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "farmlb", version, about = "XDP layer-4 load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the XDP program onto the configured interface and serve until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file without touching the system.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run { config } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(farmlb::daemon::run(&config))),
+        Cmd::CheckConfig { file } => farmlb::config::Config::load(&file)
+            .map(|c| {
+                let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
+                println!(
+                    "{}: ok ({} services, {backends} backends)",
+                    file.display(),
+                    c.services.len()
+                );
+            })
+            .map_err(Into::into),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain joined, most specific last.
+            eprintln!("farmlb: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Pure-Rust reference model of the XDP program: same maps, same parse rules, same hash, same
+//! conntrack semantics. Datapath tests run packets through both and compare; fuzzers and the
+//! simulator reuse it. Keep it in step with `lb-ebpf/src/main.rs`.
+
+use std::collections::{HashMap, HashSet};
+
+use lb_common::{
+    flow_hash, v4_mapped, Addr, Backend, CtEntry, FlowKey, GlobalConfig, HashMode, ServiceInfo,
+    ServiceKey, Stat, BACKEND_F_VALID, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::director::Maps;
+
+/// What the program does with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pass,
+    Drop,
+    Tx,
+}
+
+impl Action {
+    /// The XDP return code.
+    pub fn xdp(self) -> u32 {
+        match self {
+            Action::Drop => 1,
+            Action::Pass => 2,
+            Action::Tx => 3,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The reason counter the program bumps for this exit.
+    pub reason: Stat,
+    /// Chosen backend id for `Tx`.
+    pub backend: u32,
+    /// Conntrack counter bumped on the way (hit / miss-syn / miss-other), if any.
+    pub ct: Option<Stat>,
+}
+
+impl Decision {
+    fn exit(action: Action, reason: Stat) -> Self {
+        Self {
+            action,
+            reason,
+            backend: NO_BACKEND,
+            ct: None,
+        }
+    }
+}
+
+/// In-memory mirror of the program's maps.
+#[derive(Default, Debug, Clone)]
+pub struct Model {
+    pub services: HashMap<ServiceKey, ServiceInfo>,
+    pub vip_addrs: HashSet<Addr>,
+    pub ring: HashMap<u32, u32>,
+    pub backends: HashMap<u32, Backend>,
+    pub conntrack: HashMap<FlowKey, CtEntry>,
+    pub config: GlobalConfig,
+}
+
+impl Maps for Model {
+    fn set_config(&mut self, cfg: &GlobalConfig) -> anyhow::Result<()> {
+        self.config = *cfg;
+        Ok(())
+    }
+    fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> anyhow::Result<()> {
+        self.services.insert(*key, *info);
+        Ok(())
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> anyhow::Result<()> {
+        self.services.remove(key);
+        Ok(())
+    }
+    fn set_vip_addr(&mut self, addr: &Addr) -> anyhow::Result<()> {
+        self.vip_addrs.insert(*addr);
+        Ok(())
+    }
+    fn remove_vip_addr(&mut self, addr: &Addr) -> anyhow::Result<()> {
+        self.vip_addrs.remove(addr);
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, b: &Backend) -> anyhow::Result<()> {
+        self.backends.insert(id, *b);
+        Ok(())
+    }
+    fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> anyhow::Result<()> {
+        for &(s, id) in slots {
+            self.ring.insert(offset + s, id);
+        }
+        Ok(())
+    }
+}
+
+fn be16(p: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([p[off], p[off + 1]])
+}
+
+impl Model {
+    fn rare(&self, dst: &Addr, reason: Stat) -> Decision {
+        if self.vip_addrs.contains(dst) {
+            Decision::exit(Action::Drop, reason)
+        } else {
+            Decision::exit(Action::Pass, Stat::PassNotVip)
+        }
+    }
+
+    fn backend_valid(&self, id: u32) -> bool {
+        id != NO_BACKEND
+            && self
+                .backends
+                .get(&id)
+                .is_some_and(|b| b.flags & BACKEND_F_VALID != 0)
+    }
+
+    /// Decide what the program does with `pkt` at time `now_ns`, updating conntrack like the
+    /// program does. Returns the decision and, for `Tx`, the rewritten frame.
+    pub fn process(&mut self, pkt: &[u8], now_ns: u64) -> (Decision, Vec<u8>) {
+        let d = self.decide(pkt, now_ns);
+        let mut out = pkt.to_vec();
+        if d.action == Action::Tx {
+            out[0..6].copy_from_slice(&self.backends[&d.backend].mac);
+            out[6..12].copy_from_slice(&self.config.own_mac);
+        }
+        (d, out)
+    }
+
+    fn decide(&mut self, p: &[u8], now: u64) -> Decision {
+        use Action::*;
+        if p.len() < 14 {
+            return Decision::exit(Pass, Stat::PassMalformed);
+        }
+        let mut eth_type = be16(p, 12);
+        let mut l3 = 14;
+        if eth_type == 0x8100 {
+            if p.len() < 18 {
+                return Decision::exit(Pass, Stat::PassMalformed);
+            }
+            eth_type = be16(p, 16);
+            l3 = 18;
+        }
+        let (src, dst, proto, l4) = match eth_type {
+            0x0800 => {
+                if p.len() < l3 + 20 {
+                    return Decision::exit(Pass, Stat::PassMalformed);
+                }
+                let h = &p[l3..];
+                let ihl = h[0] & 0x0f;
+                if h[0] >> 4 != 4 || ihl < 5 {
+                    return Decision::exit(Pass, Stat::PassMalformed);
+                }
+                let dst = v4_mapped([h[16], h[17], h[18], h[19]]);
+                if be16(h, 6) & 0x3fff != 0 {
+                    return self.rare(&dst, Stat::DropFragment);
+                }
+                if ihl != 5 {
+                    return self.rare(&dst, Stat::DropIpOptions);
+                }
+                (v4_mapped([h[12], h[13], h[14], h[15]]), dst, h[9], l3 + 20)
+            }
+            0x86dd => {
+                if p.len() < l3 + 40 {
+                    return Decision::exit(Pass, Stat::PassMalformed);
+                }
+                let h = &p[l3..];
+                let src: Addr = h[8..24].try_into().unwrap();
+                let dst: Addr = h[24..40].try_into().unwrap();
+                if h[0] >> 4 != 6 {
+                    return Decision::exit(Pass, Stat::PassMalformed);
+                }
+                if h[6] == 44 {
+                    return self.rare(&dst, Stat::DropFragment);
+                }
+                (src, dst, h[6], l3 + 40)
+            }
+            _ => return Decision::exit(Pass, Stat::PassNotIp),
+        };
+        let (sport, dport, syn) = match proto {
+            PROTO_TCP => {
+                if p.len() < l4 + 20 {
+                    return self.rare(&dst, Stat::DropMalformed);
+                }
+                let f = p[l4 + 13];
+                (be16(p, l4), be16(p, l4 + 2), f & 0x02 != 0 && f & 0x10 == 0)
+            }
+            PROTO_UDP => {
+                if p.len() < l4 + 8 {
+                    return self.rare(&dst, Stat::DropMalformed);
+                }
+                (be16(p, l4), be16(p, l4 + 2), false)
+            }
+            _ => return Decision::exit(Pass, Stat::PassNotVip),
+        };
+        let mut key = ServiceKey {
+            addr: dst,
+            port: dport,
+            proto,
+            _pad: 0,
+        };
+        let svc = match self.services.get(&key) {
+            Some(s) => *s,
+            None => {
+                key.port = 0;
+                match self.services.get(&key) {
+                    Some(s) => *s,
+                    None => return Decision::exit(Pass, Stat::PassNotVip),
+                }
+            }
+        };
+        let flow = FlowKey {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        };
+        let (backend, ct) = self.pick_backend(&svc, &flow, syn, now);
+        if !self.backend_valid(backend) {
+            return Decision {
+                ct: Some(ct),
+                ..Decision::exit(Drop, Stat::DropNoBackend)
+            };
+        }
+        Decision {
+            action: Tx,
+            reason: Stat::Tx,
+            backend,
+            ct: Some(ct),
+        }
+    }
+
+    fn pick_backend(&mut self, svc: &ServiceInfo, flow: &FlowKey, syn: bool, now: u64) -> (u32, Stat) {
+        let udp = flow.proto == PROTO_UDP;
+        let now = if udp { now } else { 0 };
+        let ct_stat = if syn {
+            Stat::CtMissSyn
+        } else {
+            if let Some(e) = self.conntrack.get(flow).copied() {
+                let live = !udp || now.wrapping_sub(e.last_seen_ns) <= self.config.udp_timeout_ns;
+                if live && self.backend_valid(e.backend) {
+                    if udp {
+                        self.conntrack.get_mut(flow).unwrap().last_seen_ns = now;
+                    }
+                    return (e.backend, Stat::CtHit);
+                }
+            }
+            Stat::CtMissOther
+        };
+        if svc.ring_size == 0 {
+            return (NO_BACKEND, ct_stat);
+        }
+        let backend = self.expected_backend(svc, flow);
+        if backend != NO_BACKEND {
+            self.conntrack.insert(
+                *flow,
+                CtEntry {
+                    backend,
+                    _pad: 0,
+                    last_seen_ns: now,
+                },
+            );
+        }
+        (backend, ct_stat)
+    }
+
+    /// Backend the current table gives a new flow (ignoring conntrack).
+    pub fn expected_backend(&self, svc: &ServiceInfo, flow: &FlowKey) -> u32 {
+        let h = flow_hash(
+            HashMode::from_u8(svc.hash_mode),
+            &flow.src,
+            flow.sport,
+            flow.dport,
+            flow.proto,
+        );
+        self.ring
+            .get(&(svc.ring_offset + h % svc.ring_size))
+            .copied()
+            .unwrap_or(NO_BACKEND)
+    }
+}

@@ -1,0 +1,197 @@
+//! Minimal packet builder for datapath fixtures and benchmarks (Katran-style: build a frame,
+//! run the program on it, compare verdict, bytes and counters).
+
+use std::net::{IpAddr, SocketAddr};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+#[derive(Clone, Debug)]
+pub struct PacketBuilder {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub payload: usize,
+    /// Extra IPv4 option words (IHL = 5 + n).
+    pub ip_option_words: u8,
+    /// IPv4 fragment field (flags + offset), or an IPv6 fragment header when non-zero.
+    pub frag: u16,
+}
+
+impl PacketBuilder {
+    fn new(proto: u8, src: SocketAddr, dst: SocketAddr) -> Self {
+        Self {
+            src_mac: [0x02, 0, 0, 0, 0, 0x01],
+            dst_mac: [0x02, 0, 0, 0, 0, 0x02],
+            vlan: None,
+            src,
+            dst,
+            proto,
+            tcp_flags: TCP_ACK,
+            payload: 0,
+            ip_option_words: 0,
+            frag: 0,
+        }
+    }
+
+    /// A TCP segment (ACK set: an established-flow packet).
+    pub fn tcp(src: SocketAddr, dst: SocketAddr) -> Self {
+        Self::new(6, src, dst)
+    }
+
+    pub fn udp(src: SocketAddr, dst: SocketAddr) -> Self {
+        Self::new(17, src, dst)
+    }
+
+    /// Any other IP protocol (e.g. 1 = ICMP), with an 8-byte zero header.
+    pub fn ip_proto(proto: u8, src: SocketAddr, dst: SocketAddr) -> Self {
+        Self::new(proto, src, dst)
+    }
+
+    pub fn syn(mut self) -> Self {
+        self.tcp_flags = TCP_SYN;
+        self
+    }
+
+    pub fn flags(mut self, f: u8) -> Self {
+        self.tcp_flags = f;
+        self
+    }
+
+    pub fn vlan(mut self, id: u16) -> Self {
+        self.vlan = Some(id);
+        self
+    }
+
+    pub fn payload(mut self, n: usize) -> Self {
+        self.payload = n;
+        self
+    }
+
+    pub fn ip_options(mut self, words: u8) -> Self {
+        self.ip_option_words = words;
+        self
+    }
+
+    /// IPv4: raw flags/offset field (0x2000 = MF). IPv6: adds a fragment header.
+    pub fn fragment(mut self, field: u16) -> Self {
+        self.frag = field;
+        self
+    }
+
+    pub fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        self.src_mac = src;
+        self.dst_mac = dst;
+        self
+    }
+
+    fn l4(&self) -> Vec<u8> {
+        let (sp, dp) = (self.src.port().to_be_bytes(), self.dst.port().to_be_bytes());
+        let mut h = match self.proto {
+            6 => {
+                let mut t = vec![0u8; 20];
+                t[0..2].copy_from_slice(&sp);
+                t[2..4].copy_from_slice(&dp);
+                t[4..8].copy_from_slice(&1u32.to_be_bytes());
+                t[12] = 5 << 4;
+                t[13] = self.tcp_flags;
+                t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+                t
+            }
+            17 => {
+                let mut u = vec![0u8; 8];
+                u[0..2].copy_from_slice(&sp);
+                u[2..4].copy_from_slice(&dp);
+                u[4..6].copy_from_slice(&((8 + self.payload) as u16).to_be_bytes());
+                u
+            }
+            _ => vec![0u8; 8],
+        };
+        h.extend((0..self.payload).map(|i| i as u8));
+        h
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut p = Vec::with_capacity(128 + self.payload);
+        p.extend_from_slice(&self.dst_mac);
+        p.extend_from_slice(&self.src_mac);
+        if let Some(id) = self.vlan {
+            p.extend_from_slice(&0x8100u16.to_be_bytes());
+            p.extend_from_slice(&(id & 0x0fff).to_be_bytes());
+        }
+        let l4 = self.l4();
+        match (self.src.ip(), self.dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                p.extend_from_slice(&0x0800u16.to_be_bytes());
+                let hlen = 20 + 4 * self.ip_option_words as usize;
+                let mut h = vec![0u8; hlen];
+                h[0] = 0x40 | (5 + self.ip_option_words);
+                h[2..4].copy_from_slice(&((hlen + l4.len()) as u16).to_be_bytes());
+                h[6..8].copy_from_slice(&self.frag.to_be_bytes());
+                h[8] = 64;
+                h[9] = self.proto;
+                h[12..16].copy_from_slice(&s.octets());
+                h[16..20].copy_from_slice(&d.octets());
+                for o in h[20..].iter_mut() {
+                    *o = 1; // NOP options
+                }
+                let c = checksum(&h);
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+                p.extend_from_slice(&h);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                p.extend_from_slice(&0x86ddu16.to_be_bytes());
+                let frag_hdr = self.frag != 0;
+                let plen = l4.len() + if frag_hdr { 8 } else { 0 };
+                let mut h = vec![0u8; 40];
+                h[0] = 0x60;
+                h[4..6].copy_from_slice(&(plen as u16).to_be_bytes());
+                h[6] = if frag_hdr { 44 } else { self.proto };
+                h[7] = 64;
+                h[8..24].copy_from_slice(&s.octets());
+                h[24..40].copy_from_slice(&d.octets());
+                p.extend_from_slice(&h);
+                if frag_hdr {
+                    p.extend_from_slice(&[self.proto, 0]);
+                    p.extend_from_slice(&self.frag.to_be_bytes());
+                    p.extend_from_slice(&[0, 0, 0, 1]);
+                }
+            }
+            _ => panic!("mixed address families"),
+        }
+        p.extend_from_slice(&l4);
+        p
+    }
+}
+
+/// RFC 1071 checksum.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ARP request frame (who-has `target` tell `sender`).
+pub fn arp_request(src_mac: [u8; 6], sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut p = vec![0xff; 6];
+    p.extend_from_slice(&src_mac);
+    p.extend_from_slice(&0x0806u16.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    p.extend_from_slice(&src_mac);
+    p.extend_from_slice(&sender);
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&target);
+    p
+}

@@ -1,0 +1,571 @@
+//! Datapath fixtures: the real XDP program run with BPF_PROG_TEST_RUN on built packets.
+//! Every case asserts the verdict, the output bytes (MACs) and the counters, and checks the
+//! kernel against the pure-Rust reference model. Needs root (CI runs as root).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use farmlb::config::Config;
+use farmlb::dataplane::{Dataplane, LoadOpts};
+use farmlb::director::{addr_of, Director, Maps};
+use farmlb::model::{Action, Model};
+use farmlb::packet::{arp_request, PacketBuilder, TCP_ACK, TCP_SYN};
+use lb_common::{
+    Addr, Backend, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, PROTO_TCP, PROTO_UDP,
+};
+
+const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
+
+/// Writes every map update to both the kernel and the model.
+struct Both<'a>(&'a mut Dataplane, &'a mut Model);
+
+impl Maps for Both<'_> {
+    fn set_config(&mut self, c: &GlobalConfig) -> anyhow::Result<()> {
+        self.0.set_config(c)?;
+        Maps::set_config(self.1, c)
+    }
+    fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> anyhow::Result<()> {
+        self.0.set_service(k, i)?;
+        Maps::set_service(self.1, k, i)
+    }
+    fn remove_service(&mut self, k: &ServiceKey) -> anyhow::Result<()> {
+        self.0.remove_service(k)?;
+        Maps::remove_service(self.1, k)
+    }
+    fn set_vip_addr(&mut self, a: &Addr) -> anyhow::Result<()> {
+        self.0.set_vip_addr(a)?;
+        Maps::set_vip_addr(self.1, a)
+    }
+    fn remove_vip_addr(&mut self, a: &Addr) -> anyhow::Result<()> {
+        self.0.remove_vip_addr(a)?;
+        Maps::remove_vip_addr(self.1, a)
+    }
+    fn set_backend(&mut self, id: u32, b: &Backend) -> anyhow::Result<()> {
+        self.0.set_backend(id, b)?;
+        Maps::set_backend(self.1, id, b)
+    }
+    fn write_ring(&mut self, o: u32, s: &[(u32, u32)]) -> anyhow::Result<()> {
+        self.0.write_ring(o, s)?;
+        Maps::write_ring(self.1, o, s)
+    }
+}
+
+fn mac_for(ip: IpAddr) -> [u8; 6] {
+    let a = addr_of(ip);
+    [0x02, 0xbb, a[12], a[13], a[14], a[15]]
+}
+
+struct Fixture {
+    dp: Dataplane,
+    model: Model,
+    director: Director,
+    macs: HashMap<IpAddr, [u8; 6]>,
+}
+
+const BASE: &str = r#"
+interface = "eth0"
+udp_timeout = "UDP_TIMEOUT"
+
+[[service]]
+name = "web4"
+vip = "10.99.100.1"
+port = 80
+protocol = "tcp"
+table_size = 1009
+  [[service.backend]]
+  address = "10.99.0.11"
+  [[service.backend]]
+  address = "10.99.0.12"
+  [[service.backend]]
+  address = "10.99.0.13"
+
+[[service]]
+name = "dns4"
+vip = "10.99.100.1"
+port = 53
+protocol = "udp"
+table_size = 1009
+  [[service.backend]]
+  address = "10.99.0.11"
+  [[service.backend]]
+  address = "10.99.0.12"
+  [[service.backend]]
+  address = "10.99.0.13"
+
+[[service]]
+name = "web6"
+vip = "fd99:100::1"
+port = 80
+protocol = "tcp"
+table_size = 1009
+  [[service.backend]]
+  address = "fd99::11"
+  [[service.backend]]
+  address = "fd99::12"
+  [[service.backend]]
+  address = "fd99::13"
+
+[[service]]
+name = "dns6"
+vip = "fd99:100::1"
+port = 53
+protocol = "udp"
+table_size = 1009
+  [[service.backend]]
+  address = "fd99::11"
+  [[service.backend]]
+  address = "fd99::12"
+
+[[service]]
+name = "any-port"
+vip = "10.99.100.2"
+port = 0
+protocol = "tcp"
+table_size = 211
+  [[service.backend]]
+  address = "10.99.0.11"
+  [[service.backend]]
+  address = "10.99.0.12"
+
+[[service]]
+name = "empty"
+vip = "10.99.100.3"
+port = 80
+table_size = 211
+"#;
+
+fn base_config(udp_timeout: &str) -> Config {
+    Config::from_toml_str(&BASE.replace("UDP_TIMEOUT", udp_timeout)).expect("fixture config")
+}
+
+impl Fixture {
+    fn new(cfg: &Config) -> Self {
+        let dp = Dataplane::load(LoadOpts {
+            ring_slots: Director::ring_slots_for(cfg),
+            conntrack_size: 4096,
+        })
+        .expect("load XDP program (are we root?)");
+        let mut f = Fixture {
+            director: Director::new(dp.ring_slots(), OWN_MAC),
+            dp,
+            model: Model::default(),
+            macs: HashMap::new(),
+        };
+        f.apply(cfg);
+        f
+    }
+
+    fn apply(&mut self, cfg: &Config) {
+        for s in &cfg.services {
+            for b in &s.backends {
+                self.macs.insert(b.address, mac_for(b.address));
+            }
+        }
+        self.director
+            .apply(cfg, &mut Both(&mut self.dp, &mut self.model), &mut self.macs)
+            .expect("apply config");
+    }
+
+    /// Run one packet through kernel and model; assert they agree on verdict, bytes and
+    /// counters; return the action, output frame and chosen backend id.
+    fn run(&mut self, pkt: &[u8]) -> (Action, Vec<u8>, u32) {
+        let before = self.dp.stats().unwrap();
+        let (action, out) = self.dp.test_run(pkt).expect("test run");
+        let after = self.dp.stats().unwrap();
+        let (d, model_out) = self.model.process(pkt, monotonic_ns());
+        assert_eq!(action, d.action.xdp(), "verdict differs from model: {d:?}");
+        assert_eq!(out, model_out, "output bytes differ from model");
+        let mut expect = [0u64; Stat::COUNT as usize];
+        expect[d.reason as usize] += 1;
+        if let Some(ct) = d.ct {
+            expect[ct as usize] += 1;
+        }
+        let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        assert_eq!(delta, expect, "counter deltas (model decision {d:?})");
+        (d.action, out, d.backend)
+    }
+
+    fn backend_ip(&self, id: u32) -> IpAddr {
+        for s in self.director.services.values() {
+            for b in s.backends.values() {
+                if b.id == id {
+                    return b.address;
+                }
+            }
+        }
+        panic!("unknown backend id {id}")
+    }
+
+    fn service(&self, name: &str) -> ServiceInfo {
+        self.director.services[name].info
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer. bpf_ktime_get_ns reads the same clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn client(i: u32, port: u16, v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(format!("2001:db8::{:x}", i + 1).parse().unwrap(), port)
+    } else {
+        SocketAddr::new(
+            IpAddr::from([198, 51, (i >> 8) as u8, (i & 0xff) as u8]),
+            port,
+        )
+    }
+}
+
+fn flow(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_of(src.ip()),
+        dst: addr_of(dst.ip()),
+        sport: src.port(),
+        dport: dst.port(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Many flows to `vip`: each is forwarded to the backend the model predicts, with the MACs
+/// rewritten and the IP packet untouched; every backend gets a share.
+fn balances(vip: &str, udp: bool, v6: bool, backends: usize) {
+    let mut f = Fixture::new(&base_config("30s"));
+    let vip = sa(vip);
+    let mut seen: HashMap<u32, u32> = HashMap::new();
+    for i in 0..300 {
+        let src = client(i, 10_000 + i as u16, v6);
+        let b = if udp {
+            PacketBuilder::udp(src, vip)
+        } else {
+            PacketBuilder::tcp(src, vip).syn()
+        };
+        let pkt = b.payload(32).build();
+        let (action, out, id) = f.run(&pkt);
+        assert_eq!(action, Action::Tx);
+        let ip = f.backend_ip(id);
+        assert_eq!(out[0..6], mac_for(ip), "destination MAC is the backend's");
+        assert_eq!(out[6..12], OWN_MAC, "source MAC is the director's");
+        assert_eq!(out[12..], pkt[12..], "IP packet untouched (DR)");
+        assert_eq!(ip.is_ipv6(), v6);
+        *seen.entry(id).or_default() += 1;
+    }
+    assert_eq!(seen.len(), backends, "every backend used: {seen:?}");
+    for (&id, &n) in &seen {
+        assert!(n >= 40, "backend {id} got only {n} of 300 flows: {seen:?}");
+    }
+}
+
+#[test]
+fn ipv4_tcp_to_vip_is_forwarded_to_model_backend() {
+    balances("10.99.100.1:80", false, false, 3);
+}
+
+#[test]
+fn ipv4_udp_to_vip_is_forwarded_to_model_backend() {
+    balances("10.99.100.1:53", true, false, 3);
+}
+
+#[test]
+fn ipv6_tcp_to_vip_is_forwarded_to_model_backend() {
+    balances("[fd99:100::1]:80", false, true, 3);
+}
+
+#[test]
+fn ipv6_udp_to_vip_is_forwarded_to_model_backend() {
+    balances("[fd99:100::1]:53", true, true, 2);
+}
+
+#[test]
+fn non_vip_traffic_passes_untouched() {
+    let mut f = Fixture::new(&base_config("30s"));
+    let cases = [
+        PacketBuilder::tcp(sa("198.51.0.1:1000"), sa("10.99.100.9:80")).build(), // other address
+        PacketBuilder::tcp(sa("198.51.0.1:1000"), sa("10.99.100.1:81")).build(), // other port
+        PacketBuilder::udp(sa("198.51.0.1:1000"), sa("10.99.100.1:80")).build(), // other proto
+        PacketBuilder::ip_proto(1, sa("198.51.0.1:0"), sa("10.99.100.1:0")).build(), // ICMP
+        PacketBuilder::tcp(sa("[2001:db8::1]:1000"), sa("[fd99:100::9]:80")).build(),
+    ];
+    for pkt in cases {
+        let (action, out, _) = f.run(&pkt);
+        assert_eq!(action, Action::Pass);
+        assert_eq!(out, pkt, "passed packets are not modified");
+    }
+    assert_eq!(f.dp.stats().unwrap()[Stat::PassNotVip as usize], 5);
+}
+
+#[test]
+fn arp_passes() {
+    let mut f = Fixture::new(&base_config("30s"));
+    let pkt = arp_request([2, 0, 0, 0, 0, 9], [10, 99, 0, 2], [10, 99, 100, 1]);
+    let (action, out, _) = f.run(&pkt);
+    assert_eq!(action, Action::Pass);
+    assert_eq!(out, pkt);
+    assert_eq!(f.dp.stats().unwrap()[Stat::PassNotIp as usize], 1);
+}
+
+#[test]
+fn port_wildcard_service_takes_any_port() {
+    let mut f = Fixture::new(&base_config("30s"));
+    for port in [1u16, 22, 80, 443, 8080, 65535] {
+        let pkt = PacketBuilder::tcp(sa("198.51.0.7:4000"), SocketAddr::new("10.99.100.2".parse().unwrap(), port))
+            .syn()
+            .build();
+        let (action, _, id) = f.run(&pkt);
+        assert_eq!(action, Action::Tx, "port {port}");
+        assert!(f.director.services["any-port"]
+            .backends
+            .values()
+            .any(|b| b.id == id));
+    }
+    // UDP is not part of the wildcard TCP service.
+    let pkt = PacketBuilder::udp(sa("198.51.0.7:4000"), sa("10.99.100.2:53")).build();
+    assert_eq!(f.run(&pkt).0, Action::Pass);
+}
+
+#[test]
+fn vlan_tagged_frames_are_balanced() {
+    let mut f = Fixture::new(&base_config("30s"));
+    let pkt = PacketBuilder::tcp(sa("198.51.0.7:4000"), sa("10.99.100.1:80"))
+        .syn()
+        .vlan(42)
+        .build();
+    let (action, out, _) = f.run(&pkt);
+    assert_eq!(action, Action::Tx);
+    assert_eq!(out[12..16], [0x81, 0x00, 0, 42], "tag preserved");
+}
+
+#[test]
+fn service_without_backends_drops_and_counts() {
+    let mut f = Fixture::new(&base_config("30s"));
+    let pkt = PacketBuilder::tcp(sa("198.51.0.7:4000"), sa("10.99.100.3:80"))
+        .syn()
+        .build();
+    assert_eq!(f.run(&pkt).0, Action::Drop);
+    assert_eq!(f.dp.stats().unwrap()[Stat::DropNoBackend as usize], 1);
+}
+
+#[test]
+fn fragments_options_and_truncation_are_counted() {
+    let mut f = Fixture::new(&base_config("30s"));
+    let vip4 = sa("10.99.100.1:80");
+    let other4 = sa("10.99.100.9:80");
+    let vip6 = sa("[fd99:100::1]:80");
+    let c4 = sa("198.51.0.1:1000");
+    let c6 = sa("[2001:db8::1]:1000");
+    let frag = PacketBuilder::tcp(c4, vip4).fragment(0x2000).build(); // MF
+    assert_eq!(f.run(&frag).0, Action::Drop);
+    let later_frag = PacketBuilder::tcp(c4, vip4).fragment(0x0010).build(); // offset
+    assert_eq!(f.run(&later_frag).0, Action::Drop);
+    let frag_other = PacketBuilder::tcp(c4, other4).fragment(0x2000).build();
+    assert_eq!(f.run(&frag_other).0, Action::Pass);
+    let frag6 = PacketBuilder::tcp(c6, vip6).fragment(0x0001).build();
+    assert_eq!(f.run(&frag6).0, Action::Drop);
+    let opts = PacketBuilder::tcp(c4, vip4).ip_options(2).build();
+    assert_eq!(f.run(&opts).0, Action::Drop);
+    let opts_other = PacketBuilder::tcp(c4, other4).ip_options(1).build();
+    assert_eq!(f.run(&opts_other).0, Action::Pass);
+
+    // Truncated TCP header to a VIP: dropped; truncated IPv4/IPv6 header: passed.
+    let full = PacketBuilder::tcp(c4, vip4).build();
+    assert_eq!(f.run(&full[..14 + 20 + 10]).0, Action::Drop);
+    assert_eq!(f.run(&full[..14 + 12]).0, Action::Pass);
+    let full6 = PacketBuilder::tcp(c6, vip6).build();
+    assert_eq!(f.run(&full6[..14 + 30]).0, Action::Pass);
+    let udp = PacketBuilder::udp(sa("198.51.0.1:1000"), sa("10.99.100.1:53")).build();
+    assert_eq!(f.run(&udp[..14 + 20 + 4]).0, Action::Drop);
+    // Bad IHL and wrong IP version: passed as malformed.
+    let mut bad_ihl = full.clone();
+    bad_ihl[14] = 0x43;
+    assert_eq!(f.run(&bad_ihl).0, Action::Pass);
+    let mut bad_ver = full.clone();
+    bad_ver[14] = 0x55;
+    assert_eq!(f.run(&bad_ver).0, Action::Pass);
+    // Truncated VLAN header.
+    let mut vlan_short = full[..14].to_vec();
+    vlan_short[12..14].copy_from_slice(&[0x81, 0x00]);
+    vlan_short.extend_from_slice(&[0, 1]);
+    assert_eq!(f.run(&vlan_short).0, Action::Pass);
+
+    let s = f.dp.stats().unwrap();
+    assert_eq!(s[Stat::DropFragment as usize], 3);
+    assert_eq!(s[Stat::DropIpOptions as usize], 1);
+    assert_eq!(s[Stat::DropMalformed as usize], 2);
+    assert_eq!(s[Stat::PassMalformed as usize], 5);
+    assert_eq!(s[Stat::PassNotVip as usize], 2);
+    assert_eq!(s[Stat::Tx as usize], 0);
+}
+
+/// After the table changes, established flows stay on their backend through conntrack while
+/// a SYN of the same tuple follows the new table.
+#[test]
+fn established_flow_keeps_backend_after_table_change() {
+    let cfg = base_config("30s");
+    let mut f = Fixture::new(&cfg);
+    let vip = sa("10.99.100.1:80");
+    let web = f.service("web4");
+    let flows: Vec<SocketAddr> = (0..400).map(|i| client(i, 20_000, false)).collect();
+    let mut first = HashMap::new();
+    for &src in &flows {
+        let (a, _, id) = f.run(&PacketBuilder::tcp(src, vip).syn().build());
+        assert_eq!(a, Action::Tx);
+        first.insert(src, id);
+    }
+
+    // Add a fourth backend: roughly a quarter of the flows now hash to it.
+    let mut cfg2 = cfg.clone();
+    let mut extra = cfg2.services[0].backends[0].clone();
+    extra.address = "10.99.0.14".parse().unwrap();
+    cfg2.services[0].backends.push(extra);
+    f.apply(&cfg2);
+
+    let moved: Vec<SocketAddr> = flows
+        .iter()
+        .copied()
+        .filter(|&src| f.model.expected_backend(&web, &flow(src, vip, PROTO_TCP)) != first[&src])
+        .collect();
+    assert!(
+        moved.len() > 40 && moved.len() < 200,
+        "adding 1 backend to 3 should move ~25% of 400 flows, moved {}",
+        moved.len()
+    );
+    let hits_before = f.dp.stats().unwrap()[Stat::CtHit as usize];
+    for &src in &moved {
+        let (a, _, id) = f.run(&PacketBuilder::tcp(src, vip).flags(TCP_ACK).payload(10).build());
+        assert_eq!(a, Action::Tx);
+        assert_eq!(id, first[&src], "established flow kept its backend");
+    }
+    assert_eq!(
+        f.dp.stats().unwrap()[Stat::CtHit as usize] - hits_before,
+        moved.len() as u64
+    );
+    // A new SYN on the same tuple re-hashes onto the new table (mostly the new backend;
+    // Maglev may also shuffle a few survivor slots).
+    let mut to_new = 0;
+    for &src in &moved {
+        let (_, _, id) = f.run(&PacketBuilder::tcp(src, vip).flags(TCP_SYN).build());
+        assert_ne!(id, first[&src]);
+        assert_eq!(id, f.model.expected_backend(&web, &flow(src, vip, PROTO_TCP)));
+        if f.backend_ip(id) == "10.99.0.14".parse::<IpAddr>().unwrap() {
+            to_new += 1;
+        }
+        // ...and the conntrack entry now points at the new backend.
+        let ct = f.dp.conntrack_get(&flow(src, vip, PROTO_TCP)).unwrap().unwrap();
+        assert_eq!(ct.backend, id);
+    }
+    assert!(
+        to_new * 10 >= moved.len() * 9,
+        "{to_new} of {} moved flows went to the new backend",
+        moved.len()
+    );
+}
+
+/// Removing a backend invalidates it: its established flows re-hash instead of being
+/// forwarded to a backend that is gone.
+#[test]
+fn removed_backend_flows_rehash() {
+    let cfg = base_config("30s");
+    let mut f = Fixture::new(&cfg);
+    let vip = sa("10.99.100.1:80");
+    let gone: IpAddr = "10.99.0.13".parse().unwrap();
+    let mut on_gone = vec![];
+    for i in 0..200 {
+        let src = client(i, 30_000, false);
+        let (_, _, id) = f.run(&PacketBuilder::tcp(src, vip).syn().build());
+        if f.backend_ip(id) == gone {
+            on_gone.push(src);
+        }
+    }
+    assert!(!on_gone.is_empty());
+    let mut cfg2 = cfg.clone();
+    cfg2.services[0].backends.retain(|b| b.address != gone);
+    f.apply(&cfg2);
+    let before = f.dp.stats().unwrap()[Stat::CtMissOther as usize];
+    for &src in &on_gone {
+        let (a, _, id) = f.run(&PacketBuilder::tcp(src, vip).build());
+        assert_eq!(a, Action::Tx);
+        assert_ne!(f.backend_ip(id), gone);
+    }
+    assert_eq!(
+        f.dp.stats().unwrap()[Stat::CtMissOther as usize] - before,
+        on_gone.len() as u64
+    );
+}
+
+#[test]
+fn udp_conntrack_entries_expire_after_idle_timeout() {
+    let cfg = base_config("300ms");
+    let mut f = Fixture::new(&cfg);
+    let vip = sa("10.99.100.1:53");
+    let dns = f.service("dns4");
+    let flows: Vec<SocketAddr> = (0..200).map(|i| client(i, 5353, false)).collect();
+    let mut first = HashMap::new();
+    for &src in &flows {
+        first.insert(src, f.run(&PacketBuilder::udp(src, vip).build()).2);
+    }
+    let mut cfg2 = cfg.clone();
+    let mut extra = cfg2.services[1].backends[0].clone();
+    extra.address = "10.99.0.14".parse().unwrap();
+    cfg2.services[1].backends.push(extra);
+    f.apply(&cfg2);
+    let moved: Vec<SocketAddr> = flows
+        .iter()
+        .copied()
+        .filter(|&s| f.model.expected_backend(&dns, &flow(s, vip, PROTO_UDP)) != first[&s])
+        .collect();
+    assert!(!moved.is_empty());
+    // Within the timeout: conntrack keeps them.
+    for &src in &moved {
+        assert_eq!(f.run(&PacketBuilder::udp(src, vip).build()).2, first[&src]);
+    }
+    std::thread::sleep(Duration::from_millis(450));
+    let before = f.dp.stats().unwrap()[Stat::CtMissOther as usize];
+    for &src in &moved {
+        let id = f.run(&PacketBuilder::udp(src, vip).build()).2;
+        assert_ne!(id, first[&src], "idle UDP entry expired and re-hashed");
+    }
+    assert_eq!(
+        f.dp.stats().unwrap()[Stat::CtMissOther as usize] - before,
+        moved.len() as u64
+    );
+}
+
+#[test]
+fn per_service_and_backend_counters() {
+    let mut f = Fixture::new(&base_config("30s"));
+    let vip = sa("10.99.100.1:80");
+    let mut per_backend: HashMap<u32, (u64, u64)> = HashMap::new();
+    let mut total_bytes = 0;
+    for i in 0..50 {
+        let pkt = PacketBuilder::tcp(client(i, 40_000, false), vip)
+            .syn()
+            .payload(i as usize)
+            .build();
+        let id = f.run(&pkt).2;
+        let e = per_backend.entry(id).or_default();
+        e.0 += 1;
+        e.1 += pkt.len() as u64;
+        total_bytes += pkt.len() as u64;
+    }
+    let svc = f.dp.service_counter(f.service("web4").id).unwrap();
+    assert_eq!((svc.packets, svc.bytes), (50, total_bytes));
+    for (id, (p, b)) in per_backend {
+        let c = f.dp.backend_counter(id).unwrap();
+        assert_eq!((c.packets, c.bytes), (p, b));
+    }
+    assert_eq!(
+        f.dp.service_counter(f.service("dns4").id).unwrap().packets,
+        0
+    );
+}

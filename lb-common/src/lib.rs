@@ -228,7 +228,9 @@ mod pod {
 /// v4-mapped form of an IPv4 address given as its 4 wire bytes.
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> Addr {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 // --- flow hash -------------------------------------------------------------------------
@@ -243,7 +245,10 @@ pub const HASH_SEED: u32 = 0x6661_726d; // "farm"
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
     let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]

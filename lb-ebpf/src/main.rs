@@ -22,8 +22,7 @@ mod prog {
     };
 
     #[map]
-    static SERVICES: HashMap<ServiceKey, ServiceInfo> =
-        HashMap::with_max_entries(MAX_SERVICES, 0);
+    static SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
     /// VIP addresses, consulted only on rare paths (fragments, options, truncated L4) to
     /// decide between "drop, it was for us" and "pass, not ours".
     #[map]
@@ -280,7 +279,11 @@ mod prog {
     fn pick_backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, udp_timeout: u64) -> u32 {
         let udp = flow.proto == PROTO_UDP;
         // SAFETY: helper without side effects.
-        let now = if udp { unsafe { bpf_ktime_get_ns() } } else { 0 };
+        let now = if udp {
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        };
         if !is_syn {
             if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
                 // SAFETY: the LRU value stays valid for the duration of this program run.

@@ -88,10 +88,15 @@ impl Dataplane {
 
     /// Attach to `iface`. The link lives as long as `self`: dropping it detaches.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
-        let id = self.prog().attach(iface, mode.into()).map_err(|e| match e {
-            ProgramError::UnknownInterface { name } => anyhow!("interface {name:?} does not exist"),
-            e => anyhow!("attaching XDP to {iface} in {mode:?} mode: {e}"),
-        })?;
+        let id = self
+            .prog()
+            .attach(iface, mode.into())
+            .map_err(|e| match e {
+                ProgramError::UnknownInterface { name } => {
+                    anyhow!("interface {name:?} does not exist")
+                }
+                e => anyhow!("attaching XDP to {iface} in {mode:?} mode: {e}"),
+            })?;
         self.link = Some(id);
         Ok(())
     }
@@ -170,10 +175,12 @@ impl Dataplane {
 
     fn counter(&mut self, map: &str, id: u32) -> Result<Counter> {
         let a: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map(map))?;
-        Ok(a.get(&id, 0)?.iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        }))
+        Ok(a.get(&id, 0)?
+            .iter()
+            .fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
     }
 
     pub fn service_counter(&mut self, id: u32) -> Result<Counter> {
@@ -188,7 +195,11 @@ impl Dataplane {
     pub fn reset_backend_counter(&mut self, id: u32) -> Result<()> {
         let mut a: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map("BACKEND_STATS"))?;
         let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        a.set(id, aya::maps::PerCpuValues::try_from(vec![Counter::default(); n])?, 0)?;
+        a.set(
+            id,
+            aya::maps::PerCpuValues::try_from(vec![Counter::default(); n])?,
+            0,
+        )?;
         Ok(())
     }
 
@@ -223,4 +234,42 @@ fn bump_memlock_rlimit() {
     };
     // SAFETY: plain syscall with a valid pointer; failure only matters on old kernels.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+/// Attach an XDP_PASS program to `iface` (in the caller's network namespace) and pin the link
+/// at `pin` so it outlives this process; removing the pin file or the interface detaches it.
+/// Test rigs use it on veth peers that must receive frames sent with XDP_TX.
+pub fn attach_pass_pinned(iface: &str, pin: &std::path::Path) -> Result<()> {
+    use aya::programs::links::FdLink;
+    let mut ebpf = Ebpf::load(crate::PASS_OBJECT).context("loading the pass object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut("farmlb_pass")
+        .ok_or_else(|| anyhow!("program farmlb_pass missing"))?
+        .try_into()?;
+    prog.load()?;
+    let id = prog
+        .attach(iface, XdpMode::Driver)
+        .with_context(|| format!("attaching XDP pass program to {iface}"))?;
+    let link: FdLink = prog.take_link(id)?.try_into()?;
+    if let Some(dir) = pin.parent() {
+        ensure_bpffs(dir)?;
+    }
+    let _ = std::fs::remove_file(pin);
+    link.pin(pin)
+        .with_context(|| format!("pinning XDP link at {}", pin.display()))?;
+    Ok(())
+}
+
+/// Mount bpffs at /sys/fs/bpf if nothing is mounted there, and create `dir`.
+fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if !mounts.lines().any(|l| l.split(' ').nth(2) == Some("bpf")) {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .context("mounting bpffs")?;
+        anyhow::ensure!(st.success(), "mount -t bpf bpf /sys/fs/bpf failed");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(())
 }

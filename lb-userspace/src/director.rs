@@ -7,8 +7,8 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
 use lb_common::{
-    v4_mapped, Addr, Backend, GlobalConfig, ServiceInfo, ServiceKey, BACKEND_F_VALID,
-    FWD_DR, MAX_BACKENDS, MAX_SERVICES,
+    v4_mapped, Addr, Backend, GlobalConfig, ServiceInfo, ServiceKey, BACKEND_F_VALID, FWD_DR,
+    MAX_BACKENDS, MAX_SERVICES,
 };
 
 use crate::config::{Config, ServiceCfg};

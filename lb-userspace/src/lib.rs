@@ -10,5 +10,7 @@ pub mod neigh;
 pub mod packet;
 
 /// The XDP object built by `build.rs`.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// A program that passes every frame (see `lb-ebpf/src/bin/pass.rs`).
+pub static PASS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pass"));

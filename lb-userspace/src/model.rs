@@ -234,7 +234,13 @@ impl Model {
         }
     }
 
-    fn pick_backend(&mut self, svc: &ServiceInfo, flow: &FlowKey, syn: bool, now: u64) -> (u32, Stat) {
+    fn pick_backend(
+        &mut self,
+        svc: &ServiceInfo,
+        flow: &FlowKey,
+        syn: bool,
+        now: u64,
+    ) -> (u32, Stat) {
         let udp = flow.proto == PROTO_UDP;
         let now = if udp { now } else { 0 };
         let ct_stat = if syn {

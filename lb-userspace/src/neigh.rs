@@ -29,7 +29,15 @@ impl NeighResolver {
         // `ip -j` rather than a netlink crate: one stable, documented JSON interface for both
         // address families; this runs only on configuration changes.
         let out = Command::new("ip")
-            .args(["-j", "neigh", "show", "to", &ip.to_string(), "dev", &self.iface])
+            .args([
+                "-j",
+                "neigh",
+                "show",
+                "to",
+                &ip.to_string(),
+                "dev",
+                &self.iface,
+            ])
             .output()
             .context("running `ip neigh` (is iproute2 installed?)")?;
         if !out.status.success() {

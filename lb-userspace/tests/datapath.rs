@@ -163,7 +163,11 @@ impl Fixture {
             }
         }
         self.director
-            .apply(cfg, &mut Both(&mut self.dp, &mut self.model), &mut self.macs)
+            .apply(
+                cfg,
+                &mut Both(&mut self.dp, &mut self.model),
+                &mut self.macs,
+            )
             .expect("apply config");
     }
 
@@ -319,9 +323,12 @@ fn arp_passes() {
 fn port_wildcard_service_takes_any_port() {
     let mut f = Fixture::new(&base_config("30s"));
     for port in [1u16, 22, 80, 443, 8080, 65535] {
-        let pkt = PacketBuilder::tcp(sa("198.51.0.7:4000"), SocketAddr::new("10.99.100.2".parse().unwrap(), port))
-            .syn()
-            .build();
+        let pkt = PacketBuilder::tcp(
+            sa("198.51.0.7:4000"),
+            SocketAddr::new("10.99.100.2".parse().unwrap(), port),
+        )
+        .syn()
+        .build();
         let (action, _, id) = f.run(&pkt);
         assert_eq!(action, Action::Tx, "port {port}");
         assert!(f.director.services["any-port"]
@@ -442,7 +449,12 @@ fn established_flow_keeps_backend_after_table_change() {
     );
     let hits_before = f.dp.stats().unwrap()[Stat::CtHit as usize];
     for &src in &moved {
-        let (a, _, id) = f.run(&PacketBuilder::tcp(src, vip).flags(TCP_ACK).payload(10).build());
+        let (a, _, id) = f.run(
+            &PacketBuilder::tcp(src, vip)
+                .flags(TCP_ACK)
+                .payload(10)
+                .build(),
+        );
         assert_eq!(a, Action::Tx);
         assert_eq!(id, first[&src], "established flow kept its backend");
     }
@@ -456,12 +468,18 @@ fn established_flow_keeps_backend_after_table_change() {
     for &src in &moved {
         let (_, _, id) = f.run(&PacketBuilder::tcp(src, vip).flags(TCP_SYN).build());
         assert_ne!(id, first[&src]);
-        assert_eq!(id, f.model.expected_backend(&web, &flow(src, vip, PROTO_TCP)));
+        assert_eq!(
+            id,
+            f.model.expected_backend(&web, &flow(src, vip, PROTO_TCP))
+        );
         if f.backend_ip(id) == "10.99.0.14".parse::<IpAddr>().unwrap() {
             to_new += 1;
         }
         // ...and the conntrack entry now points at the new backend.
-        let ct = f.dp.conntrack_get(&flow(src, vip, PROTO_TCP)).unwrap().unwrap();
+        let ct =
+            f.dp.conntrack_get(&flow(src, vip, PROTO_TCP))
+                .unwrap()
+                .unwrap();
         assert_eq!(ct.backend, id);
     }
     assert!(

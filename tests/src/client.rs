@@ -1,0 +1,136 @@
+//! Client side: connections from chosen source addresses inside the client namespace.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::netns::in_netns;
+
+/// Connect and read timeouts of the client helpers.
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Open a TCP connection from `src` (ephemeral port) to `dst`. Must run inside the namespace
+/// that owns `src`.
+fn connect_from(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    sock.bind(&SocketAddr::new(src, 0).into())
+        .with_context(|| format!("bind {src}"))?;
+    sock.connect_timeout(&dst.into(), TIMEOUT)
+        .with_context(|| format!("connect {src} -> {dst}"))?;
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn read_line(r: &mut impl BufRead, what: &str) -> Result<String> {
+    let mut line = String::new();
+    let n = r
+        .read_line(&mut line)
+        .with_context(|| format!("reading {what}"))?;
+    if n == 0 || !line.ends_with('\n') {
+        bail!("connection closed while reading {what} (got {line:?})");
+    }
+    line.pop();
+    Ok(line)
+}
+
+/// Connect once and return the identity line the server sent.
+fn identify(src: IpAddr, dst: SocketAddr) -> Result<String> {
+    let stream = connect_from(src, dst)?;
+    let local = stream.local_addr()?;
+    let id = read_line(&mut BufReader::new(&stream), "identity")
+        .with_context(|| format!("{local} -> {dst}"))?;
+    Ok(id)
+}
+
+/// Open `n` connections one after the other from namespace `ns` to `vip:port`, connection `i`
+/// bound to `sources[i % len]` and an ephemeral port; each reads the identity line (2 s timeout)
+/// and closes. Returns one result per connection, in order.
+pub fn connect_many(
+    ns: &str,
+    vip: IpAddr,
+    port: u16,
+    n: usize,
+    sources: &[IpAddr],
+) -> Vec<Result<String>> {
+    if sources.is_empty() {
+        return (0..n).map(|_| Err(anyhow!("no source address"))).collect();
+    }
+    let sources = sources.to_vec();
+    let dst = SocketAddr::new(vip, port);
+    match in_netns(ns, move || {
+        (0..n)
+            .map(|i| identify(sources[i % sources.len()], dst))
+            .collect::<Vec<_>>()
+    }) {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            (0..n).map(|_| Err(anyhow!("{msg}"))).collect()
+        }
+    }
+}
+
+/// A connection kept open, to check that its flow keeps reaching the same backend.
+pub struct LongConn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    identity: String,
+    local: SocketAddr,
+    seq: u64,
+}
+
+impl LongConn {
+    /// Connect from `src` (ephemeral port) inside `ns` to `vip:port` and read the identity.
+    pub fn open(ns: &str, src: IpAddr, vip: IpAddr, port: u16) -> Result<LongConn> {
+        let dst = SocketAddr::new(vip, port);
+        let stream = in_netns(ns, move || connect_from(src, dst))??;
+        let local = stream.local_addr()?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let identity =
+            read_line(&mut reader, "identity").with_context(|| format!("{local} -> {dst}"))?;
+        Ok(LongConn {
+            stream,
+            reader,
+            identity,
+            local,
+            seq: 0,
+        })
+    }
+
+    /// Backend identity read when the connection opened.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Client-side address of the connection.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Send a line and expect it echoed back (2 s timeout); returns the backend identity.
+    pub fn ping(&mut self) -> Result<String> {
+        self.seq += 1;
+        let msg = format!("ping {} from {}", self.seq, self.local);
+        (&self.stream)
+            .write_all(format!("{msg}\n").as_bytes())
+            .with_context(|| format!("sending on {}", self.local))?;
+        let echo = read_line(&mut self.reader, "echo").with_context(|| {
+            format!(
+                "connection {} (backend {}) lost its echo",
+                self.local, self.identity
+            )
+        })?;
+        if echo != msg {
+            bail!("{}: expected echo {msg:?}, got {echo:?}", self.local);
+        }
+        Ok(self.identity.clone())
+    }
+}

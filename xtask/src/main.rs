@@ -1,0 +1,338 @@
+//! Project tasks: `cargo xtask setup | test | rig up|down | demo`.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Commands that drive the rig link the whole project, whose build needs the prerequisites
+/// `setup` installs; they live behind the `lab` feature so a fresh machine can compile this
+/// bootstrap first (see `main`).
+#[cfg(feature = "lab")]
+mod lab;
+
+#[derive(Parser)]
+#[command(about = "farmlb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (apt packages, nightly + rust-src, bpf-linker).
+    Setup,
+    /// Format check, clippy, then every test (network tests serially). Needs root.
+    Test,
+    /// Build or remove the namespace test rig by hand. Needs root.
+    Rig {
+        #[command(subcommand)]
+        action: RigAction,
+    },
+    /// Run farmlb on the rig and show how connections spread over three backends. Needs root.
+    Demo {
+        /// Number of TCP connections to open.
+        #[arg(long, default_value_t = 300)]
+        connections: usize,
+        /// Namespace prefix of the rig.
+        #[arg(long, default_value = "flb")]
+        prefix: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RigAction {
+    /// Create the rig (removing leftovers with the same prefix first).
+    Up {
+        #[arg(long, default_value = "flb")]
+        prefix: String,
+        #[arg(long, default_value_t = 3)]
+        backends: usize,
+    },
+    /// Delete the rig's namespaces.
+    Down {
+        #[arg(long, default_value = "flb")]
+        prefix: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test => setup().and_then(|()| test()),
+        #[cfg(feature = "lab")]
+        Cmd::Rig { action } => lab::rig(action),
+        #[cfg(feature = "lab")]
+        Cmd::Demo {
+            connections,
+            prefix,
+        } => lab::demo(connections, &prefix),
+        #[cfg(not(feature = "lab"))]
+        _ => setup().and_then(|()| rerun_with_lab()),
+    };
+    if let Err(e) = res {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Re-run this command line through a build of xtask with the `lab` feature, now that the
+/// eBPF toolchain is in place.
+#[cfg(not(feature = "lab"))]
+fn rerun_with_lab() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let st = cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--features",
+            "lab",
+            "--",
+        ])
+        .args(&args)
+        .current_dir(workspace_root())
+        .status()
+        .context("re-running xtask with the lab feature")?;
+    if !st.success() {
+        std::process::exit(st.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+/// The daemon binary the end-to-end tests and the demo run.
+fn farmlb_bin() -> PathBuf {
+    std::env::var_os("FARMLB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/farmlb"))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ has a parent")
+        .to_path_buf()
+}
+
+fn cmd_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Run a command with inherited stdio; fail when it exits non-zero.
+fn run(cmd: &mut Command) -> Result<()> {
+    let line = cmd_line(cmd);
+    eprintln!("xtask: $ {line}");
+    let st = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("spawning {line}"))?;
+    if !st.success() {
+        bail!("`{line}` failed ({st})");
+    }
+    Ok(())
+}
+
+/// Whether a command runs and exits 0 (output discarded).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .trim()
+        .ends_with("install ok installed")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn setup() -> Result<()> {
+    let mut missing: Vec<&str> = Vec::new();
+    if !Path::new("/usr/lib/llvm-22/bin/llvm-config").exists() {
+        missing.push("llvm-22-dev");
+    }
+    for pkg in ["iproute2", "ethtool", "nftables", "iputils-ping"] {
+        if !dpkg_installed(pkg) {
+            missing.push(pkg);
+        }
+    }
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(&missing))?;
+    }
+
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]));
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        run(cargo().env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Totals of cargo's `test result:` lines.
+#[derive(Default, Debug, PartialEq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result:") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            let [.., n, what] = words.as_slice() else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match *what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Run `cargo test …`, echoing its output and adding its result lines to `totals`.
+fn cargo_test(args: &[&str], totals: &mut Totals) -> Result<bool> {
+    let mut cmd = cargo();
+    cmd.arg("test").args(args);
+    eprintln!("xtask: $ {}", cmd_line(&cmd));
+    let mut child = cmd
+        .current_dir(workspace_root())
+        .env("FARMLB_BIN", farmlb_bin())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawning cargo test")?;
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add_line(&line);
+    }
+    Ok(child.wait()?.success())
+}
+
+fn test() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The end-to-end tests run the daemon binary.
+    run(cargo().args(["build", "-p", "lb-userspace"]))?;
+
+    let ws = ["--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
+    let mut totals = Totals::default();
+    let mut ok = true;
+    // Unit tests in parallel; integration tests (network namespaces, XDP) one at a time, with
+    // their output shown so the measured distributions land in the log.
+    ok &= cargo_test(&[&ws[..], &["--lib", "--bins"]].concat(), &mut totals)?;
+    ok &= cargo_test(
+        &[
+            &ws[..],
+            &["--test", "*", "--", "--test-threads=1", "--nocapture"],
+        ]
+        .concat(),
+        &mut totals,
+    )?;
+    ok &= cargo_test(&[&ws[..], &["--doc"]].concat(), &mut totals)?;
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !ok || totals.failed > 0 {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn parses_cargo_result_lines() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        t.add_line(
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("running 3 tests");
+        assert_eq!(
+            t,
+            Totals {
+                passed: 5,
+                failed: 1,
+                ignored: 1
+            }
+        );
+    }
+}

@@ -50,9 +50,26 @@ impl HashMode {
     }
 }
 
-/// Forwarding methods. Only direct routing exists today; the byte is kept in the map so
-/// tunnel modes can be added without changing the layout.
+/// Forwarding methods. The byte is kept in the map so tunnel modes can be added without
+/// changing the layout.
 pub const FWD_DR: u8 = 0;
+/// Farm mode: the ring holds member slots (see [`member_slot`]); the node that owns a flow
+/// delivers it to its own stack, every other node drops it.
+pub const FWD_FARM: u8 = 1;
+
+/// Farm members are identified by a node id `1..=MAX_MEMBERS` in the configuration and live in
+/// the `BACKENDS` array after the director's backends, at `MEMBER_BASE + node_id`, so farm
+/// conntrack entries are invalidated exactly like backend ones when a member goes away.
+pub const MAX_MEMBERS: u32 = 255;
+pub const MEMBER_BASE: u32 = MAX_BACKENDS;
+/// Size of the `BACKENDS` array (and its stats): director backends, then farm members.
+pub const BACKEND_SLOTS: u32 = MAX_BACKENDS + MAX_MEMBERS + 1;
+
+/// `BACKENDS` index of farm node `node_id`.
+#[inline(always)]
+pub const fn member_slot(node_id: u32) -> u32 {
+    MEMBER_BASE + node_id
+}
 
 /// Key of the `SERVICES` map. `port == 0` is a port-wildcard service.
 #[repr(C)]
@@ -127,6 +144,19 @@ pub struct GlobalConfig {
     pub _pad: [u8; 2],
 }
 
+/// Single entry of the `FARM` array: this node's identity in farm mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FarmConfig {
+    /// `member_slot(node id)` of this node; 0 = not a farm member (every farm flow dropped).
+    pub own_member: u32,
+    pub _pad: u32,
+}
+
+/// Linux `TCP_LISTEN` / `TCP_NEW_SYN_RECV`: a socket lookup that lands on a listener is not a
+/// connection; a request sock (handshake in progress) is.
+pub const TCP_STATE_LISTEN: u32 = 10;
+
 /// Packets/bytes pair for per-service and per-backend per-CPU counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -163,10 +193,18 @@ pub enum Stat {
     CtMissOther,
     /// Conntrack insert failed (map full beyond LRU eviction, should not happen).
     CtInsertFail,
+    /// Farm: this node owns the flow (TCP SYN or UDP): passed to the local stack.
+    FarmPassOwner,
+    /// Farm: non-SYN TCP packet of a connection with a local socket: passed to the local stack.
+    FarmPassSocket,
+    /// Farm: another member owns the flow.
+    FarmDropNotOwner,
+    /// Farm: non-SYN TCP packet without a local socket (the connection lives elsewhere).
+    FarmDropNoSocket,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::PassNotIp,
         Stat::PassNotVip,
@@ -180,6 +218,10 @@ impl Stat {
         Stat::CtMissSyn,
         Stat::CtMissOther,
         Stat::CtInsertFail,
+        Stat::FarmPassOwner,
+        Stat::FarmPassSocket,
+        Stat::FarmDropNotOwner,
+        Stat::FarmDropNoSocket,
     ];
 
     /// Stable snake_case name used in CLI output and metrics labels.
@@ -197,6 +239,10 @@ impl Stat {
             Stat::CtMissSyn => "ct_miss_syn",
             Stat::CtMissOther => "ct_miss_other",
             Stat::CtInsertFail => "ct_insert_fail",
+            Stat::FarmPassOwner => "farm_pass_owner",
+            Stat::FarmPassSocket => "farm_pass_socket",
+            Stat::FarmDropNotOwner => "farm_drop_not_owner",
+            Stat::FarmDropNoSocket => "farm_drop_no_socket",
         }
     }
 }
@@ -209,6 +255,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 16);
     assert!(core::mem::size_of::<GlobalConfig>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<FarmConfig>() == 8);
     assert!(Stat::ALL.len() == Stat::COUNT as usize);
 };
 
@@ -223,6 +270,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FarmConfig {}
 }
 
 /// v4-mapped form of an IPv4 address given as its 4 wire bytes.

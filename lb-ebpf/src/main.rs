@@ -1,4 +1,5 @@
-//! farmlb XDP data plane: service lookup, conntrack, weighted Maglev, direct-routing forward.
+//! farmlb XDP data plane: service lookup, conntrack, weighted Maglev, direct-routing forward,
+//! and farm mode (local delivery of the flows this node owns, socket-aware for TCP).
 //!
 //! Every exit path bumps exactly one reason counter in `STATS`, so packet accounting adds up
 //! (`sum(STATS) == packets seen`), which the datapath tests rely on.
@@ -8,17 +9,20 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::xdp_action,
-        helpers::bpf_ktime_get_ns,
+        bindings::{bpf_sock_tuple, xdp_action},
+        helpers::{
+            bpf_ktime_get_ns,
+            generated::{bpf_sk_release, bpf_skc_lookup_tcp},
+        },
         macros::{map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::XdpContext,
     };
     use lb_common::{
-        flow_hash, v4_mapped, Addr, Backend, Counter, CtEntry, FlowKey, GlobalConfig, HashMode,
-        ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES,
-        DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_VIP_ADDRS, NO_BACKEND, PROTO_TCP,
-        PROTO_UDP,
+        flow_hash, v4_mapped, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig,
+        HashMode, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, BACKEND_SLOTS,
+        BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS, FWD_FARM, MAX_SERVICES,
+        MAX_VIP_ADDRS, NO_BACKEND, PROTO_TCP, PROTO_UDP, TCP_STATE_LISTEN,
     };
 
     #[map]
@@ -31,7 +35,7 @@ mod prog {
     #[map]
     static RING: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
     #[map]
-    static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+    static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_SLOTS, 0);
     #[map]
     static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
         LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
@@ -42,7 +46,10 @@ mod prog {
     #[map]
     static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
     #[map]
-    static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+    static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_SLOTS, 0);
+    /// Farm mode: this node's member slot (consulted only on the farm branch).
+    #[map]
+    static FARM: Array<FarmConfig> = Array::with_max_entries(1, 0);
 
     const ETH_HLEN: usize = 14;
     const ETH_P_IP: u16 = 0x0800;
@@ -249,6 +256,9 @@ mod prog {
             proto,
             _pad: [0; 3],
         };
+        if svc.fwd_mode == FWD_FARM {
+            return farm(ctx, &svc, &flow, is_syn, cfg, eth_type == ETH_P_IPV6);
+        }
         let backend_id = pick_backend(&svc, &flow, is_syn, cfg.udp_timeout_ns);
         let Some(be) = BACKENDS.get(backend_id) else {
             return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);
@@ -271,6 +281,119 @@ mod prog {
         add(&SVC_STATS, svc.id, bytes);
         add(&BACKEND_STATS, backend_id, bytes);
         verdict(Stat::Tx, xdp_action::XDP_TX)
+    }
+
+    /// Farm branch. TCP: a SYN goes to the ring's owner; any other segment is kept exactly
+    /// when this node has a socket for the connection (so rebalancing never moves a live
+    /// connection, and a new owner never answers a stranger's segment with a RST). UDP:
+    /// conntrack remembers each flow's owner (every node sees every packet) until it idles
+    /// out or its owner leaves. Delivered frames get this node's MAC as destination, since
+    /// they arrived addressed to the farm's virtual MAC.
+    #[inline(always)]
+    fn farm(
+        ctx: &XdpContext,
+        svc: &ServiceInfo,
+        flow: &FlowKey,
+        is_syn: bool,
+        cfg: &GlobalConfig,
+        v6: bool,
+    ) -> u32 {
+        let own = match FARM.get(0) {
+            Some(f) => f.own_member,
+            None => NO_BACKEND,
+        };
+        let owner = if flow.proto == PROTO_TCP {
+            if !is_syn {
+                return if has_socket(ctx, flow, v6) {
+                    deliver(ctx, svc, cfg, own, Stat::FarmPassSocket)
+                } else {
+                    verdict(Stat::FarmDropNoSocket, xdp_action::XDP_DROP)
+                };
+            }
+            ring_lookup(svc, flow)
+        } else {
+            pick_backend(svc, flow, false, cfg.udp_timeout_ns)
+        };
+        if owner == NO_BACKEND || !backend_valid(owner) {
+            return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);
+        }
+        if owner != own {
+            return verdict(Stat::FarmDropNotOwner, xdp_action::XDP_DROP);
+        }
+        deliver(ctx, svc, cfg, own, Stat::FarmPassOwner)
+    }
+
+    /// Rewrite the destination MAC to our own and pass the frame to the local stack.
+    #[inline(always)]
+    fn deliver(ctx: &XdpContext, svc: &ServiceInfo, cfg: &GlobalConfig, own: u32, s: Stat) -> u32 {
+        let Some(eth) = ptr_at::<[u8; 6]>(ctx, 0) else {
+            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+        };
+        // SAFETY: 6 bytes bounds-checked above.
+        unsafe { *(eth as *mut [u8; 6]) = cfg.own_mac };
+        let bytes = (ctx.data_end() - ctx.data()) as u64;
+        add(&SVC_STATS, svc.id, bytes);
+        add(&BACKEND_STATS, own, bytes);
+        verdict(s, xdp_action::XDP_PASS)
+    }
+
+    /// Whether the local stack has a TCP socket for this connection other than a listener:
+    /// an established (or closing / time-wait) socket, or a request sock mid-handshake.
+    #[inline(always)]
+    fn has_socket(ctx: &XdpContext, flow: &FlowKey, v6: bool) -> bool {
+        // SAFETY: all-zero is a valid bpf_sock_tuple.
+        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        let size = if v6 {
+            // SAFETY: writing plain integers into the union's ipv6 member.
+            unsafe {
+                let t = &mut tuple.__bindgen_anon_1.ipv6;
+                t.saddr = core::ptr::read_unaligned(flow.src.as_ptr() as *const [u32; 4]);
+                t.daddr = core::ptr::read_unaligned(flow.dst.as_ptr() as *const [u32; 4]);
+                t.sport = flow.sport.to_be();
+                t.dport = flow.dport.to_be();
+            }
+            core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+        } else {
+            // SAFETY: as above, ipv4 member; the v4 address is the last 4 bytes.
+            unsafe {
+                let t = &mut tuple.__bindgen_anon_1.ipv4;
+                t.saddr = core::ptr::read_unaligned(flow.src.as_ptr().add(12) as *const u32);
+                t.daddr = core::ptr::read_unaligned(flow.dst.as_ptr().add(12) as *const u32);
+                t.sport = flow.sport.to_be();
+                t.dport = flow.dport.to_be();
+            }
+            core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+        };
+        // SAFETY: helper call with a stack tuple of the stated size; netns -1 = the device's.
+        let sk =
+            unsafe { bpf_skc_lookup_tcp(ctx.ctx as *mut _, &mut tuple, size as u32, u64::MAX, 0) };
+        if sk.is_null() {
+            return false;
+        }
+        // SAFETY: non-null socket from the lookup; `state` is readable on sock_common and the
+        // reference is released right after.
+        let state = unsafe { (*sk).state };
+        unsafe { bpf_sk_release(sk as *mut _) };
+        state != TCP_STATE_LISTEN
+    }
+
+    /// Ring slot of a flow on the service's current table.
+    #[inline(always)]
+    fn ring_lookup(svc: &ServiceInfo, flow: &FlowKey) -> u32 {
+        if svc.ring_size == 0 {
+            return NO_BACKEND;
+        }
+        let hash = flow_hash(
+            HashMode::from_u8(svc.hash_mode),
+            &flow.src,
+            flow.sport,
+            flow.dport,
+            flow.proto,
+        );
+        match RING.get(svc.ring_offset + hash % svc.ring_size) {
+            Some(b) => *b,
+            None => NO_BACKEND,
+        }
     }
 
     /// Conntrack first (except for SYNs, which always re-hash so a reused tuple follows the

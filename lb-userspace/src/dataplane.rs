@@ -1,5 +1,7 @@
 //! Owns the loaded XDP program and its maps: the only place that talks to the kernel side.
 
+use std::time::Duration;
+
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
@@ -124,6 +126,13 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Farm mode: this node's member slot (`lb_common::FarmConfig`).
+    pub fn set_farm(&mut self, cfg: &lb_common::FarmConfig) -> Result<()> {
+        let mut a: Array<_, lb_common::FarmConfig> = Array::try_from(self.map("FARM"))?;
+        a.set(0, cfg, 0)?;
+        Ok(())
+    }
+
     pub fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()> {
         self.services()?.insert(key, info, 0)?;
         Ok(())
@@ -203,6 +212,18 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Zero a service's counters when its id is handed to a new service.
+    pub fn reset_service_counter(&mut self, id: u32) -> Result<()> {
+        let mut a: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map("SVC_STATS"))?;
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        a.set(
+            id,
+            aya::maps::PerCpuValues::try_from(vec![Counter::default(); n])?,
+            0,
+        )?;
+        Ok(())
+    }
+
     pub fn conntrack_get(&mut self, key: &FlowKey) -> Result<Option<CtEntry>> {
         let m: HashMap<_, FlowKey, CtEntry> = HashMap::try_from(self.map("CONNTRACK"))?;
         match m.get(key, 0) {
@@ -224,6 +245,25 @@ impl Dataplane {
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value, out))
     }
+
+    /// Run the program `repeat` times on `packet` in one BPF_PROG_TEST_RUN call; returns the
+    /// last XDP action and the kernel's mean time per run (see [`test_run_repeat`]).
+    pub fn test_run_repeat(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        test_run_repeat(self.prog(), packet, repeat)
+    }
+}
+
+/// BPF_PROG_TEST_RUN of a loaded XDP program, `repeat` times in one call: returns the last
+/// XDP action and the kernel's mean time per run. Without live frames the packet is not reset
+/// between repeats, so each run sees the previous run's output. The benchmark times farmlb and
+/// its reference program through this one function.
+pub fn test_run_repeat(prog: &Xdp, packet: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+    let res = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        repeat,
+        ..Default::default()
+    })?;
+    Ok((res.return_value, res.duration))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large rings load there too.

@@ -7,11 +7,11 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
 use lb_common::{
-    v4_mapped, Addr, Backend, GlobalConfig, ServiceInfo, ServiceKey, BACKEND_F_VALID, FWD_DR,
-    MAX_BACKENDS, MAX_SERVICES,
+    v4_mapped, Addr, Backend, GlobalConfig, ServiceInfo, ServiceKey, BACKEND_F_VALID, MAX_BACKENDS,
+    MAX_SERVICES,
 };
 
-use crate::config::{Config, ServiceCfg};
+use crate::config::{AdminState, BackendCfg, Config, ServiceCfg};
 use crate::maglev::{self, MaglevEntry};
 
 /// Write access to the data plane's maps; implemented by the real `Dataplane` and by the
@@ -24,6 +24,14 @@ pub trait Maps {
     fn remove_vip_addr(&mut self, addr: &Addr) -> Result<()>;
     fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()>;
     fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> Result<()>;
+    /// Zero a backend id's packet/byte counters (the id is handed to a new backend).
+    fn reset_backend_counter(&mut self, _id: u32) -> Result<()> {
+        Ok(())
+    }
+    /// Zero a service id's packet/byte counters (the id is handed to a new service).
+    fn reset_service_counter(&mut self, _id: u32) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Maps for crate::dataplane::Dataplane {
@@ -47,6 +55,12 @@ impl Maps for crate::dataplane::Dataplane {
     }
     fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> Result<()> {
         Self::write_ring(self, offset, slots)
+    }
+    fn reset_backend_counter(&mut self, id: u32) -> Result<()> {
+        Self::reset_backend_counter(self, id)
+    }
+    fn reset_service_counter(&mut self, id: u32) -> Result<()> {
+        Self::reset_service_counter(self, id)
     }
 }
 
@@ -80,13 +94,75 @@ pub fn service_key(s: &ServiceCfg) -> ServiceKey {
     }
 }
 
+/// Health verdict of a backend. Unchecked backends are always `Up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Health {
+    Up,
+    Down,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
+}
+
+/// One backend as the director sees it: its configured entry plus the runtime layers on top.
+///
+/// The weight used for new flows is [`BackendState::effective_weight`]: 0 unless the backend
+/// is `ready`, healthy and resolved; otherwise the operator's runtime weight, else the weight
+/// an exec `dynamic` check reported, else the configured weight.
 #[derive(Debug, Clone)]
 pub struct BackendState {
     pub id: u32,
     pub address: IpAddr,
-    pub weight: u32,
     /// `None` while the neighbour is unresolved: the backend stays out of the table.
     pub mac: Option<[u8; 6]>,
+    /// The backend's entry in the running configuration.
+    pub cfg: BackendCfg,
+    /// Runtime `set --weight`: kept across reloads until the configured weight changes.
+    pub weight_override: Option<u32>,
+    /// Runtime `set --state`: kept across reloads until the configured state changes.
+    pub state_override: Option<AdminState>,
+    /// Latest health verdict.
+    pub health: Health,
+    /// Weight reported by a `dynamic` exec check (exit code - 2).
+    pub dynamic_weight: Option<u32>,
+    /// Whether the `BACKENDS` entry is programmed with `BACKEND_F_VALID`.
+    valid: bool,
+    /// Slots this backend owns in the programmed table.
+    pub slots: u32,
+}
+
+impl BackendState {
+    pub fn state(&self) -> AdminState {
+        self.state_override.unwrap_or(self.cfg.state)
+    }
+
+    /// The weight in force before state and health are taken into account.
+    pub fn weight(&self) -> u32 {
+        self.weight_override
+            .or(self.dynamic_weight)
+            .unwrap_or(self.cfg.weight)
+    }
+
+    /// The weight the Maglev table is built with.
+    pub fn effective_weight(&self) -> u32 {
+        if self.state() == AdminState::Ready && self.health == Health::Up && self.mac.is_some() {
+            self.weight()
+        } else {
+            0
+        }
+    }
+
+    /// Established flows may keep using the backend: everything but a failed health check
+    /// (drain and maint keep their flows; a dead backend's flows re-hash and fail fast).
+    fn wants_valid(&self) -> bool {
+        self.mac.is_some() && self.health == Health::Up
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +172,96 @@ pub struct ServiceState {
     pub info: ServiceInfo,
     pub table: Vec<u32>,
     pub backends: BTreeMap<IpAddr, BackendState>,
+    /// The service has backends but none takes new flows (logged once per transition).
+    pub no_backend: bool,
+}
+
+impl ServiceState {
+    /// Backends with an effective weight above 0.
+    pub fn usable(&self) -> usize {
+        self.backends
+            .values()
+            .filter(|b| b.effective_weight() > 0)
+            .count()
+    }
+}
+
+/// Why a runtime change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("service: no service named {0:?}")]
+    NoService(String),
+    #[error("backend: service {0:?} has no backend {1}")]
+    NoBackend(String, IpAddr),
+}
+
+/// Bring one service's programmed state in line with its backends' effective weights:
+/// validate backends that become usable, rewrite only the ring slots that change, then
+/// invalidate backends whose established flows must re-hash.
+fn sync_service(st: &mut ServiceState, maps: &mut impl Maps) -> Result<()> {
+    for b in st.backends.values_mut() {
+        if b.wants_valid() && !b.valid {
+            maps.set_backend(b.id, &backend_entry(b, BACKEND_F_VALID))?;
+            b.valid = true;
+        }
+    }
+    let keys: Vec<(Vec<u8>, u32, u32)> = st
+        .backends
+        .values()
+        .map(|b| (addr_of(b.address).to_vec(), b.id, b.effective_weight()))
+        .collect();
+    let entries: Vec<MaglevEntry> = keys
+        .iter()
+        .map(|(k, id, w)| MaglevEntry {
+            key: k,
+            id: *id,
+            weight: *w,
+        })
+        .collect();
+    let table = maglev::build_table(&entries, st.cfg.table_size);
+    let changed = maglev::diff(&st.table, &table);
+    maps.write_ring(st.info.ring_offset, &changed)?;
+    st.table = table;
+    let mut slots: HashMap<u32, u32> = HashMap::new();
+    for &id in &st.table {
+        *slots.entry(id).or_default() += 1;
+    }
+    for b in st.backends.values_mut() {
+        b.slots = slots.get(&b.id).copied().unwrap_or(0);
+        if !b.wants_valid() && b.valid {
+            maps.set_backend(b.id, &backend_entry(b, 0))?;
+            b.valid = false;
+        }
+    }
+
+    let usable = st.usable();
+    let no_backend = usable == 0 && !st.backends.is_empty();
+    if no_backend && !st.no_backend {
+        let down = st
+            .backends
+            .values()
+            .filter(|b| b.health == Health::Down)
+            .count();
+        tracing::error!(
+            service = %st.cfg.name,
+            backends = st.backends.len(),
+            down,
+            "service has NO usable backend: new flows are dropped (drop_no_backend)"
+        );
+    } else if !no_backend && st.no_backend {
+        tracing::info!(service = %st.cfg.name, usable, "service has usable backends again");
+    }
+    st.no_backend = no_backend;
+    Ok(())
+}
+
+fn backend_entry(b: &BackendState, flags: u8) -> Backend {
+    Backend {
+        addr: addr_of(b.address),
+        mac: b.mac.unwrap_or_default(),
+        flags,
+        _pad: 0,
+    }
 }
 
 /// Free-list allocator for small integer ids (service stats slots, backend slots).
@@ -233,7 +399,7 @@ impl Director {
             ring_offset,
             ring_size: s.table_size,
             hash_mode: s.hash as u8,
-            fwd_mode: FWD_DR,
+            fwd_mode: s.forwarding.mode(),
             flags: 0,
             _pad: 0,
         };
@@ -241,6 +407,7 @@ impl Director {
         // A reused ring range may hold an old service's ids: clear it before publishing.
         let clear: Vec<(u32, u32)> = (0..s.table_size).map(|i| (i, 0)).collect();
         maps.write_ring(ring_offset, &clear)?;
+        maps.reset_service_counter(id)?;
         let key = service_key(s);
         maps.set_vip_addr(&key.addr)?;
         maps.set_service(&key, &info)?;
@@ -252,6 +419,7 @@ impl Director {
                 info,
                 table,
                 backends: BTreeMap::new(),
+                no_backend: false,
             },
         );
         Ok(())
@@ -287,35 +455,51 @@ impl Director {
         }
         st.cfg = s.clone();
 
-        // New backends: allocate, resolve, publish their slot before the ring uses them.
         for b in &s.backends {
             let entry = match st.backends.get_mut(&b.address) {
-                Some(e) => e,
+                Some(e) => {
+                    // A runtime override lasts until the file changes that same field.
+                    if e.cfg.weight != b.weight {
+                        e.weight_override = None;
+                    }
+                    if e.cfg.state != b.state {
+                        e.state_override = None;
+                    }
+                    if e.cfg.check != b.check {
+                        let dynamic = matches!(
+                            b.check.as_ref().map(|c| &c.probe),
+                            Some(crate::config::Probe::Exec { dynamic: true, .. })
+                        );
+                        if !dynamic {
+                            e.dynamic_weight = None;
+                        }
+                        if b.check.is_none() {
+                            e.health = Health::Up;
+                        }
+                    }
+                    e.cfg = b.clone();
+                    e
+                }
                 None => {
                     let id = self.backend_ids.alloc("backends")?;
+                    maps.reset_backend_counter(id)?;
                     st.backends.entry(b.address).or_insert(BackendState {
                         id,
                         address: b.address,
-                        weight: b.weight,
                         mac: None,
+                        cfg: b.clone(),
+                        weight_override: None,
+                        state_override: None,
+                        health: Health::Up,
+                        dynamic_weight: None,
+                        valid: false,
+                        slots: 0,
                     })
                 }
             };
-            entry.weight = b.weight;
             if entry.mac.is_none() {
                 match macs.resolve(b.address) {
-                    Ok(mac) => {
-                        entry.mac = Some(mac);
-                        maps.set_backend(
-                            entry.id,
-                            &Backend {
-                                addr: addr_of(b.address),
-                                mac,
-                                flags: BACKEND_F_VALID,
-                                _pad: 0,
-                            },
-                        )?;
-                    }
+                    Ok(mac) => entry.mac = Some(mac),
                     Err(e) => tracing::warn!(
                         service = %s.name, backend = %b.address,
                         "backend kept out of the table until its MAC resolves: {e:#}"
@@ -324,42 +508,97 @@ impl Director {
             }
         }
 
-        // Rebuild the table from the wanted set and write only the slots that changed.
-        let keys: Vec<(Vec<u8>, u32, u32)> = s
-            .backends
-            .iter()
-            .filter_map(|b| {
-                let e = &st.backends[&b.address];
-                e.mac.map(|_| (addr_of(b.address).to_vec(), e.id, b.weight))
-            })
-            .collect();
-        let entries: Vec<MaglevEntry> = keys
-            .iter()
-            .map(|(k, id, w)| MaglevEntry {
-                key: k,
-                id: *id,
-                weight: *w,
-            })
-            .collect();
-        let table = maglev::build_table(&entries, s.table_size);
-        let changed = maglev::diff(&st.table, &table);
-        maps.write_ring(st.info.ring_offset, &changed)?;
-        st.table = table;
-
-        // Backends no longer configured: the ring no longer points at them; invalidate them
-        // so conntrack entries re-hash, then free the id.
-        let gone: Vec<IpAddr> = st
+        // Backends no longer configured leave the table first, then are invalidated so their
+        // conntrack entries re-hash, then their ids are freed.
+        let gone: Vec<BackendState> = st
             .backends
             .keys()
             .filter(|a| !s.backends.iter().any(|b| b.address == **a))
             .copied()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|a| st.backends.remove(&a))
             .collect();
-        for a in gone {
-            let e = st.backends.remove(&a).expect("listed above");
+        sync_service(st, maps)?;
+        for e in gone {
             maps.set_backend(e.id, &Backend::default())?;
             self.backend_ids.release(e.id);
         }
         Ok(())
+    }
+
+    fn backend_mut(
+        &mut self,
+        service: &str,
+        addr: IpAddr,
+    ) -> Result<&mut BackendState, LookupError> {
+        self.services
+            .get_mut(service)
+            .ok_or_else(|| LookupError::NoService(service.to_string()))?
+            .backends
+            .get_mut(&addr)
+            .ok_or_else(|| LookupError::NoBackend(service.to_string(), addr))
+    }
+
+    /// Look a backend up (for the API: 404 on unknown names).
+    pub fn backend(&self, service: &str, addr: IpAddr) -> Result<&BackendState, LookupError> {
+        self.services
+            .get(service)
+            .ok_or_else(|| LookupError::NoService(service.to_string()))?
+            .backends
+            .get(&addr)
+            .ok_or_else(|| LookupError::NoBackend(service.to_string(), addr))
+    }
+
+    /// Runtime weight and/or state of one backend (`farmlb backend set`). Only the ring slots
+    /// that change are rewritten. The caller validated the weight's range.
+    pub fn set_admin(
+        &mut self,
+        service: &str,
+        addr: IpAddr,
+        weight: Option<u32>,
+        state: Option<AdminState>,
+        maps: &mut impl Maps,
+    ) -> Result<()> {
+        let b = self.backend_mut(service, addr)?;
+        if let Some(w) = weight {
+            b.weight_override = Some(w);
+        }
+        if let Some(st) = state {
+            b.state_override = Some(st);
+        }
+        self.resync(service, maps)
+    }
+
+    /// Record a health verdict (and a dynamic weight, when the check reports one). Returns
+    /// whether anything the table depends on changed.
+    pub fn set_health(
+        &mut self,
+        service: &str,
+        addr: IpAddr,
+        health: Health,
+        dynamic_weight: Option<u32>,
+        maps: &mut impl Maps,
+    ) -> Result<bool> {
+        let b = self.backend_mut(service, addr)?;
+        let mut changed = b.health != health;
+        b.health = health;
+        if dynamic_weight.is_some() && b.dynamic_weight != dynamic_weight {
+            b.dynamic_weight = dynamic_weight;
+            changed = true;
+        }
+        if changed {
+            self.resync(service, maps)?;
+        }
+        Ok(changed)
+    }
+
+    fn resync(&mut self, service: &str, maps: &mut impl Maps) -> Result<()> {
+        let st = self
+            .services
+            .get_mut(service)
+            .ok_or_else(|| LookupError::NoService(service.to_string()))?;
+        sync_service(st, maps)
     }
 
     /// Backends still waiting for a MAC (the daemon retries them).
@@ -369,5 +608,325 @@ impl Director {
             .flat_map(|s| s.backends.values())
             .filter(|b| b.mac.is_none())
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+    use lb_common::NO_BACKEND;
+
+    /// The model, plus a log of what each change wrote.
+    #[derive(Default)]
+    struct Rec {
+        model: Model,
+        ring_writes: Vec<(u32, u32)>,
+        backend_writes: Vec<(u32, Backend)>,
+    }
+
+    impl Maps for Rec {
+        fn set_config(&mut self, c: &GlobalConfig) -> Result<()> {
+            self.model.set_config(c)
+        }
+        fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> Result<()> {
+            self.model.set_service(k, i)
+        }
+        fn remove_service(&mut self, k: &ServiceKey) -> Result<()> {
+            self.model.remove_service(k)
+        }
+        fn set_vip_addr(&mut self, a: &Addr) -> Result<()> {
+            self.model.set_vip_addr(a)
+        }
+        fn remove_vip_addr(&mut self, a: &Addr) -> Result<()> {
+            self.model.remove_vip_addr(a)
+        }
+        fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
+            self.backend_writes.push((id, *b));
+            self.model.set_backend(id, b)
+        }
+        fn write_ring(&mut self, o: u32, s: &[(u32, u32)]) -> Result<()> {
+            self.ring_writes.extend_from_slice(s);
+            self.model.write_ring(o, s)
+        }
+    }
+
+    const A: &str = "10.0.0.11";
+    const B: &str = "10.0.0.12";
+    const C: &str = "10.0.0.13";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn cfg(backends: &str) -> Config {
+        Config::from_toml_str(&format!(
+            "interface = \"eth0\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\n\
+             table_size = 1009\n{backends}"
+        ))
+        .unwrap()
+    }
+
+    fn three() -> Config {
+        cfg(&format!(
+            "[[service.backend]]\naddress = \"{A}\"\n[[service.backend]]\naddress = \"{B}\"\n\
+             [[service.backend]]\naddress = \"{C}\"\n"
+        ))
+    }
+
+    fn macs(c: &Config) -> HashMap<IpAddr, [u8; 6]> {
+        c.services
+            .iter()
+            .flat_map(|s| s.backends.iter())
+            .map(|b| (b.address, [2, 0, 0, 0, 0, addr_of(b.address)[15]]))
+            .collect()
+    }
+
+    fn setup(c: &Config) -> (Director, Rec, HashMap<IpAddr, [u8; 6]>) {
+        let mut d = Director::new(lb_common::DEFAULT_RING_SLOTS, [2, 0, 0, 0, 0, 1]);
+        let mut rec = Rec::default();
+        let mut m = macs(c);
+        d.apply(c, &mut rec, &mut m).unwrap();
+        rec.ring_writes.clear();
+        rec.backend_writes.clear();
+        (d, rec, m)
+    }
+
+    fn id(d: &Director, a: &str) -> u32 {
+        d.services["web"].backends[&ip(a)].id
+    }
+
+    fn slots_of(d: &Director, a: &str) -> usize {
+        let id = id(d, a);
+        d.services["web"].table.iter().filter(|&&x| x == id).count()
+    }
+
+    fn valid(rec: &Rec, id: u32) -> bool {
+        rec.model.backends[&id].flags & BACKEND_F_VALID != 0
+    }
+
+    /// Every written slot changed value and every slot that changed was written; apart from
+    /// the slots `moved` gains or loses, only Maglev's small reshuffle among the others
+    /// (under 3% of the table here) changes owner.
+    fn only_affected_slots(before: &[u32], after: &[u32], writes: &[(u32, u32)], moved: u32) {
+        let changed: Vec<(u32, u32)> = maglev::diff(before, after);
+        let mut w = writes.to_vec();
+        w.sort_unstable();
+        assert_eq!(w, changed, "exactly the changed slots are written");
+        let own = changed
+            .iter()
+            .filter(|&&(i, a)| a == moved || before[i as usize] == moved)
+            .count();
+        let others = changed.len() - own;
+        assert!(own > 0);
+        assert!(
+            others * 100 < before.len() * 3,
+            "{others} of {} slots changed between other backends",
+            before.len()
+        );
+        assert!(
+            changed.len() < before.len() / 2,
+            "{} slots rewritten",
+            changed.len()
+        );
+    }
+
+    #[test]
+    fn drain_moves_only_its_slots_and_keeps_established_flows() {
+        let c = three();
+        let (mut d, mut rec, _) = setup(&c);
+        let before = d.services["web"].table.clone();
+        let b_id = id(&d, B);
+        d.set_admin("web", ip(B), None, Some(AdminState::Drain), &mut rec)
+            .unwrap();
+        let after = d.services["web"].table.clone();
+        only_affected_slots(&before, &after, &rec.ring_writes, b_id);
+        assert_eq!(slots_of(&d, B), 0);
+        assert!(
+            valid(&rec, b_id),
+            "drain keeps VALID: conntrack hits continue"
+        );
+        assert!(rec.backend_writes.is_empty(), "no backend entry rewritten");
+        let b = d.backend("web", ip(B)).unwrap();
+        assert_eq!((b.effective_weight(), b.weight()), (0, 1));
+        // Back to ready: the original table, byte for byte.
+        d.set_admin("web", ip(B), None, Some(AdminState::Ready), &mut rec)
+            .unwrap();
+        assert_eq!(d.services["web"].table, before);
+        // maint behaves the same for new flows and keeps VALID too.
+        d.set_admin("web", ip(B), None, Some(AdminState::Maint), &mut rec)
+            .unwrap();
+        assert_eq!(slots_of(&d, B), 0);
+        assert!(valid(&rec, b_id));
+    }
+
+    #[test]
+    fn health_down_invalidates_after_the_ring_moves() {
+        let c = three();
+        let (mut d, mut rec, _) = setup(&c);
+        let before = d.services["web"].table.clone();
+        let a_id = id(&d, A);
+        assert!(d
+            .set_health("web", ip(A), Health::Down, None, &mut rec)
+            .unwrap());
+        only_affected_slots(&before, &d.services["web"].table, &rec.ring_writes, a_id);
+        assert_eq!(slots_of(&d, A), 0);
+        assert!(!valid(&rec, a_id), "down clears VALID: its flows re-hash");
+        assert_eq!(rec.backend_writes.len(), 1);
+        // Same verdict again: nothing is written.
+        rec.ring_writes.clear();
+        assert!(!d
+            .set_health("web", ip(A), Health::Down, None, &mut rec)
+            .unwrap());
+        assert!(rec.ring_writes.is_empty());
+        // Up again: VALID before the ring points at it, and the original table.
+        rec.backend_writes.clear();
+        d.set_health("web", ip(A), Health::Up, None, &mut rec)
+            .unwrap();
+        assert!(valid(&rec, a_id));
+        assert_eq!(d.services["web"].table, before);
+    }
+
+    #[test]
+    fn weight_change_rewrites_only_affected_slots() {
+        let c = three();
+        let (mut d, mut rec, _) = setup(&c);
+        let before = d.services["web"].table.clone();
+        let c_id = id(&d, C);
+        d.set_admin("web", ip(C), Some(3), None, &mut rec).unwrap();
+        only_affected_slots(&before, &d.services["web"].table, &rec.ring_writes, c_id);
+        let (a, c3) = (slots_of(&d, A), slots_of(&d, C));
+        assert!(c3 > 2 * a, "weight 3 vs 1: {c3} vs {a} slots");
+        assert_eq!(d.services["web"].backends[&ip(C)].slots as usize, c3);
+        // Weight 0 behaves like drain.
+        d.set_admin("web", ip(C), Some(0), None, &mut rec).unwrap();
+        assert_eq!(slots_of(&d, C), 0);
+        assert!(valid(&rec, c_id));
+        // Unknown names are refused with a lookup error.
+        let e = d
+            .set_admin("web", ip("10.0.0.99"), Some(1), None, &mut rec)
+            .unwrap_err();
+        assert!(e.to_string().contains("has no backend 10.0.0.99"), "{e}");
+        assert!(d.set_admin("nope", ip(A), Some(1), None, &mut rec).is_err());
+    }
+
+    #[test]
+    fn configured_weight_zero_is_drain() {
+        let c = cfg(&format!(
+            "[[service.backend]]\naddress = \"{A}\"\nweight = 0\n\
+             [[service.backend]]\naddress = \"{B}\"\n"
+        ));
+        let (d, rec, _) = setup(&c);
+        assert_eq!(slots_of(&d, A), 0);
+        assert!(valid(&rec, id(&d, A)));
+        assert_eq!(slots_of(&d, B), 1009);
+    }
+
+    #[test]
+    fn runtime_overrides_last_until_the_file_changes_that_field() {
+        let c = three();
+        let (mut d, mut rec, mut m) = setup(&c);
+        d.set_admin("web", ip(A), Some(5), Some(AdminState::Drain), &mut rec)
+            .unwrap();
+        // Reload of the same file: both overrides stay.
+        d.apply(&c, &mut rec, &mut m).unwrap();
+        let a = d.backend("web", ip(A)).unwrap();
+        assert_eq!((a.state(), a.weight()), (AdminState::Drain, 5));
+        assert_eq!(slots_of(&d, A), 0);
+        // The file changes A's weight: the weight override goes, the drain stays.
+        let c2 = cfg(&format!(
+            "[[service.backend]]\naddress = \"{A}\"\nweight = 2\n[[service.backend]]\n\
+             address = \"{B}\"\n[[service.backend]]\naddress = \"{C}\"\n"
+        ));
+        d.apply(&c2, &mut rec, &mut m).unwrap();
+        let a = d.backend("web", ip(A)).unwrap();
+        assert_eq!(
+            (a.state(), a.weight(), a.weight_override),
+            (AdminState::Drain, 2, None)
+        );
+        // The file changes A's state: the state override goes too.
+        let c3 = cfg(&format!(
+            "[[service.backend]]\naddress = \"{A}\"\nweight = 2\nstate = \"maint\"\n\
+             [[service.backend]]\naddress = \"{B}\"\n[[service.backend]]\naddress = \"{C}\"\n"
+        ));
+        d.apply(&c3, &mut rec, &mut m).unwrap();
+        assert_eq!(d.backend("web", ip(A)).unwrap().state(), AdminState::Maint);
+        d.apply(&c2, &mut rec, &mut m).unwrap();
+        let a = d.backend("web", ip(A)).unwrap();
+        assert_eq!(a.state(), AdminState::Ready);
+        assert_eq!(
+            slots_of(&d, A),
+            d.services["web"].backends[&ip(A)].slots as usize
+        );
+        assert!(slots_of(&d, A) > 0);
+        // Removal forgets everything: re-adding starts from the file.
+        d.set_admin("web", ip(B), None, Some(AdminState::Drain), &mut rec)
+            .unwrap();
+        let only_a = cfg(&format!("[[service.backend]]\naddress = \"{A}\"\n"));
+        d.apply(&only_a, &mut rec, &mut m).unwrap();
+        d.apply(&c2, &mut rec, &mut m).unwrap();
+        assert_eq!(d.backend("web", ip(B)).unwrap().state(), AdminState::Ready);
+    }
+
+    #[test]
+    fn health_survives_reload_and_resets_when_unchecked() {
+        let checked = |check: &str| {
+            cfg(&format!(
+                "check = {{ type = \"{check}\" }}\n[[service.backend]]\naddress = \"{A}\"\n\
+                 [[service.backend]]\naddress = \"{B}\"\n"
+            ))
+        };
+        let c = checked("tcp");
+        let (mut d, mut rec, mut m) = setup(&c);
+        d.set_health("web", ip(A), Health::Down, None, &mut rec)
+            .unwrap();
+        d.apply(&c, &mut rec, &mut m).unwrap();
+        assert_eq!(d.backend("web", ip(A)).unwrap().health, Health::Down);
+        assert_eq!(slots_of(&d, A), 0);
+        d.apply(&checked("none"), &mut rec, &mut m).unwrap();
+        assert_eq!(d.backend("web", ip(A)).unwrap().health, Health::Up);
+        assert!(slots_of(&d, A) > 0);
+        assert!(valid(&rec, id(&d, A)));
+    }
+
+    #[test]
+    fn every_backend_down_empties_the_table() {
+        let c = three();
+        let (mut d, mut rec, _) = setup(&c);
+        for a in [A, B, C] {
+            assert!(!d.services["web"].no_backend);
+            d.set_health("web", ip(a), Health::Down, None, &mut rec)
+                .unwrap();
+        }
+        let st = &d.services["web"];
+        assert!(st.no_backend);
+        assert_eq!(st.usable(), 0);
+        assert!(st.table.iter().all(|&x| x == NO_BACKEND));
+        assert!(rec.model.ring.values().all(|&x| x == NO_BACKEND));
+        d.set_health("web", ip(B), Health::Up, None, &mut rec)
+            .unwrap();
+        assert!(!d.services["web"].no_backend);
+        assert_eq!(slots_of(&d, B), 1009);
+    }
+
+    #[test]
+    fn dynamic_weight_applies_unless_the_operator_set_one() {
+        let c = three();
+        let (mut d, mut rec, _) = setup(&c);
+        d.set_health("web", ip(A), Health::Up, Some(4), &mut rec)
+            .unwrap();
+        assert_eq!(d.backend("web", ip(A)).unwrap().effective_weight(), 4);
+        let four = slots_of(&d, A);
+        assert!(four > 2 * slots_of(&d, B), "{four}");
+        // Dynamic weight 0 (exit code 2): up but no new flows.
+        d.set_health("web", ip(A), Health::Up, Some(0), &mut rec)
+            .unwrap();
+        assert_eq!(slots_of(&d, A), 0);
+        assert!(valid(&rec, id(&d, A)));
+        // The operator's weight wins over the check's.
+        d.set_admin("web", ip(A), Some(2), None, &mut rec).unwrap();
+        d.set_health("web", ip(A), Health::Up, Some(7), &mut rec)
+            .unwrap();
+        assert_eq!(d.backend("web", ip(A)).unwrap().effective_weight(), 2);
     }
 }

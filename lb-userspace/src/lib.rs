@@ -1,16 +1,29 @@
 //! farmlb control plane library: the daemon and CLI in `main.rs` are thin wrappers over it.
 
+pub mod api;
+pub mod arp;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod director;
+pub mod farm;
+pub mod farm_config;
+pub mod health;
 pub mod maglev;
+pub mod membership;
+pub mod metrics;
 pub mod model;
 pub mod neigh;
 pub mod packet;
 
 /// The XDP object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The benchmark's reference object (see `lb-ebpf/src/bin/reference.rs`): a minimal
+/// parse + MAC-swap + XDP_TX program, and the forwarding benchmark's traffic generator.
+pub static REFERENCE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reference"));
 
 /// A program that passes every frame (see `lb-ebpf/src/bin/pass.rs`).
 pub static PASS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pass"));

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    ctl: farmlb::cli::CtlOpts,
 }
 
 #[derive(Subcommand)]
@@ -21,6 +23,18 @@ enum Cmd {
     },
     /// Validate a configuration file without touching the system.
     CheckConfig { file: PathBuf },
+    /// Operator commands, talking to the running daemon's API socket.
+    #[command(flatten)]
+    Ctl(farmlb::cli::CtlCmd),
+    /// Farm mode: members, their state and power, and this node's share.
+    #[command(name = "farm-status")]
+    Status {
+        #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -32,11 +46,19 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Run { config } => tokio::runtime::Builder::new_current_thread()
+        // The owner loop runs on this thread; API, metrics and health checks on two workers.
+        Cmd::Run { config } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(farmlb::daemon::run(&config))),
+        Cmd::Ctl(cmd) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(farmlb::cli::run(&cli.ctl, &cmd))),
+        Cmd::Status { config, json } => farmlb::farm::status(&config, json).map(|s| print!("{s}")),
         Cmd::CheckConfig { file } => farmlb::config::Config::load(&file)
             .map(|c| {
                 let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();

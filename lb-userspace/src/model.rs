@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 
 use lb_common::{
-    flow_hash, v4_mapped, Addr, Backend, CtEntry, FlowKey, GlobalConfig, HashMode, ServiceInfo,
-    ServiceKey, Stat, BACKEND_F_VALID, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    flow_hash, v4_mapped, Addr, Backend, CtEntry, FarmConfig, FlowKey, GlobalConfig, HashMode,
+    ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::director::Maps;
@@ -61,6 +61,18 @@ pub struct Model {
     pub backends: HashMap<u32, Backend>,
     pub conntrack: HashMap<FlowKey, CtEntry>,
     pub config: GlobalConfig,
+    /// Farm mode: this node's member slot.
+    pub farm: FarmConfig,
+    /// Farm mode: connections that have a local (non-listener) TCP socket, standing in for
+    /// the kernel's socket lookup.
+    pub sockets: HashSet<FlowKey>,
+}
+
+impl crate::farm::FarmMaps for Model {
+    fn set_farm(&mut self, f: &FarmConfig) -> anyhow::Result<()> {
+        self.farm = *f;
+        Ok(())
+    }
 }
 
 impl Maps for Model {
@@ -125,6 +137,9 @@ impl Model {
         if d.action == Action::Tx {
             out[0..6].copy_from_slice(&self.backends[&d.backend].mac);
             out[6..12].copy_from_slice(&self.config.own_mac);
+        }
+        if matches!(d.reason, Stat::FarmPassOwner | Stat::FarmPassSocket) {
+            out[0..6].copy_from_slice(&self.config.own_mac);
         }
         (d, out)
     }
@@ -219,6 +234,9 @@ impl Model {
             proto,
             _pad: [0; 3],
         };
+        if svc.fwd_mode == FWD_FARM {
+            return self.farm(&svc, &flow, syn, now);
+        }
         let (backend, ct) = self.pick_backend(&svc, &flow, syn, now);
         if !self.backend_valid(backend) {
             return Decision {
@@ -231,6 +249,51 @@ impl Model {
             reason: Stat::Tx,
             backend,
             ct: Some(ct),
+        }
+    }
+
+    /// Farm branch: see `farm` in `lb-ebpf/src/main.rs`.
+    fn farm(&mut self, svc: &ServiceInfo, flow: &FlowKey, syn: bool, now: u64) -> Decision {
+        let own = self.farm.own_member;
+        let pass = |reason| Decision {
+            action: Action::Pass,
+            reason,
+            backend: own,
+            ct: None,
+        };
+        let (owner, ct) = if flow.proto == PROTO_TCP {
+            if !syn {
+                return if self.sockets.contains(flow) {
+                    pass(Stat::FarmPassSocket)
+                } else {
+                    Decision::exit(Action::Drop, Stat::FarmDropNoSocket)
+                };
+            }
+            let owner = if svc.ring_size == 0 {
+                NO_BACKEND
+            } else {
+                self.expected_backend(svc, flow)
+            };
+            (owner, None)
+        } else {
+            let (o, ct) = self.pick_backend(svc, flow, false, now);
+            (o, Some(ct))
+        };
+        if !self.backend_valid(owner) {
+            return Decision {
+                ct,
+                ..Decision::exit(Action::Drop, Stat::DropNoBackend)
+            };
+        }
+        if owner != own {
+            return Decision {
+                ct,
+                ..Decision::exit(Action::Drop, Stat::FarmDropNotOwner)
+            };
+        }
+        Decision {
+            ct,
+            ..pass(Stat::FarmPassOwner)
         }
     }
 

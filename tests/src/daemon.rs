@@ -97,6 +97,8 @@ pub fn farmlb_config(rig: &Rig, services: &[Service]) -> String {
     let _ = writeln!(s, "interface = \"{}\"", rig.lb_iface());
     let _ = writeln!(s, "xdp_mode = \"auto\"");
     let _ = writeln!(s, "udp_timeout = \"30s\"");
+    // The API socket is a filesystem path: one per rig so concurrent rigs never share it.
+    let _ = writeln!(s, "api_socket = \"{}\"", api_socket(rig).display());
     for svc in services {
         let _ = writeln!(s, "\n[[service]]");
         let _ = writeln!(s, "name = \"{}\"", svc.name);
@@ -112,6 +114,11 @@ pub fn farmlb_config(rig: &Rig, services: &[Service]) -> String {
         }
     }
     s
+}
+
+/// The daemon's API socket for this rig (see [`farmlb_config`]).
+pub fn api_socket(rig: &Rig) -> PathBuf {
+    std::env::temp_dir().join(format!("farmlb-{}.sock", rig.prefix()))
 }
 
 /// Write `contents` to this rig's config file (in the temp dir) and return its path.

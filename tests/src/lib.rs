@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod farm_rig;
 pub mod netns;
 pub mod rig;
 pub mod server;

@@ -15,6 +15,10 @@ use clap::{Parser, Subcommand};
 #[cfg(feature = "lab")]
 mod lab;
 
+/// `cargo xtask bench`: farmlb against baselines measured in the same run (issue #5).
+#[cfg(feature = "lab")]
+mod bench;
+
 #[derive(Parser)]
 #[command(about = "farmlb project tasks")]
 struct Cli {
@@ -41,6 +45,13 @@ enum Cmd {
         /// Namespace prefix of the rig.
         #[arg(long, default_value = "flb")]
         prefix: String,
+    },
+    /// Benchmark farmlb against baselines measured in the same run; writes bench/report.*.
+    /// Needs root.
+    Bench {
+        /// Fewer and shorter runs (under 2 minutes once built).
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -72,6 +83,8 @@ fn main() {
             connections,
             prefix,
         } => lab::demo(connections, &prefix),
+        #[cfg(feature = "lab")]
+        Cmd::Bench { quick } => bench::run(quick),
         #[cfg(not(feature = "lab"))]
         _ => setup().and_then(|()| rerun_with_lab()),
     };

@@ -1,0 +1,100 @@
+//! Programs for `cargo xtask bench`, built into their own object next to farmlb's.
+//!
+//! - `reference_xdp`: the least a direct-routing balancer does per packet — parse Ethernet and
+//!   the IPv4/IPv6 header, swap the MACs, `XDP_TX` — the baseline farmlb's per-packet cost is
+//!   compared with. Swapping the MACs leaves a packet that is still valid input, so it can be
+//!   timed with a large `BPF_PROG_TEST_RUN` repeat count, like farmlb's DR rewrite.
+//! - `bench_gen_xdp`: the traffic generator of the forwarding benchmark, run with live frames
+//!   (`BPF_F_TEST_XDP_LIVE_FRAMES`) in the client namespace: it gives each frame (Ethernet +
+//!   IPv4 without options + UDP) the MACs in `GEN_MACS` and one of 1024 source ports, so the
+//!   balancers see many flows, and transmits it (`XDP_TX` out of the device named in the
+//!   context). Live-frame pages are recycled without being reset, and a balancer that rewrites
+//!   MACs in place writes into them, so the generator rewrites both MACs every time.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod prog {
+    use aya_ebpf::{
+        bindings::xdp_action, helpers::bpf_get_prandom_u32, macros::xdp, programs::XdpContext,
+    };
+
+    const ETH_HLEN: usize = 14;
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+    /// Source ports used by the generator: `GEN_PORT_BASE + (random & GEN_PORT_MASK)`.
+    const GEN_PORT_BASE: u16 = 20000;
+    const GEN_PORT_MASK: u32 = 1023;
+
+    /// Destination then source MAC of the generator's frames, set by the loader
+    /// (`EbpfLoader::override_global`).
+    #[unsafe(no_mangle)]
+    static GEN_MACS: [u8; 12] = [0; 12];
+
+    #[xdp]
+    pub fn reference_xdp(ctx: XdpContext) -> u32 {
+        let start = ctx.data();
+        let end = ctx.data_end();
+        if start + ETH_HLEN > end {
+            return xdp_action::XDP_PASS;
+        }
+        let p = start as *mut u8;
+        // SAFETY: the Ethernet header is bounds-checked above.
+        let eth_type = unsafe { u16::from_be_bytes([*p.add(12), *p.add(13)]) };
+        let (ip_len, version) = match eth_type {
+            ETH_P_IP => (20, 4),
+            ETH_P_IPV6 => (40, 6),
+            _ => return xdp_action::XDP_PASS,
+        };
+        if start + ETH_HLEN + ip_len > end {
+            return xdp_action::XDP_PASS;
+        }
+        // SAFETY: the IP header is bounds-checked above.
+        if unsafe { *p.add(ETH_HLEN) } >> 4 != version {
+            return xdp_action::XDP_PASS;
+        }
+        // SAFETY: 12 bytes of MACs inside the checked Ethernet header; unaligned accesses.
+        unsafe {
+            let dst = core::ptr::read_unaligned(p as *const [u8; 6]);
+            let src = core::ptr::read_unaligned(p.add(6) as *const [u8; 6]);
+            core::ptr::write_unaligned(p as *mut [u8; 6], src);
+            core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], dst);
+        }
+        xdp_action::XDP_TX
+    }
+
+    #[xdp]
+    pub fn bench_gen_xdp(ctx: XdpContext) -> u32 {
+        let start = ctx.data();
+        // Ethernet + IPv4 (no options) + UDP source port.
+        let sport = ETH_HLEN + 20;
+        if start + sport + 2 > ctx.data_end() {
+            return xdp_action::XDP_DROP;
+        }
+        // SAFETY: helper without side effects.
+        let r = unsafe { bpf_get_prandom_u32() } & GEN_PORT_MASK;
+        let port = (GEN_PORT_BASE + r as u16).to_be_bytes();
+        let p = start as *mut u8;
+        // SAFETY: bounds-checked above (the MACs lie before the port); GEN_MACS is a plain
+        // read-only global, read volatile so the loader's value is used.
+        unsafe {
+            let macs = core::ptr::read_volatile(&GEN_MACS);
+            core::ptr::write_unaligned(p as *mut [u8; 12], macs);
+            *p.add(sport) = port[0];
+            *p.add(sport + 1) = port[1];
+        }
+        xdp_action::XDP_TX
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,649 @@
+//! The operator commands (`farmlb status`, `stats`, `service`, `backend`, `reload`): a small
+//! HTTP/1.1 client (hyper) on the daemon's unix socket, printing tables or, with `--json`,
+//! the API's JSON.
+
+use std::io::IsTerminal;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::UnixStream;
+
+use crate::api::{BackendView, ServiceView, StatusView};
+
+/// Options shared by every operator command.
+#[derive(Args, Debug, Clone)]
+pub struct CtlOpts {
+    /// The daemon's API socket (`api_socket` in the config).
+    #[arg(
+        long,
+        global = true,
+        env = "FARMLB_SOCKET",
+        default_value = crate::config::DEFAULT_API_SOCKET
+    )]
+    pub socket: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCmd {
+    /// Services and backends: health, state, weights, last check, counters.
+    Status,
+    /// Data-plane counters; with --watch, refreshed with per-second rates.
+    Stats {
+        /// Refresh every SECONDS (default 1) until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<f64>,
+    },
+    /// Add or remove a service (runtime only: `reload` makes the running set match the file).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Add, remove or set a backend.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Re-read the config file and apply the difference (like SIGHUP); established flows stay.
+    Reload,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// Add a service: `farmlb service add web 10.0.0.1 80 --backend 10.0.0.11 --backend 10.0.0.12=2`.
+    Add {
+        name: String,
+        vip: String,
+        port: i64,
+        #[arg(long)]
+        protocol: Option<String>,
+        /// 5-tuple, src-ip or src-ip-port.
+        #[arg(long)]
+        hash: Option<String>,
+        #[arg(long)]
+        table_size: Option<i64>,
+        /// ADDRESS or ADDRESS=WEIGHT; repeat for several backends.
+        #[arg(long = "backend", value_name = "ADDR[=WEIGHT]")]
+        backends: Vec<String>,
+        /// Health check as a JSON object, e.g. '{"type":"tcp","interval":"2s"}'.
+        #[arg(long, value_name = "JSON")]
+        check: Option<String>,
+    },
+    /// Remove a service.
+    Del { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCmd {
+    /// Add a backend to a service.
+    Add {
+        service: String,
+        address: String,
+        #[arg(long)]
+        weight: Option<i64>,
+        /// ready, drain or maint.
+        #[arg(long)]
+        state: Option<String>,
+        /// Health check override as a JSON object, e.g. '{"port":8080}'.
+        #[arg(long, value_name = "JSON")]
+        check: Option<String>,
+    },
+    /// Remove a backend (its established flows re-hash).
+    Del { service: String, address: String },
+    /// Set a backend's weight and/or state at runtime (kept across reloads until the file
+    /// changes that field).
+    Set {
+        service: String,
+        address: String,
+        #[arg(long, allow_negative_numbers = true)]
+        weight: Option<i64>,
+        /// ready, drain (no new flows, established ones continue) or maint.
+        #[arg(long)]
+        state: Option<String>,
+    },
+}
+
+/// A connection-per-request client of the API socket.
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Send a request; returns the status and the JSON body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            anyhow!(
+                "cannot reach the farmlb daemon at {}: {e} (is `farmlb run` running? \
+                 --socket or FARMLB_SOCKET selects another socket)",
+                self.socket.display()
+            )
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("HTTP handshake with the daemon")?;
+        tokio::spawn(conn);
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "farmlb")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("talking to the daemon")?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let v: Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("the daemon answered {status} with non-JSON"))?;
+        Ok((status, v))
+    }
+
+    /// Like [`Client::request`] but a non-2xx answer is an error carrying the API's reason.
+    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let (status, v) = self.request(method, path, body).await?;
+        if !(200..300).contains(&status) {
+            let reason = v["error"].as_str().unwrap_or("(no reason given)");
+            bail!("{reason} (HTTP {status})");
+        }
+        Ok(v)
+    }
+}
+
+/// Path segment escaping (service names are `[A-Za-z0-9_.-]`, addresses may hold `:`).
+fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn json_arg(s: &Option<String>, what: &str) -> Result<Option<Value>> {
+    s.as_ref()
+        .map(|s| serde_json::from_str(s).with_context(|| format!("--{what}: not valid JSON")))
+        .transpose()
+}
+
+/// Run one operator command.
+pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
+    let c = Client::new(&opts.socket);
+    match cmd {
+        CtlCmd::Status => {
+            let v = c.call("GET", "/v1/status", None).await?;
+            if opts.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let s: StatusView = serde_json::from_value(v)?;
+                print!("{}", render_status(&s));
+            }
+        }
+        CtlCmd::Stats { watch } => match watch {
+            None => {
+                let v = c.call("GET", "/v1/stats", None).await?;
+                if opts.json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print!("{}", render_stats(&serde_json::from_value(v)?, None));
+                }
+            }
+            Some(secs) => watch_stats(&c, opts.json, *secs).await?,
+        },
+        CtlCmd::Service(ServiceCmd::Add {
+            name,
+            vip,
+            port,
+            protocol,
+            hash,
+            table_size,
+            backends,
+            check,
+        }) => {
+            let mut o = json!({ "name": name, "vip": vip, "port": port });
+            if let Some(p) = protocol {
+                o["protocol"] = json!(p);
+            }
+            if let Some(h) = hash {
+                o["hash"] = json!(h);
+            }
+            if let Some(t) = table_size {
+                o["table_size"] = json!(t);
+            }
+            if let Some(ch) = json_arg(check, "check")? {
+                o["check"] = ch;
+            }
+            let mut list = Vec::new();
+            for b in backends {
+                let (a, w) = match b.split_once('=') {
+                    Some((a, w)) => (
+                        a,
+                        Some(w.parse::<i64>().map_err(|_| {
+                            anyhow!("--backend {b}: weight {w:?} is not an integer")
+                        })?),
+                    ),
+                    None => (b.as_str(), None),
+                };
+                let mut e = json!({ "address": a });
+                if let Some(w) = w {
+                    e["weight"] = json!(w);
+                }
+                list.push(e);
+            }
+            if !list.is_empty() {
+                o["backend"] = Value::Array(list);
+            }
+            let v = c.call("POST", "/v1/services", Some(&o)).await?;
+            done(opts, &v, &format!("service {name} added"))?;
+        }
+        CtlCmd::Service(ServiceCmd::Del { name }) => {
+            let v = c
+                .call("DELETE", &format!("/v1/services/{}", seg(name)), None)
+                .await?;
+            done(opts, &v, &format!("service {name} removed"))?;
+        }
+        CtlCmd::Backend(BackendCmd::Add {
+            service,
+            address,
+            weight,
+            state,
+            check,
+        }) => {
+            let mut o = json!({ "address": address });
+            if let Some(w) = weight {
+                o["weight"] = json!(w);
+            }
+            if let Some(s) = state {
+                o["state"] = json!(s);
+            }
+            if let Some(ch) = json_arg(check, "check")? {
+                o["check"] = ch;
+            }
+            let path = format!("/v1/services/{}/backends", seg(service));
+            let v = c.call("POST", &path, Some(&o)).await?;
+            done(opts, &v, &format!("backend {address} added to {service}"))?;
+        }
+        CtlCmd::Backend(BackendCmd::Del { service, address }) => {
+            let path = format!("/v1/services/{}/backends/{}", seg(service), seg(address));
+            let v = c.call("DELETE", &path, None).await?;
+            done(
+                opts,
+                &v,
+                &format!("backend {address} removed from {service}"),
+            )?;
+        }
+        CtlCmd::Backend(BackendCmd::Set {
+            service,
+            address,
+            weight,
+            state,
+        }) => {
+            if weight.is_none() && state.is_none() {
+                bail!("backend set: give --weight N and/or --state ready|drain|maint");
+            }
+            let mut o = json!({});
+            if let Some(w) = weight {
+                o["weight"] = json!(w);
+            }
+            if let Some(s) = state {
+                o["state"] = json!(s);
+            }
+            let path = format!("/v1/services/{}/backends/{}", seg(service), seg(address));
+            let v = c.call("PATCH", &path, Some(&o)).await?;
+            if opts.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let b: BackendView = serde_json::from_value(v)?;
+                println!(
+                    "{service} {}: state {}, weight {}, effective weight {}, health {}",
+                    b.address,
+                    b.state,
+                    weight_str(&b),
+                    b.effective_weight,
+                    b.health
+                );
+            }
+        }
+        CtlCmd::Reload => {
+            let v = c.call("POST", "/v1/reload", None).await?;
+            done(opts, &v, v["reloaded"].as_str().unwrap_or("reloaded"))?;
+        }
+    }
+    Ok(())
+}
+
+fn done(opts: &CtlOpts, v: &Value, msg: &str) -> Result<()> {
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        println!("{msg}");
+    }
+    Ok(())
+}
+
+async fn watch_stats(c: &Client, json: bool, secs: f64) -> Result<()> {
+    if !(secs.is_finite() && secs >= 0.1) {
+        bail!("--watch: the interval must be at least 0.1 seconds");
+    }
+    let every = Duration::from_secs_f64(secs);
+    let tty = std::io::stdout().is_terminal();
+    let mut prev: Option<(StatusView, Instant)> = None;
+    loop {
+        let v = c.call("GET", "/v1/stats", None).await?;
+        let now = Instant::now();
+        if json {
+            println!("{v}");
+        } else {
+            let s: StatusView = serde_json::from_value(v)?;
+            let rates = prev
+                .as_ref()
+                .map(|(p, t)| (p, now.duration_since(*t).as_secs_f64()));
+            if tty {
+                print!("\x1b[H\x1b[2J");
+            }
+            print!("{}", render_stats(&s, rates));
+            if !tty {
+                println!();
+            }
+            prev = Some((s, now));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+// --- rendering ----------------------------------------------------------------------------
+
+/// Left-aligned columns, two spaces apart, each row prefixed by `indent`.
+pub fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < w.len() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = indent.to_string();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<width$}  ", width = w[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out += &line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        n.to_string()
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+fn endpoint(s: &ServiceView) -> String {
+    match s.vip {
+        IpAddr::V4(a) => format!("{a}:{}", s.port),
+        IpAddr::V6(a) => format!("[{a}]:{}", s.port),
+    }
+}
+
+/// `1`, `3*` (runtime), `4 (dynamic)`.
+fn weight_str(b: &BackendView) -> String {
+    match (b.weight_runtime, b.weight_dynamic) {
+        (Some(w), _) => format!("{w}*"),
+        (None, Some(w)) => format!("{w} (dyn)"),
+        (None, None) => b.weight.to_string(),
+    }
+}
+
+pub fn render_status(s: &StatusView) -> String {
+    if s.services.is_empty() {
+        return "no services configured\n".into();
+    }
+    let mut out = String::new();
+    let mut runtime = false;
+    for svc in &s.services {
+        let alarm = if !svc.backends.is_empty() && svc.backends_usable == 0 {
+            "  NO USABLE BACKEND: new flows are dropped"
+        } else {
+            ""
+        };
+        out += &format!(
+            "{} {} {} hash {} table {}  up {}/{} usable {}{alarm}\n",
+            svc.name,
+            svc.protocol,
+            endpoint(svc),
+            svc.hash,
+            svc.table_size,
+            svc.backends_up,
+            svc.backends.len(),
+            svc.backends_usable,
+        );
+        if let Some(c) = &svc.check {
+            out += &format!("  check {c}\n");
+        }
+        if svc.backends.is_empty() {
+            out += "  (no backends)\n";
+            continue;
+        }
+        let rows: Vec<Vec<String>> = svc
+            .backends
+            .iter()
+            .map(|b| {
+                runtime |= b.state_runtime || b.weight_runtime.is_some();
+                let health = match (b.checked, b.resolved) {
+                    (_, false) => "unresolved".to_string(),
+                    (false, true) => format!("{} (unchecked)", b.health),
+                    (true, true) => b.health.clone(),
+                };
+                let last = b.last_check.as_ref().map_or("-".to_string(), |c| {
+                    if c.ok {
+                        format!("{} {:.1}ms", c.detail, c.latency_ms)
+                    } else {
+                        c.detail.clone()
+                    }
+                });
+                vec![
+                    b.address.to_string(),
+                    health,
+                    format!("{}{}", b.state, if b.state_runtime { "*" } else { "" }),
+                    weight_str(b),
+                    b.effective_weight.to_string(),
+                    b.slots.to_string(),
+                    human(b.packets),
+                    human(b.bytes),
+                    last,
+                ]
+            })
+            .collect();
+        out += &table(
+            "  ",
+            &[
+                "BACKEND",
+                "HEALTH",
+                "STATE",
+                "WEIGHT",
+                "EFFECTIVE",
+                "SLOTS",
+                "PACKETS",
+                "BYTES",
+                "LAST CHECK",
+            ],
+            &rows,
+        );
+    }
+    if runtime {
+        out += "* set at runtime: kept across reloads until the config file changes that field\n";
+    }
+    out
+}
+
+/// Counters; with the previous snapshot and the seconds since, per-second rates too.
+pub fn render_stats(s: &StatusView, prev: Option<(&StatusView, f64)>) -> String {
+    let rate = |now: u64, before: Option<u64>| -> String {
+        match (prev, before) {
+            (Some((_, dt)), Some(b)) if dt > 0.0 => {
+                format!("{:.1}/s", now.saturating_sub(b) as f64 / dt)
+            }
+            _ => "-".into(),
+        }
+    };
+    let with_rates = prev.is_some();
+    let mut out = String::new();
+    let mut rows = Vec::new();
+    for svc in &s.services {
+        let p = prev.and_then(|(p, _)| p.services.iter().find(|x| x.name == svc.name));
+        let mut r = vec![
+            svc.name.clone(),
+            endpoint(svc),
+            human(svc.packets),
+            human(svc.bytes),
+        ];
+        if with_rates {
+            r.push(rate(svc.packets, p.map(|x| x.packets)));
+            r.push(rate(svc.bytes, p.map(|x| x.bytes)));
+        }
+        rows.push(r);
+        for b in &svc.backends {
+            let pb = p.and_then(|x| x.backends.iter().find(|y| y.address == b.address));
+            let mut r = vec![
+                format!("  -> {}", b.address),
+                format!("{} w{}", b.health, b.effective_weight),
+                human(b.packets),
+                human(b.bytes),
+            ];
+            if with_rates {
+                r.push(rate(b.packets, pb.map(|x| x.packets)));
+                r.push(rate(b.bytes, pb.map(|x| x.bytes)));
+            }
+            rows.push(r);
+        }
+    }
+    let mut header = vec!["SERVICE/BACKEND", "", "PACKETS", "BYTES"];
+    if with_rates {
+        header.extend(["PKT/S", "BYTES/S"]);
+    }
+    out += &table("", &header, &rows);
+    out += "\n";
+    let rows: Vec<Vec<String>> = s
+        .stats
+        .iter()
+        .map(|(k, v)| {
+            let mut r = vec![k.clone(), v.to_string()];
+            if with_rates {
+                r.push(rate(*v, prev.and_then(|(p, _)| p.stats.get(k).copied())));
+            }
+            r
+        })
+        .collect();
+    let mut header = vec!["DATA PLANE", "TOTAL"];
+    if with_rates {
+        header.push("RATE");
+    }
+    out += &table("", &header, &rows);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            "  ",
+            &["A", "LONGER"],
+            &[
+                vec!["xxxx".into(), "1".into()],
+                vec!["y".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "  A     LONGER\n  xxxx  1\n  y     22\n");
+        assert_eq!(human(999), "999");
+        assert_eq!(human(1500), "1.5K");
+        assert_eq!(human(2_500_000), "2.5M");
+        assert_eq!(seg("fd00::1"), "fd00::1");
+        assert_eq!(seg("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn status_flags_a_service_without_usable_backends() {
+        let b = BackendView {
+            address: "10.0.0.11".parse().unwrap(),
+            health: "down".into(),
+            checked: true,
+            state: "drain".into(),
+            state_runtime: true,
+            weight: 1,
+            weight_runtime: None,
+            weight_dynamic: None,
+            effective_weight: 0,
+            slots: 0,
+            resolved: true,
+            last_check: None,
+            packets: 0,
+            bytes: 0,
+        };
+        let s = StatusView {
+            services: vec![ServiceView {
+                name: "web".into(),
+                vip: "10.0.0.1".parse().unwrap(),
+                port: 80,
+                protocol: "tcp".into(),
+                hash: "5-tuple".into(),
+                table_size: 7,
+                check: Some("tcp :80 every 2s timeout 1s rise 2 fall 3".into()),
+                backends_up: 0,
+                backends_usable: 0,
+                packets: 0,
+                bytes: 0,
+                backends: vec![b],
+            }],
+            stats: Default::default(),
+        };
+        let out = render_status(&s);
+        assert!(out.contains("NO USABLE BACKEND"), "{out}");
+        assert!(out.contains("drain*"), "{out}");
+        assert!(out.contains("* set at runtime"), "{out}");
+        assert!(out.contains("  check tcp :80 every 2s"), "{out}");
+    }
+}

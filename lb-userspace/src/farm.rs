@@ -1,0 +1,767 @@
+//! Farm mode (SafeKit-style) and director failover.
+//!
+//! Every node runs `farmlb run` with the same services on its own interface. Farm services
+//! (`forwarding = "farm"`) get a weighted Maglev table over the alive members (weight =
+//! power); the XDP program delivers the flows this node owns to the local stack and drops the
+//! rest (TCP segments of connections that have a socket here are always kept, so rebalancing
+//! never breaks a connection). Director services (`forwarding = "dr"`) are forwarded by the
+//! active director only: the lowest-numbered healthy member answers ARP for the VIPs and
+//! sends gratuitous ARP when it takes over; Maglev tables are identical on every director, so
+//! flows land on the same backends after a takeover.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use lb_common::{member_slot, Backend, FarmConfig, BACKEND_F_VALID, FWD_FARM, NO_BACKEND};
+use serde::Serialize;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::arp::{ArpResponder, ArpState};
+use crate::config::{Config, Forwarding, Protocol};
+use crate::dataplane::{Dataplane, LoadOpts};
+use crate::director::{Director, Maps};
+use crate::farm_config::{FarmCfg, HooksCfg};
+use crate::maglev::{self, MaglevEntry};
+use crate::membership::{read_key, Membership, View};
+use crate::neigh::{iface_mac, NeighResolver};
+
+/// Map access the farm needs on top of the director's.
+pub trait FarmMaps: Maps {
+    fn set_farm(&mut self, f: &FarmConfig) -> Result<()>;
+}
+
+impl FarmMaps for Dataplane {
+    fn set_farm(&mut self, f: &FarmConfig) -> Result<()> {
+        Dataplane::set_farm(self, f)
+    }
+}
+
+/// A member as the tables see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member {
+    pub node: u32,
+    pub power: u32,
+}
+
+/// The member that answers ARP for farm VIPs / is the active director: the lowest node id
+/// among members with power > 0, else the lowest node id. Deterministic on every node that
+/// has the same view.
+pub fn leader(members: &[Member]) -> Option<u32> {
+    members
+        .iter()
+        .filter(|m| m.power > 0)
+        .map(|m| m.node)
+        .min()
+        .or_else(|| members.iter().map(|m| m.node).min())
+}
+
+/// Ownership tables of the farm services as written into the maps.
+#[derive(Debug, Default, Clone)]
+pub struct FarmTables {
+    own_node: u32,
+    /// Member slots currently marked valid.
+    valid: BTreeSet<u32>,
+    /// Per farm service: (ring offset, ring size, table as written).
+    rings: BTreeMap<String, (u32, u32, Vec<u32>)>,
+    /// Fraction of the (first) farm table owned by this node.
+    pub share: f64,
+}
+
+impl FarmTables {
+    pub fn new(own_node: u32) -> Self {
+        Self {
+            own_node,
+            ..Default::default()
+        }
+    }
+
+    /// Forget what was written, so the next `apply` rewrites every ring in full (after the
+    /// director re-created services on a reload).
+    pub fn invalidate(&mut self) {
+        self.rings.clear();
+    }
+
+    /// Program this node's identity, the member slots and every farm service's table for
+    /// `members`. Order keeps live traffic consistent: new members are valid before a ring
+    /// slot points at them; departed members are invalidated after the ring moved away.
+    pub fn apply(
+        &mut self,
+        director: &Director,
+        members: &[Member],
+        maps: &mut impl FarmMaps,
+    ) -> Result<()> {
+        maps.set_farm(&FarmConfig {
+            own_member: member_slot(self.own_node),
+            _pad: 0,
+        })?;
+        let wanted: BTreeSet<u32> = members.iter().map(|m| member_slot(m.node)).collect();
+        for &slot in wanted.difference(&self.valid) {
+            maps.set_backend(
+                slot,
+                &Backend {
+                    flags: BACKEND_F_VALID,
+                    ..Default::default()
+                },
+            )?;
+        }
+        let keys: Vec<[u8; 4]> = members.iter().map(|m| m.node.to_be_bytes()).collect();
+        let entries: Vec<MaglevEntry> = members
+            .iter()
+            .zip(&keys)
+            .map(|(m, k)| MaglevEntry {
+                key: k,
+                id: member_slot(m.node),
+                weight: m.power,
+            })
+            .collect();
+        let mut first_share = None;
+        let mut live = BTreeSet::new();
+        for (name, st) in &director.services {
+            if st.info.fwd_mode != FWD_FARM {
+                continue;
+            }
+            live.insert(name.clone());
+            let (off, size) = (st.info.ring_offset, st.info.ring_size);
+            let table = maglev::build_table(&entries, size);
+            let changed = match self.rings.get(name) {
+                Some((o, s, old)) if *o == off && *s == size => maglev::diff(old, &table),
+                _ => table
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (i as u32, v))
+                    .collect(),
+            };
+            maps.write_ring(off, &changed)?;
+            let own = member_slot(self.own_node);
+            first_share.get_or_insert(
+                table.iter().filter(|&&v| v == own).count() as f64 / size.max(1) as f64,
+            );
+            self.rings.insert(name.clone(), (off, size, table));
+        }
+        self.rings.retain(|n, _| live.contains(n));
+        for &slot in self.valid.difference(&wanted) {
+            maps.set_backend(slot, &Backend::default())?;
+        }
+        self.valid = wanted;
+        self.share = first_share.unwrap_or(0.0);
+        Ok(())
+    }
+
+    /// Share of every member in the first farm table (for `farmlb status`).
+    pub fn shares(&self) -> BTreeMap<u32, f64> {
+        let mut out = BTreeMap::new();
+        if let Some((_, size, table)) = self.rings.values().next() {
+            for &v in table {
+                if v != NO_BACKEND {
+                    *out.entry(v - member_slot(0)).or_insert(0.0) += 1.0 / *size as f64;
+                }
+            }
+        }
+        out
+    }
+}
+
+// --- hooks ---------------------------------------------------------------------------------
+
+/// A farm event for the user hooks.
+#[derive(Clone, Debug)]
+pub struct HookEvent {
+    pub event: &'static str,
+    pub env: Vec<(&'static str, String)>,
+}
+
+/// Run the hook for `ev` (if configured) in the background; failures are logged, never fatal.
+/// With `wait`, returns once the hook finished (or timed out).
+pub fn run_hook(hooks: &HooksCfg, ev: HookEvent, wait: bool) {
+    let cmd = match ev.event {
+        "start" => &hooks.on_start,
+        "stop" => &hooks.on_stop,
+        "member_up" => &hooks.on_member_up,
+        "member_down" => &hooks.on_member_down,
+        "ownership_change" => &hooks.on_ownership_change,
+        _ => &None,
+    };
+    let Some(cmd) = cmd.clone() else { return };
+    let timeout = hooks.timeout;
+    let job = move || {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(&cmd)
+            .env("FARMLB_EVENT", ev.event)
+            .stdin(Stdio::null());
+        for (k, v) in &ev.env {
+            c.env(k, v);
+        }
+        let mut child = match c.spawn() {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::error!(event = ev.event, "hook {cmd:?} could not start: {e}");
+                return;
+            }
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) if st.success() => return,
+                Ok(Some(st)) => {
+                    tracing::error!(event = ev.event, "hook {cmd:?} failed: {st}");
+                    return;
+                }
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    tracing::error!(event = ev.event, "hook {cmd:?} killed after {timeout:?}");
+                    return;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    tracing::error!(event = ev.event, "hook {cmd:?}: {e}");
+                    return;
+                }
+            }
+        }
+    };
+    if wait {
+        job();
+    } else {
+        let _ = std::thread::Builder::new()
+            .name("farm-hook".into())
+            .spawn(job);
+    }
+}
+
+// --- status --------------------------------------------------------------------------------
+
+/// What `farmlb status` shows; written by the daemon as JSON to `farm.status_file`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct FarmStatus {
+    pub node: u32,
+    pub interface: String,
+    pub healthy: bool,
+    pub power: u32,
+    /// Share of the farm's flows this node owns (0..=1).
+    pub share: f64,
+    /// Node answering ARP for farm VIPs / active director.
+    pub leader: Option<u32>,
+    /// "active" or "standby" (director failover role; in farm mode: ARP responder or not).
+    pub role: String,
+    pub members: Vec<MemberStatus>,
+    pub auth_failures: u64,
+    pub replays: u64,
+    pub arp_answered: u64,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct MemberStatus {
+    pub node: u32,
+    pub address: SocketAddr,
+    pub state: String,
+    pub power: u32,
+    pub share: f64,
+}
+
+impl FarmStatus {
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "farm node {} on {}: {} ({}), power {}, share {:.1}%, leader {}\n\
+             membership: {} auth failures, {} replays; ARP answered {}\n\
+             {:<6} {:<22} {:<8} {:>6} {:>7}\n",
+            self.node,
+            self.interface,
+            self.role,
+            if self.healthy { "healthy" } else { "unhealthy" },
+            self.power,
+            self.share * 100.0,
+            self.leader.map_or("none".into(), |l| l.to_string()),
+            self.auth_failures,
+            self.replays,
+            self.arp_answered,
+            "NODE",
+            "ADDRESS",
+            "STATE",
+            "POWER",
+            "SHARE"
+        );
+        for m in &self.members {
+            s += &format!(
+                "{:<6} {:<22} {:<8} {:>6} {:>6.1}%\n",
+                m.node,
+                m.address.to_string(),
+                m.state,
+                m.power,
+                m.share * 100.0
+            );
+        }
+        s
+    }
+
+    pub fn read(path: &Path) -> Result<FarmStatus> {
+        let s = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "reading {} (is `farmlb run` running in farm mode?)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&s).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// `farmlb status`: the farm state published by the daemon running `config`.
+pub fn status(config: &Path, json: bool) -> Result<String> {
+    let cfg = Config::load(config)?;
+    let farm = cfg
+        .farm
+        .as_ref()
+        .with_context(|| format!("{} has no [farm] section", config.display()))?;
+    let st = FarmStatus::read(&farm.status_file)?;
+    Ok(if json {
+        serde_json::to_string_pretty(&st)? + "\n"
+    } else {
+        st.render()
+    })
+}
+
+fn write_status(path: &Path, st: &FarmStatus) {
+    let res = (|| -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(st)?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        tracing::warn!("writing farm status {}: {e:#}", path.display());
+    }
+}
+
+// --- health --------------------------------------------------------------------------------
+
+/// Address the node's own health check connects to: configured, else the first TCP farm (or
+/// failover) service's VIP and port.
+fn health_target(cfg: &Config, farm: &FarmCfg) -> Option<SocketAddr> {
+    let h = farm.health.as_ref()?;
+    h.address.or_else(|| {
+        cfg.services
+            .iter()
+            .find(|s| s.protocol == Protocol::Tcp && s.port != 0)
+            .map(|s| SocketAddr::new(s.vip, s.port))
+    })
+}
+
+fn spawn_health(cfg: &Config, farm: &FarmCfg) -> Option<tokio::sync::mpsc::Receiver<bool>> {
+    let h = farm.health.clone()?;
+    let target = health_target(cfg, farm)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut healthy = true;
+        let (mut ok_run, mut fail_run) = (0u32, 0u32);
+        let mut tick = tokio::time::interval(h.interval);
+        loop {
+            tick.tick().await;
+            let ok = matches!(
+                tokio::time::timeout(h.timeout, tokio::net::TcpStream::connect(target)).await,
+                Ok(Ok(_))
+            );
+            if ok {
+                ok_run += 1;
+                fail_run = 0;
+            } else {
+                fail_run += 1;
+                ok_run = 0;
+            }
+            let next = if healthy {
+                fail_run < h.fall
+            } else {
+                ok_run >= h.rise
+            };
+            if next != healthy {
+                healthy = next;
+                tracing::warn!(%target, healthy, "farm health check changed");
+                if tx.send(healthy).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Some(rx)
+}
+
+// --- daemon --------------------------------------------------------------------------------
+
+/// Members as the tables want them, from the membership view.
+fn members_of(view: &View) -> Vec<Member> {
+    let mut m: Vec<Member> = view
+        .members
+        .iter()
+        .map(|m| Member {
+            node: m.node,
+            power: m.power,
+        })
+        .collect();
+    m.sort();
+    m.dedup_by_key(|m| m.node);
+    m
+}
+
+/// How long a starting node waits for its peers before taking a share, so it does not claim
+/// flows that belong to nodes it has not heard from yet.
+fn settle_time(f: &FarmCfg) -> Duration {
+    f.probe_interval * 4 + Duration::from_millis(300)
+}
+
+/// `farmlb run` with a `[farm]` section.
+pub async fn run(config_path: &Path, cfg: Config) -> Result<()> {
+    let farm = cfg.farm.clone().context("no [farm] section")?;
+    let own_mac = iface_mac(&cfg.interface)?;
+    let key = read_key(&farm.key_file)?;
+    let mut dp = Dataplane::load(LoadOpts {
+        ring_slots: Director::ring_slots_for(&cfg),
+        conntrack_size: cfg.conntrack_size,
+    })?;
+    let mut director = Director::new(dp.ring_slots(), own_mac);
+    let mut macs = NeighResolver::new(&cfg.interface);
+    director.apply(&cfg, &mut dp, &mut macs)?;
+    let mut tables = FarmTables::new(farm.node_id);
+    let arp = ArpResponder::start(&cfg.interface, own_mac)?;
+
+    let mut healthy = true;
+    let mut power = farm.power;
+    let membership = Membership::start(&farm, key, power).await?;
+    let mut view_rx = membership.view.clone();
+
+    // Learn the farm before serving.
+    let settle = tokio::time::Instant::now() + settle_time(&farm);
+    while tokio::time::Instant::now() < settle {
+        let known = view_rx.borrow().members.len();
+        if known > farm.peers.len() {
+            break;
+        }
+        let _ = tokio::time::timeout_at(settle, view_rx.changed()).await;
+    }
+    let view = view_rx.borrow_and_update().clone();
+    let mut members = members_of(&view);
+    tables.apply(&director, &members, &mut dp)?;
+    dp.attach(&cfg.interface, cfg.xdp_mode.into())?;
+    tracing::info!(
+        interface = %cfg.interface,
+        node = farm.node_id,
+        members = members.len(),
+        share = tables.share,
+        "farm node attached"
+    );
+
+    let mut state = LoopState {
+        leader: None,
+        share: -1.0,
+    };
+    let env_base = |ev: &'static str, extra: Vec<(&'static str, String)>, m: &[Member], share| {
+        let mut env = vec![
+            ("FARMLB_NODE", farm.node_id.to_string()),
+            (
+                "FARMLB_MEMBERS",
+                m.iter()
+                    .map(|m| m.node.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("FARMLB_SHARE", format!("{share:.4}")),
+        ];
+        env.extend(extra);
+        HookEvent { event: ev, env }
+    };
+    run_hook(
+        &farm.hooks,
+        env_base("start", vec![], &members, tables.share),
+        false,
+    );
+
+    let mut cfg = cfg;
+    let publish = |cfg: &Config,
+                   st: &mut LoopState,
+                   tables: &FarmTables,
+                   members: &[Member],
+                   view: &View,
+                   healthy: bool,
+                   power: u32| {
+        let leader = leader(members);
+        let active = leader == Some(farm.node_id);
+        let new_arp = ArpState {
+            active,
+            vips: arp_vips(cfg, own_mac, farm.virtual_mac),
+        };
+        let changed = arp.set(new_arp) || st.leader != leader;
+        if changed && active {
+            tracing::info!(node = farm.node_id, "taking the VIPs: gratuitous ARP");
+            arp.gratuitous();
+        }
+        if st.leader != leader {
+            tracing::info!(?leader, "leader changed");
+        }
+        st.leader = leader;
+        let shares = tables.shares();
+        write_status(
+            &farm.status_file,
+            &FarmStatus {
+                node: farm.node_id,
+                interface: cfg.interface.clone(),
+                healthy,
+                power,
+                share: tables.share,
+                leader,
+                role: if active { "active" } else { "standby" }.into(),
+                members: view
+                    .members
+                    .iter()
+                    .map(|m| MemberStatus {
+                        node: m.node,
+                        address: m.addr,
+                        state: m.state.into(),
+                        power: m.power,
+                        share: shares.get(&m.node).copied().unwrap_or(0.0),
+                    })
+                    .collect(),
+                auth_failures: view.auth_failures,
+                replays: view.replays,
+                arp_answered: arp.answered.load(std::sync::atomic::Ordering::Relaxed),
+            },
+        );
+    };
+    publish(&cfg, &mut state, &tables, &members, &view, healthy, power);
+    state.share = tables.share;
+    let mut view = view;
+
+    let mut health = spawn_health(&cfg, &farm);
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut retry = tokio::time::interval(Duration::from_secs(2));
+    let mut garp = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => match Config::load(config_path) {
+                Ok(new) if new.interface == cfg.interface && new.farm == cfg.farm => {
+                    match director.apply(&new, &mut dp, &mut macs) {
+                        Ok(()) => {
+                            cfg = new;
+                            tables.invalidate();
+                            tables.apply(&director, &members, &mut dp)?;
+                            tracing::info!("configuration reloaded");
+                        }
+                        Err(e) => tracing::error!("reload failed: {e:#}"),
+                    }
+                }
+                Ok(_) => tracing::error!("reload rejected: interface and [farm] need a restart"),
+                Err(e) => tracing::error!("reload rejected: {e:#}"),
+            },
+            r = view_rx.changed() => {
+                if r.is_err() {
+                    anyhow::bail!("membership task stopped");
+                }
+                let new_view = view_rx.borrow_and_update().clone();
+                let new_members = members_of(&new_view);
+                if new_members != members {
+                    let t0 = Instant::now();
+                    tables.apply(&director, &new_members, &mut dp)?;
+                    let before: BTreeMap<u32, &crate::membership::MemberInfo> =
+                        view.members.iter().map(|m| (m.node, m)).collect();
+                    let after: BTreeMap<u32, &crate::membership::MemberInfo> =
+                        new_view.members.iter().map(|m| (m.node, m)).collect();
+                    for (n, m) in &after {
+                        if !before.contains_key(n) {
+                            tracing::info!(member = n, addr = %m.addr, "member up");
+                            run_hook(&farm.hooks, env_base("member_up", vec![
+                                ("FARMLB_MEMBER", n.to_string()),
+                                ("FARMLB_MEMBER_ADDR", m.addr.to_string()),
+                            ], &new_members, tables.share), false);
+                        }
+                    }
+                    for (n, m) in &before {
+                        if !after.contains_key(n) {
+                            tracing::info!(member = n, addr = %m.addr, "member down");
+                            run_hook(&farm.hooks, env_base("member_down", vec![
+                                ("FARMLB_MEMBER", n.to_string()),
+                                ("FARMLB_MEMBER_ADDR", m.addr.to_string()),
+                            ], &new_members, tables.share), false);
+                        }
+                    }
+                    tracing::info!(
+                        members = ?new_members, share = tables.share,
+                        took_us = t0.elapsed().as_micros() as u64,
+                        "ownership tables installed"
+                    );
+                    members = new_members;
+                }
+                view = new_view;
+                publish(&cfg, &mut state, &tables, &members, &view, healthy, power);
+                if (tables.share - state.share).abs() > 1e-9 {
+                    run_hook(&farm.hooks, env_base("ownership_change", vec![
+                        ("FARMLB_OLD_SHARE", format!("{:.4}", state.share.max(0.0))),
+                    ], &members, tables.share), false);
+                    state.share = tables.share;
+                }
+            }
+            Some(h) = recv_opt(&mut health) => {
+                healthy = h;
+                power = if h { farm.power } else { 0 };
+                tracing::warn!(healthy, power, "withdrawing / restoring this node's share");
+                membership.set_power(power);
+            }
+            _ = retry.tick() => {
+                if director.unresolved() > 0 {
+                    director.apply(&cfg, &mut dp, &mut macs)?;
+                }
+                // Refresh the counters in the status file.
+                publish(&cfg, &mut state, &tables, &members, &view, healthy, power);
+            }
+            _ = garp.tick() => arp.gratuitous(),
+        }
+    }
+    membership.leave().await;
+    arp.set(ArpState::default());
+    dp.detach().context("detaching XDP program")?;
+    run_hook(
+        &farm.hooks,
+        env_base("stop", vec![], &members, tables.share),
+        true,
+    );
+    let _ = std::fs::remove_file(&farm.status_file);
+    tracing::info!("farm node left, detached, exiting");
+    Ok(())
+}
+
+struct LoopState {
+    leader: Option<u32>,
+    share: f64,
+}
+
+async fn recv_opt(rx: &mut Option<tokio::sync::mpsc::Receiver<bool>>) -> Option<bool> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// IPv4 VIPs answered by the leader: farm VIPs at the virtual MAC, director VIPs at our own.
+fn arp_vips(cfg: &Config, own_mac: [u8; 6], vmac: [u8; 6]) -> Vec<(std::net::Ipv4Addr, [u8; 6])> {
+    let mut v: Vec<(std::net::Ipv4Addr, [u8; 6])> = cfg
+        .services
+        .iter()
+        .filter_map(|s| match s.vip {
+            IpAddr::V4(ip) => Some((
+                ip,
+                if s.forwarding == Forwarding::Farm {
+                    vmac
+                } else {
+                    own_mac
+                },
+            )),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    v.sort();
+    v.dedup_by_key(|(ip, _)| *ip);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+
+    #[test]
+    fn leader_prefers_lowest_powered_node() {
+        let m = |node, power| Member { node, power };
+        assert_eq!(leader(&[]), None);
+        assert_eq!(leader(&[m(3, 1), m(2, 1)]), Some(2));
+        assert_eq!(leader(&[m(1, 0), m(2, 1)]), Some(2));
+        assert_eq!(leader(&[m(1, 0), m(2, 0)]), Some(1));
+    }
+
+    #[test]
+    fn hooks_get_the_event_and_failures_are_not_fatal() {
+        let out = std::env::temp_dir().join(format!("farmlb-hook-{}.txt", std::process::id()));
+        let hooks = HooksCfg {
+            on_member_down: Some(format!(
+                "echo \"$FARMLB_EVENT $FARMLB_MEMBER $FARMLB_NODE\" > {}",
+                out.display()
+            )),
+            on_member_up: Some("exit 3".into()),
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let ev = |event| HookEvent {
+            event,
+            env: vec![("FARMLB_MEMBER", "3".into()), ("FARMLB_NODE", "1".into())],
+        };
+        run_hook(&hooks, ev("member_down"), true);
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap().trim(),
+            "member_down 3 1"
+        );
+        let _ = std::fs::remove_file(&out);
+        // A failing hook and an unconfigured one only log.
+        run_hook(&hooks, ev("member_up"), true);
+        run_hook(&hooks, ev("start"), true);
+    }
+
+    fn farm_config() -> Config {
+        Config::from_toml_str(
+            "interface = \"eth0\"\n[farm]\nnode_id = 1\naddress = \"10.0.0.1\"\n\
+             key_file = \"/k\"\n[[service]]\nname = \"web\"\nvip = \"10.0.100.1\"\nport = 80\n\
+             forwarding = \"farm\"\ntable_size = 1009\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tables_follow_membership_and_keep_survivor_slots() {
+        let cfg = farm_config();
+        let mut model = Model::default();
+        let mut director = Director::new(1 << 16, [2, 0, 0, 0, 0, 1]);
+        let mut macs: std::collections::HashMap<IpAddr, [u8; 6]> = Default::default();
+        director.apply(&cfg, &mut model, &mut macs).unwrap();
+        let mut t = FarmTables::new(1);
+        let three = [
+            Member { node: 1, power: 1 },
+            Member { node: 2, power: 1 },
+            Member { node: 3, power: 1 },
+        ];
+        t.apply(&director, &three, &mut model).unwrap();
+        assert_eq!(model.farm.own_member, member_slot(1));
+        let shares = t.shares();
+        for n in 1..=3 {
+            assert!((shares[&n] - 1.0 / 3.0).abs() < 0.02, "{shares:?}");
+        }
+        let ring_before: Vec<u32> = (0..1009).map(|i| model.ring[&i]).collect();
+        // Node 3 leaves: its slot is invalid, survivors keep (almost) every slot they had.
+        t.apply(&director, &three[..2], &mut model).unwrap();
+        assert_eq!(model.backends[&member_slot(3)].flags & BACKEND_F_VALID, 0);
+        let mut moved = 0;
+        for i in 0..1009u32 {
+            let b = ring_before[i as usize];
+            assert_ne!(model.ring[&i], member_slot(3));
+            if b != member_slot(3) && model.ring[&i] != b {
+                moved += 1;
+            }
+        }
+        assert!(moved < 1009 / 30, "{moved} survivor slots moved");
+        assert!((t.share - 0.5).abs() < 0.02);
+        // Power 0: a member keeps its slot valid (its flows stay) but owns nothing new.
+        t.apply(
+            &director,
+            &[Member { node: 1, power: 0 }, Member { node: 2, power: 1 }],
+            &mut model,
+        )
+        .unwrap();
+        assert_eq!(t.share, 0.0);
+        assert_ne!(model.backends[&member_slot(1)].flags & BACKEND_F_VALID, 0);
+    }
+}

@@ -1,0 +1,429 @@
+//! Farm membership: SWIM (the `foca` crate) over UDP, every datagram authenticated with
+//! HMAC-SHA256 under the farm's shared key and carrying a per-sender counter that rejects
+//! replays.
+//!
+//! A node's identity carries its power, so the membership list alone gives every node the
+//! same (member, power) set to build ownership tables from; a power change (health check,
+//! operator) is an identity change that SWIM disseminates like any other update.
+//!
+//! Wire format of one datagram:
+//! `"FLB1" | sender node id (u16 BE) | counter (u64 BE) | foca payload | HMAC-SHA256 (32 B)`,
+//! the tag covering everything before it.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use foca::{AccumulatingRuntime, Foca, PostcardCodec, State, Timer};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::farm_config::{FarmCfg, MIN_KEY_LEN};
+
+const MAGIC: &[u8; 4] = b"FLB1";
+const HEADER_LEN: usize = 4 + 2 + 8;
+const TAG_LEN: usize = 32;
+/// Accepted reordering: a counter up to this far behind the highest seen is accepted once.
+const REPLAY_WINDOW: u64 = 64;
+/// How often configured peers that are not (yet) members are announced to.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
+
+/// A farm node as SWIM sees it. `addr` (the membership address) is the stable part; a node
+/// that restarts or changes its power comes back with a higher `gen`, which wins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    pub node: u32,
+    pub addr: SocketAddr,
+    pub power: u32,
+    pub gen: u64,
+}
+
+impl foca::Identity for NodeIdentity {
+    type Addr = SocketAddr;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Self {
+            gen: self.gen + 1,
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.gen > adversary.gen
+    }
+}
+
+/// Why a datagram was dropped before reaching SWIM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// Too short, wrong magic, or the HMAC does not verify.
+    Auth,
+    /// Authentic but its counter was already seen (or is too old).
+    Replay,
+}
+
+/// Seals outgoing and opens incoming datagrams.
+pub struct Auth {
+    key: Vec<u8>,
+    node: u16,
+    counter: u64,
+    /// Per sender: highest counter seen and a bitmap of the `REPLAY_WINDOW` before it.
+    seen: HashMap<u16, (u64, u64)>,
+}
+
+impl Auth {
+    /// The counter starts at the wall clock in nanoseconds, so a restarted node's counters
+    /// are still above everything it sent before.
+    pub fn new(key: Vec<u8>, node: u32) -> Self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        Self {
+            key,
+            node: node as u16,
+            counter: now,
+            seen: HashMap::new(),
+        }
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length")
+    }
+
+    pub fn seal(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.counter += 1;
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.node.to_be_bytes());
+        out.extend_from_slice(&self.counter.to_be_bytes());
+        out.extend_from_slice(payload);
+        let mut m = self.mac();
+        m.update(&out);
+        out.extend_from_slice(&m.finalize().into_bytes());
+        out
+    }
+
+    /// Verify `pkt` and return its payload; the counter is recorded only for authentic packets.
+    pub fn open<'a>(&mut self, pkt: &'a [u8]) -> Result<&'a [u8], Reject> {
+        if pkt.len() < HEADER_LEN + TAG_LEN || &pkt[..4] != MAGIC {
+            return Err(Reject::Auth);
+        }
+        let (body, tag) = pkt.split_at(pkt.len() - TAG_LEN);
+        let mut m = self.mac();
+        m.update(body);
+        m.verify_slice(tag).map_err(|_| Reject::Auth)?;
+        let sender = u16::from_be_bytes([body[4], body[5]]);
+        let counter = u64::from_be_bytes(body[6..14].try_into().expect("8 bytes"));
+        let (top, bits) = self.seen.entry(sender).or_insert((0, 0));
+        if counter > *top {
+            let shift = counter - *top;
+            *bits = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                (*bits << shift) | (1 << (shift - 1))
+            };
+            *top = counter;
+        } else {
+            let back = *top - counter;
+            if back == 0 || back > REPLAY_WINDOW || *bits & (1 << (back - 1)) != 0 {
+                return Err(Reject::Replay);
+            }
+            *bits |= 1 << (back - 1);
+        }
+        Ok(&body[HEADER_LEN..])
+    }
+}
+
+/// Read the shared key: the file's bytes with surrounding whitespace removed.
+pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>> {
+    let raw =
+        std::fs::read(path).with_context(|| format!("reading farm key {}", path.display()))?;
+    let key = raw.trim_ascii().to_vec();
+    if key.len() < MIN_KEY_LEN {
+        bail!(
+            "farm key {} is {} bytes, at least {MIN_KEY_LEN} are needed",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(key)
+}
+
+/// One member as published to the rest of the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MemberInfo {
+    pub node: u32,
+    pub addr: SocketAddr,
+    pub power: u32,
+    /// "alive" or "suspect" (suspects keep their share until declared down).
+    pub state: &'static str,
+}
+
+/// The membership as this node sees it, itself included.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct View {
+    pub members: Vec<MemberInfo>,
+    /// Datagrams dropped because they failed authentication.
+    pub auth_failures: u64,
+    /// Authentic datagrams dropped as replays.
+    pub replays: u64,
+}
+
+enum Cmd {
+    SetPower(u32),
+    Leave(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Handle of the running membership task.
+pub struct Membership {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    pub view: watch::Receiver<View>,
+}
+
+impl Membership {
+    /// Bind the membership socket and start SWIM, announcing to the configured peers.
+    pub async fn start(cfg: &FarmCfg, key: Vec<u8>, power: u32) -> Result<Membership> {
+        let sock = UdpSocket::bind(cfg.address)
+            .await
+            .with_context(|| format!("binding the membership socket {}", cfg.address))?;
+        let gen = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        let me = NodeIdentity {
+            node: cfg.node_id,
+            addr: cfg.address,
+            power,
+            gen,
+        };
+        let foca = Foca::new(
+            me.clone(),
+            swim_config(cfg),
+            rand::make_rng(),
+            PostcardCodec,
+        );
+        let (view_tx, view) = watch::channel(View {
+            members: vec![info(&me, State::Alive)],
+            ..Default::default()
+        });
+        let (cmd, cmd_rx) = mpsc::unbounded_channel();
+        let task = Task {
+            foca,
+            sock,
+            auth: Auth::new(key, cfg.node_id),
+            peers: cfg.peers.clone(),
+            timers: BinaryHeap::new(),
+            view_tx,
+            view: View::default(),
+        };
+        tokio::spawn(task.run(cmd_rx));
+        Ok(Membership { cmd, view })
+    }
+
+    /// Change this node's power (0 = withdraw); disseminated as an identity change.
+    pub fn set_power(&self, power: u32) {
+        let _ = self.cmd.send(Cmd::SetPower(power));
+    }
+
+    /// Tell the farm we are leaving (so peers drop us at once) and stop the task.
+    pub async fn leave(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.cmd.send(Cmd::Leave(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx).await;
+        }
+    }
+}
+
+/// SWIM timers from the config; the rest follows foca's LAN profile.
+pub fn swim_config(cfg: &FarmCfg) -> foca::Config {
+    let n = NonZeroU32::new((cfg.peers.len() + 1) as u32).expect("at least one");
+    let mut c = foca::Config::new_lan(n);
+    c.probe_period = cfg.probe_interval;
+    c.probe_rtt = cfg.probe_timeout;
+    c.suspect_to_down_after = cfg.suspect_timeout;
+    c.num_indirect_probes = NonZeroUsize::new(2).expect("non-zero");
+    c.periodic_gossip = Some(foca::PeriodicParams {
+        frequency: (cfg.probe_interval / 2).max(Duration::from_millis(20)),
+        num_members: NonZeroUsize::new(3).expect("non-zero"),
+    });
+    c
+}
+
+fn info(id: &NodeIdentity, state: State) -> MemberInfo {
+    MemberInfo {
+        node: id.node,
+        addr: id.addr,
+        power: id.power,
+        state: match state {
+            State::Suspect => "suspect",
+            _ => "alive",
+        },
+    }
+}
+
+type Swim = Foca<NodeIdentity, PostcardCodec, rand::rngs::StdRng, foca::NoCustomBroadcast>;
+
+struct Task {
+    foca: Swim,
+    sock: UdpSocket,
+    auth: Auth,
+    peers: Vec<SocketAddr>,
+    timers: BinaryHeap<Reverse<(Instant, Timer<NodeIdentity>)>>,
+    view_tx: watch::Sender<View>,
+    view: View,
+}
+
+impl Task {
+    async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut rt = AccumulatingRuntime::new();
+        let mut buf = vec![0u8; 65536];
+        let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
+        loop {
+            let next = self.timers.peek().map(|Reverse((t, _))| *t);
+            tokio::select! {
+                r = self.sock.recv_from(&mut buf) => {
+                    if let Ok((n, _from)) = r {
+                        match self.auth.open(&buf[..n]) {
+                            Ok(payload) => {
+                                if let Err(e) = self.foca.handle_data(payload, &mut rt) {
+                                    tracing::debug!("membership datagram ignored: {e}");
+                                }
+                            }
+                            Err(Reject::Auth) => {
+                                self.view.auth_failures += 1;
+                                tracing::debug!("membership datagram failed authentication");
+                            }
+                            Err(Reject::Replay) => self.view.replays += 1,
+                        }
+                    }
+                }
+                _ = sleep_until_opt(next) => {
+                    let now = Instant::now();
+                    while let Some(Reverse((t, _))) = self.timers.peek() {
+                        if *t > now {
+                            break;
+                        }
+                        let Reverse((_, timer)) = self.timers.pop().expect("peeked");
+                        if let Err(e) = self.foca.handle_timer(timer, &mut rt) {
+                            tracing::debug!("membership timer: {e}");
+                        }
+                    }
+                }
+                _ = announce.tick() => {
+                    let known: Vec<SocketAddr> =
+                        self.foca.iter_members().map(|m| m.id().addr).collect();
+                    for p in self.peers.clone() {
+                        if !known.contains(&p) {
+                            let dst = NodeIdentity { node: 0, addr: p, power: 0, gen: 0 };
+                            let _ = self.foca.announce(dst, &mut rt);
+                        }
+                    }
+                }
+                c = cmd_rx.recv() => match c {
+                    Some(Cmd::SetPower(p)) => {
+                        let cur = self.foca.identity().clone();
+                        if cur.power != p {
+                            let new = NodeIdentity { power: p, gen: cur.gen + 1, ..cur };
+                            if let Err(e) = self.foca.change_identity(new, &mut rt) {
+                                tracing::warn!("changing power: {e}");
+                            }
+                        }
+                    }
+                    Some(Cmd::Leave(done)) => {
+                        let _ = self.foca.leave_cluster(&mut rt);
+                        self.flush(&mut rt).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => return,
+                }
+            }
+            self.flush(&mut rt).await;
+        }
+    }
+
+    /// Send what SWIM produced, schedule its timers and publish the view if it changed.
+    async fn flush(&mut self, rt: &mut AccumulatingRuntime<NodeIdentity>) {
+        while let Some((dst, data)) = rt.to_send() {
+            let pkt = self.auth.seal(&data);
+            let _ = self.sock.send_to(&pkt, dst.addr).await;
+        }
+        let now = Instant::now();
+        while let Some((delay, timer)) = rt.to_schedule() {
+            self.timers.push(Reverse((now + delay, timer)));
+        }
+        while let Some(n) = rt.to_notify() {
+            tracing::debug!("membership: {n:?}");
+        }
+        let me = self.foca.identity();
+        let mut members: Vec<MemberInfo> = std::iter::once(info(me, State::Alive))
+            .chain(self.foca.iter_members().map(|m| info(m.id(), m.state())))
+            .collect();
+        members.sort_by_key(|m| (m.node, m.addr));
+        members.dedup_by_key(|m| m.addr);
+        self.view.members = members;
+        if *self.view_tx.borrow() != self.view {
+            let _ = self.view_tx.send(self.view.clone());
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_accepts_own_packets_and_rejects_tampering_and_replays() {
+        let key = b"0123456789abcdef0123".to_vec();
+        let mut a = Auth::new(key.clone(), 1);
+        let mut b = Auth::new(key, 2);
+        let p1 = a.seal(b"hello");
+        let p2 = a.seal(b"world");
+        let p3 = a.seal(b"again");
+        assert_eq!(b.open(&p1).unwrap(), b"hello");
+        // Reordering inside the window is fine, once.
+        assert_eq!(b.open(&p3).unwrap(), b"again");
+        assert_eq!(b.open(&p2).unwrap(), b"world");
+        assert_eq!(b.open(&p2), Err(Reject::Replay));
+        assert_eq!(b.open(&p1), Err(Reject::Replay));
+        let mut bad = a.seal(b"tamper");
+        let last = bad.len() - 40;
+        bad[last] ^= 1;
+        assert_eq!(b.open(&bad), Err(Reject::Auth));
+        let mut wrong = Auth::new(b"another key of 16+ bytes".to_vec(), 3);
+        assert_eq!(b.open(&wrong.seal(b"x")), Err(Reject::Auth));
+        assert_eq!(b.open(b"FLB1"), Err(Reject::Auth));
+    }
+
+    #[test]
+    fn very_old_counters_are_replays() {
+        let key = b"0123456789abcdef".to_vec();
+        let mut a = Auth::new(key.clone(), 1);
+        let mut b = Auth::new(key, 2);
+        let old = a.seal(b"old");
+        for _ in 0..100 {
+            let p = a.seal(b"x");
+            b.open(&p).unwrap();
+        }
+        assert_eq!(b.open(&old), Err(Reject::Replay));
+    }
+}

@@ -1,0 +1,480 @@
+//! Prometheus metrics (`GET /metrics` on `metrics_address`), encoded with `prometheus-client`
+//! in the OpenMetrics text format, which Prometheus scrapes natively.
+//!
+//! Counters that live in BPF maps and the director's state are read fresh on every scrape:
+//! the scrape handler asks the owner task for a [`StatusView`] and encodes it. Only the health
+//! check histogram and result counters are kept here ([`LiveMetrics`]), fed as probes finish.
+//!
+//! | Metric | Labels |
+//! |---|---|
+//! | `farmlb_service_packets_total`, `farmlb_service_bytes_total` | service |
+//! | `farmlb_backend_packets_total`, `farmlb_backend_bytes_total` | service, backend |
+//! | `farmlb_backend_up` (1 = passes its check or unchecked) | service, backend |
+//! | `farmlb_backend_weight` (effective: what the Maglev table uses) | service, backend |
+//! | `farmlb_backend_configured_weight` (runtime, dynamic or file weight) | service, backend |
+//! | `farmlb_backend_state` (1 for the current state) | service, backend, state |
+//! | `farmlb_service_backends`, `farmlb_service_up_backends`, `farmlb_service_usable_backends` | service |
+//! | `farmlb_check_duration_seconds` (histogram) | service, backend |
+//! | `farmlb_checks_total` | service, backend, result (`up`/`down`) |
+//! | `farmlb_conntrack_lookups_total` | result (`hit`, `miss_syn`, `miss_other`) |
+//! | `farmlb_drops_total` | reason (`no_backend`, `malformed`, `fragment`, `ip_options`, ...) |
+//! | `farmlb_passed_total` | reason (`not_ip`, `not_vip`, `malformed`, ...) |
+//! | `farmlb_forwarded_packets_total` | |
+//! | `farmlb_datapath_events_total` (any other data-plane counter) | event |
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::StatusView;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub service: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub service: String,
+    pub backend: String,
+    pub result: String,
+}
+
+fn check_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_25, 2.0, 16,
+    ))
+}
+
+/// Metrics updated as events happen (everything else is read at scrape time).
+#[derive(Clone, Debug)]
+pub struct LiveMetrics {
+    pub check_duration: Family<BackendLabels, Histogram, fn() -> Histogram>,
+    pub checks: Family<CheckLabels, Counter>,
+}
+
+impl Default for LiveMetrics {
+    fn default() -> Self {
+        Self {
+            check_duration: Family::new_with_constructor(check_histogram),
+            checks: Family::default(),
+        }
+    }
+}
+
+impl LiveMetrics {
+    pub fn observe_check(&self, service: &str, backend: &str, up: bool, latency: Duration) {
+        self.check_duration
+            .get_or_create(&BackendLabels {
+                service: service.into(),
+                backend: backend.into(),
+            })
+            .observe(latency.as_secs_f64());
+        self.checks
+            .get_or_create(&CheckLabels {
+                service: service.into(),
+                backend: backend.into(),
+                result: if up { "up" } else { "down" }.into(),
+            })
+            .inc();
+    }
+
+    /// Drop the series of a backend that is no longer checked.
+    pub fn forget(&self, service: &str, backend: &str) {
+        let l = BackendLabels {
+            service: service.into(),
+            backend: backend.into(),
+        };
+        self.check_duration.remove(&l);
+        for result in ["up", "down"] {
+            self.checks.remove(&CheckLabels {
+                service: service.into(),
+                backend: backend.into(),
+                result: result.into(),
+            });
+        }
+    }
+}
+
+/// Encodes a [`StatusView`] snapshot.
+#[derive(Debug)]
+struct Snapshot(StatusView);
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+fn family<'a, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels<'a>, M)>,
+) -> std::fmt::Result {
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let mut fam = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, m) in rows {
+        m.encode(fam.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let v = &self.0;
+        let counter = |n: u64| ConstCounter::new(n);
+        let gauge = |n: i64| ConstGauge::new(n);
+        fn svc(s: &str) -> Labels<'_> {
+            vec![("service", s)]
+        }
+        family(
+            &mut enc,
+            "farmlb_service_packets",
+            "Packets forwarded for the service",
+            MetricType::Counter,
+            v.services
+                .iter()
+                .map(|s| (svc(&s.name), counter(s.packets))),
+        )?;
+        family(
+            &mut enc,
+            "farmlb_service_bytes",
+            "Bytes forwarded for the service",
+            MetricType::Counter,
+            v.services.iter().map(|s| (svc(&s.name), counter(s.bytes))),
+        )?;
+        family(
+            &mut enc,
+            "farmlb_service_backends",
+            "Backends configured",
+            MetricType::Gauge,
+            v.services
+                .iter()
+                .map(|s| (svc(&s.name), gauge(s.backends.len() as i64))),
+        )?;
+        family(
+            &mut enc,
+            "farmlb_service_up_backends",
+            "Backends passing their health check (0 = every backend is down)",
+            MetricType::Gauge,
+            v.services
+                .iter()
+                .map(|s| (svc(&s.name), gauge(s.backends_up as i64))),
+        )?;
+        family(
+            &mut enc,
+            "farmlb_service_usable_backends",
+            "Backends taking new flows (0 = new flows are dropped)",
+            MetricType::Gauge,
+            v.services
+                .iter()
+                .map(|s| (svc(&s.name), gauge(s.backends_usable as i64))),
+        )?;
+
+        let backends: Vec<(&str, String, &crate::api::BackendView)> = v
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .map(move |b| (s.name.as_str(), b.address.to_string(), b))
+            })
+            .collect();
+        let labels = |s: &(&str, String, &crate::api::BackendView)| -> Vec<(&'static str, String)> {
+            vec![("service", s.0.to_string()), ("backend", s.1.clone())]
+        };
+        let mut rows = |name: &str,
+                        help: &str,
+                        kind: MetricType,
+                        f: &dyn Fn(&crate::api::BackendView) -> i64|
+         -> std::fmt::Result {
+            if backends.is_empty() {
+                return Ok(());
+            }
+            let mut fam = enc.encode_descriptor(name, help, None, kind)?;
+            for b in &backends {
+                let l = labels(b);
+                let value = f(b.2);
+                match kind {
+                    MetricType::Counter => counter(value as u64).encode(fam.encode_family(&l)?)?,
+                    _ => gauge(value).encode(fam.encode_family(&l)?)?,
+                }
+            }
+            Ok(())
+        };
+        rows(
+            "farmlb_backend_packets",
+            "Packets forwarded to the backend",
+            MetricType::Counter,
+            &|b| b.packets as i64,
+        )?;
+        rows(
+            "farmlb_backend_bytes",
+            "Bytes forwarded to the backend",
+            MetricType::Counter,
+            &|b| b.bytes as i64,
+        )?;
+        rows(
+            "farmlb_backend_up",
+            "1 if the backend passes its health check (or is not checked)",
+            MetricType::Gauge,
+            &|b| (b.health == "up") as i64,
+        )?;
+        rows(
+            "farmlb_backend_weight",
+            "Effective weight: what the Maglev table uses (0 unless ready and up)",
+            MetricType::Gauge,
+            &|b| b.effective_weight as i64,
+        )?;
+        rows(
+            "farmlb_backend_configured_weight",
+            "Weight before state and health: runtime, else dynamic check, else file",
+            MetricType::Gauge,
+            &|b| b.weight_runtime.or(b.weight_dynamic).unwrap_or(b.weight) as i64,
+        )?;
+        if !backends.is_empty() {
+            let mut fam = enc.encode_descriptor(
+                "farmlb_backend_state",
+                "Administrative state: 1 for the current one",
+                None,
+                MetricType::Gauge,
+            )?;
+            for b in &backends {
+                for st in ["ready", "drain", "maint"] {
+                    let mut l = labels(b);
+                    l.push(("state", st.to_string()));
+                    gauge((b.2.state == st) as i64).encode(fam.encode_family(&l)?)?;
+                }
+            }
+        }
+
+        // Global data-plane counters, by what they count.
+        let stat = |k: &str| v.stats.get(k).copied().unwrap_or(0);
+        let mut conntrack = Vec::new();
+        let mut drops = Vec::new();
+        let mut passes = Vec::new();
+        let mut other = Vec::new();
+        for (k, &n) in &v.stats {
+            if let Some(r) = k.strip_prefix("ct_") {
+                if r == "insert_fail" {
+                    other.push((k.as_str(), n));
+                } else {
+                    conntrack.push((r, n));
+                }
+            } else if let Some(r) = k.strip_prefix("drop_") {
+                drops.push((r, n));
+            } else if let Some(r) = k.strip_prefix("pass_") {
+                passes.push((r, n));
+            } else if k != "tx" {
+                other.push((k.as_str(), n));
+            }
+        }
+        family(
+            &mut enc,
+            "farmlb_conntrack_lookups",
+            "Conntrack lookups: hit, miss on a SYN (always re-hashed), other miss",
+            MetricType::Counter,
+            conntrack
+                .iter()
+                .map(|(r, n)| (vec![("result", *r)], counter(*n))),
+        )?;
+        family(
+            &mut enc,
+            "farmlb_drops",
+            "Packets dropped by the data plane, by reason",
+            MetricType::Counter,
+            drops
+                .iter()
+                .map(|(r, n)| (vec![("reason", *r)], counter(*n))),
+        )?;
+        family(
+            &mut enc,
+            "farmlb_passed",
+            "Packets passed to the kernel stack, by reason",
+            MetricType::Counter,
+            passes
+                .iter()
+                .map(|(r, n)| (vec![("reason", *r)], counter(*n))),
+        )?;
+        counter(stat("tx")).encode(enc.encode_descriptor(
+            "farmlb_forwarded_packets",
+            "Packets forwarded to a backend (XDP_TX)",
+            None,
+            MetricType::Counter,
+        )?)?;
+        family(
+            &mut enc,
+            "farmlb_datapath_events",
+            "Other data-plane counters",
+            MetricType::Counter,
+            other
+                .iter()
+                .map(|(r, n)| (vec![("event", *r)], counter(*n))),
+        )?;
+        Ok(())
+    }
+}
+
+/// The exposition text for one scrape.
+pub fn render(view: StatusView, live: &LiveMetrics) -> String {
+    let mut reg = Registry::default();
+    reg.register(
+        "farmlb_check_duration_seconds",
+        "Health check probe duration",
+        live.check_duration.clone(),
+    );
+    reg.register(
+        "farmlb_checks",
+        "Health check probes by result",
+        live.checks.clone(),
+    );
+    reg.register_collector(Box::new(Snapshot(view)));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg).expect("writing to a String");
+    out
+}
+
+/// Asks the owner task for a fresh snapshot.
+pub type SnapshotTx = mpsc::Sender<oneshot::Sender<StatusView>>;
+
+#[derive(Clone)]
+struct Ctx {
+    tx: SnapshotTx,
+    live: LiveMetrics,
+}
+
+async fn scrape(axum::extract::State(cx): axum::extract::State<Ctx>) -> Response {
+    let (otx, orx) = oneshot::channel();
+    let view = match cx.tx.send(otx).await {
+        Ok(()) => orx.await.ok(),
+        Err(_) => None,
+    };
+    match view {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "daemon shutting down\n").into_response(),
+        Some(v) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            render(v, &cx.live),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics_address {addr}"))
+}
+
+/// Serve `/metrics` until the task is aborted.
+pub async fn serve(listener: TcpListener, tx: SnapshotTx, live: LiveMetrics) {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(Ctx { tx, live });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("metrics server stopped: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackendView, ServiceView};
+
+    fn view() -> StatusView {
+        let b = |a: &str, health: &str, state: &str, eff: u32, packets: u64| BackendView {
+            address: a.parse().unwrap(),
+            health: health.into(),
+            checked: true,
+            state: state.into(),
+            state_runtime: false,
+            weight: 2,
+            weight_runtime: None,
+            weight_dynamic: None,
+            effective_weight: eff,
+            slots: 3,
+            resolved: true,
+            last_check: None,
+            packets,
+            bytes: packets * 60,
+        };
+        StatusView {
+            services: vec![ServiceView {
+                name: "web".into(),
+                vip: "10.0.0.1".parse().unwrap(),
+                port: 80,
+                protocol: "tcp".into(),
+                hash: "5-tuple".into(),
+                table_size: 7,
+                check: None,
+                backends_up: 1,
+                backends_usable: 1,
+                packets: 12,
+                bytes: 720,
+                backends: vec![
+                    b("10.0.0.11", "up", "ready", 2, 10),
+                    b("10.0.0.12", "down", "drain", 0, 2),
+                ],
+            }],
+            stats: [
+                ("tx", 12),
+                ("ct_hit", 7),
+                ("ct_miss_syn", 5),
+                ("drop_no_backend", 3),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn exposition_has_every_family() {
+        let live = LiveMetrics::default();
+        live.observe_check("web", "10.0.0.11", true, Duration::from_millis(2));
+        let text = render(view(), &live);
+        for line in [
+            "farmlb_service_packets_total{service=\"web\"} 12",
+            "farmlb_service_up_backends{service=\"web\"} 1",
+            "farmlb_backend_packets_total{service=\"web\",backend=\"10.0.0.11\"} 10",
+            "farmlb_backend_up{service=\"web\",backend=\"10.0.0.12\"} 0",
+            "farmlb_backend_weight{service=\"web\",backend=\"10.0.0.11\"} 2",
+            "farmlb_backend_state{service=\"web\",backend=\"10.0.0.12\",state=\"drain\"} 1",
+            "farmlb_backend_state{service=\"web\",backend=\"10.0.0.12\",state=\"ready\"} 0",
+            "farmlb_conntrack_lookups_total{result=\"hit\"} 7",
+            "farmlb_drops_total{reason=\"no_backend\"} 3",
+            "farmlb_forwarded_packets_total 12",
+            "farmlb_checks_total{service=\"web\",backend=\"10.0.0.11\",result=\"up\"} 1",
+            "farmlb_check_duration_seconds_count{service=\"web\",backend=\"10.0.0.11\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+        live.forget("web", "10.0.0.11");
+        let text = render(view(), &live);
+        assert!(!text.contains("farmlb_checks_total{"), "{text}");
+    }
+}

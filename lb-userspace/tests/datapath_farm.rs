@@ -1,0 +1,381 @@
+//! Datapath fixtures for the farm branch: the real XDP program under BPF_PROG_TEST_RUN,
+//! checked against the reference model (verdict, output bytes, counters). Socket-aware
+//! ownership is exercised with real TCP sockets on 127.0.0.1 in the test's own namespace (a
+//! test run's packet arrives on `lo`, so the program's socket lookup sees them). Needs root.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+
+use farmlb::config::Config;
+use farmlb::dataplane::{Dataplane, LoadOpts};
+use farmlb::director::{addr_of, Director, Maps};
+use farmlb::farm::{FarmMaps, FarmTables, Member};
+use farmlb::model::{Action, Model};
+use farmlb::packet::{PacketBuilder, TCP_ACK, TCP_PSH};
+use lb_common::{
+    member_slot, Addr, Backend, FarmConfig, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat,
+    FWD_FARM, PROTO_TCP, PROTO_UDP,
+};
+
+const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x21];
+const VMAC: [u8; 6] = [0x02, 0xfa, 0x4c, 0x42, 0, 1];
+const CLIENT_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0x02];
+
+struct Both<'a>(&'a mut Dataplane, &'a mut Model);
+
+impl Maps for Both<'_> {
+    fn set_config(&mut self, c: &GlobalConfig) -> anyhow::Result<()> {
+        self.0.set_config(c)?;
+        Maps::set_config(self.1, c)
+    }
+    fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> anyhow::Result<()> {
+        self.0.set_service(k, i)?;
+        Maps::set_service(self.1, k, i)
+    }
+    fn remove_service(&mut self, k: &ServiceKey) -> anyhow::Result<()> {
+        self.0.remove_service(k)?;
+        Maps::remove_service(self.1, k)
+    }
+    fn set_vip_addr(&mut self, a: &Addr) -> anyhow::Result<()> {
+        self.0.set_vip_addr(a)?;
+        Maps::set_vip_addr(self.1, a)
+    }
+    fn remove_vip_addr(&mut self, a: &Addr) -> anyhow::Result<()> {
+        self.0.remove_vip_addr(a)?;
+        Maps::remove_vip_addr(self.1, a)
+    }
+    fn set_backend(&mut self, id: u32, b: &Backend) -> anyhow::Result<()> {
+        self.0.set_backend(id, b)?;
+        Maps::set_backend(self.1, id, b)
+    }
+    fn write_ring(&mut self, o: u32, s: &[(u32, u32)]) -> anyhow::Result<()> {
+        self.0.write_ring(o, s)?;
+        Maps::write_ring(self.1, o, s)
+    }
+    fn reset_service_counter(&mut self, id: u32) -> anyhow::Result<()> {
+        Maps::reset_service_counter(self.0, id)?;
+        Maps::reset_service_counter(self.1, id)
+    }
+    fn reset_backend_counter(&mut self, id: u32) -> anyhow::Result<()> {
+        Maps::reset_backend_counter(self.0, id)?;
+        Maps::reset_backend_counter(self.1, id)
+    }
+}
+
+impl FarmMaps for Both<'_> {
+    fn set_farm(&mut self, f: &FarmConfig) -> anyhow::Result<()> {
+        FarmMaps::set_farm(self.0, f)?;
+        FarmMaps::set_farm(self.1, f)
+    }
+}
+
+const CONFIG: &str = r#"
+interface = "eth0"
+udp_timeout = "30s"
+
+[farm]
+node_id = 1
+address = "10.99.0.21"
+peers = ["10.99.0.22", "10.99.0.23"]
+key_file = "/etc/farmlb/farm.key"
+
+[[service]]
+name = "web4"
+vip = "10.99.100.1"
+port = 80
+forwarding = "farm"
+table_size = 1009
+
+[[service]]
+name = "dns4"
+vip = "10.99.100.1"
+port = 53
+protocol = "udp"
+forwarding = "farm"
+table_size = 1009
+
+[[service]]
+name = "web6"
+vip = "fd99:100::1"
+port = 80
+forwarding = "farm"
+table_size = 1009
+"#;
+
+struct Fixture {
+    dp: Dataplane,
+    model: Model,
+    director: Director,
+    tables: FarmTables,
+}
+
+fn members(nodes: &[(u32, u32)]) -> Vec<Member> {
+    nodes
+        .iter()
+        .map(|&(node, power)| Member { node, power })
+        .collect()
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let cfg = Config::from_toml_str(CONFIG).expect("fixture config");
+        let mut dp = Dataplane::load(LoadOpts {
+            ring_slots: Director::ring_slots_for(&cfg),
+            conntrack_size: 4096,
+        })
+        .expect("load XDP program (are we root?)");
+        let mut model = Model::default();
+        let mut director = Director::new(dp.ring_slots(), OWN_MAC);
+        let mut macs: HashMap<IpAddr, [u8; 6]> = HashMap::new();
+        director
+            .apply(&cfg, &mut Both(&mut dp, &mut model), &mut macs)
+            .expect("apply config");
+        let mut f = Fixture {
+            dp,
+            model,
+            director,
+            tables: FarmTables::new(1),
+        };
+        f.members(&[(1, 1), (2, 1), (3, 1)]);
+        f
+    }
+
+    fn members(&mut self, nodes: &[(u32, u32)]) {
+        self.tables
+            .apply(
+                &self.director,
+                &members(nodes),
+                &mut Both(&mut self.dp, &mut self.model),
+            )
+            .expect("farm tables");
+    }
+
+    /// One packet through kernel and model; they must agree on verdict, bytes and counters.
+    fn run(&mut self, pkt: &[u8]) -> (Action, Stat, Vec<u8>) {
+        let before = self.dp.stats().unwrap();
+        let (action, out) = self.dp.test_run(pkt).expect("test run");
+        let after = self.dp.stats().unwrap();
+        let (d, model_out) = self.model.process(pkt, monotonic_ns());
+        assert_eq!(action, d.action.xdp(), "verdict differs from model: {d:?}");
+        assert_eq!(out, model_out, "output bytes differ from model");
+        let mut expect = [0u64; Stat::COUNT as usize];
+        expect[d.reason as usize] += 1;
+        if let Some(ct) = d.ct {
+            expect[ct as usize] += 1;
+        }
+        let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        assert_eq!(delta, expect, "counter deltas (model decision {d:?})");
+        (d.action, d.reason, out)
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn client(i: u32, port: u16, v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(format!("2001:db8::{:x}", i + 1).parse().unwrap(), port)
+    } else {
+        SocketAddr::new(IpAddr::from([198, 51, (i >> 8) as u8, i as u8]), port)
+    }
+}
+
+fn flow(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_of(src.ip()),
+        dst: addr_of(dst.ip()),
+        sport: src.port(),
+        dport: dst.port(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+fn syns_split_by_owner(v6: bool) {
+    let mut f = Fixture::new();
+    let vip: SocketAddr = if v6 {
+        "[fd99:100::1]:80".parse().unwrap()
+    } else {
+        "10.99.100.1:80".parse().unwrap()
+    };
+    let (mut passed, n) = (0, 600);
+    for i in 0..n {
+        let pkt = PacketBuilder::tcp(client(i, 20_000 + i as u16, v6), vip)
+            .syn()
+            .macs(CLIENT_MAC, VMAC)
+            .build();
+        let (action, reason, out) = f.run(&pkt);
+        match action {
+            Action::Pass => {
+                assert_eq!(reason, Stat::FarmPassOwner);
+                // Addressed to us now; the rest of the frame is untouched.
+                assert_eq!(&out[0..6], &OWN_MAC);
+                assert_eq!(&out[6..], &pkt[6..]);
+                passed += 1;
+            }
+            Action::Drop => assert_eq!(reason, Stat::FarmDropNotOwner),
+            Action::Tx => panic!("farm never transmits"),
+        }
+    }
+    let share = passed as f64 / n as f64;
+    assert!((share - 1.0 / 3.0).abs() < 0.08, "owned {passed} of {n}");
+}
+
+#[test]
+fn ipv4_syns_pass_on_owner_and_drop_elsewhere() {
+    syns_split_by_owner(false);
+}
+
+#[test]
+fn ipv6_syns_pass_on_owner_and_drop_elsewhere() {
+    syns_split_by_owner(true);
+}
+
+#[test]
+fn non_syn_without_socket_is_dropped_even_when_owned() {
+    let mut f = Fixture::new();
+    let vip: SocketAddr = "10.99.100.1:80".parse().unwrap();
+    for i in 0..60 {
+        let pkt = PacketBuilder::tcp(client(i, 30_000 + i as u16, false), vip)
+            .flags(TCP_ACK | TCP_PSH)
+            .payload(10)
+            .macs(CLIENT_MAC, VMAC)
+            .build();
+        let (action, reason, _) = f.run(&pkt);
+        assert_eq!((action, reason), (Action::Drop, Stat::FarmDropNoSocket));
+    }
+}
+
+#[test]
+fn no_member_alive_drops_as_no_backend() {
+    let mut f = Fixture::new();
+    f.members(&[]);
+    let vip: SocketAddr = "10.99.100.1:80".parse().unwrap();
+    let pkt = PacketBuilder::tcp(client(1, 40_000, false), vip)
+        .syn()
+        .build();
+    let (action, reason, _) = f.run(&pkt);
+    assert_eq!((action, reason), (Action::Drop, Stat::DropNoBackend));
+}
+
+#[test]
+fn power_zero_node_owns_no_new_flows() {
+    let mut f = Fixture::new();
+    f.members(&[(1, 0), (2, 1), (3, 1)]);
+    let vip: SocketAddr = "10.99.100.1:80".parse().unwrap();
+    for i in 0..200 {
+        let pkt = PacketBuilder::tcp(client(i, 41_000 + i as u16, false), vip)
+            .syn()
+            .build();
+        let (action, reason, _) = f.run(&pkt);
+        assert_eq!((action, reason), (Action::Drop, Stat::FarmDropNotOwner));
+    }
+}
+
+/// Real sockets on 127.0.0.1: an established connection is kept whoever owns its flow, while
+/// a segment that only matches the listener is not a connection and is dropped.
+#[test]
+fn established_socket_keeps_its_flow_but_a_listener_does_not() {
+    let mut f = Fixture::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let conn = TcpStream::connect(server).unwrap();
+    let _accepted = listener.accept().unwrap();
+    let local = conn.local_addr().unwrap();
+    // A farm service on 127.0.0.1:port, sharing web4's ownership ring, programmed directly
+    // (the config refuses loopback VIPs).
+    let web = f.director.services["web4"].info;
+    let key = ServiceKey {
+        addr: addr_of(server.ip()),
+        port: server.port(),
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    let info = ServiceInfo {
+        id: 100,
+        fwd_mode: FWD_FARM,
+        ..web
+    };
+    Both(&mut f.dp, &mut f.model)
+        .set_service(&key, &info)
+        .unwrap();
+    // Make sure another node owns everything: only the socket can keep the flow here.
+    f.members(&[(1, 0), (2, 1)]);
+    f.model.sockets.insert(flow(local, server, PROTO_TCP));
+
+    // The client's segments towards the server socket (the server's side is the "VIP").
+    let pkt = PacketBuilder::tcp(local, server)
+        .flags(TCP_ACK)
+        .payload(5)
+        .build();
+    let (action, reason, out) = f.run(&pkt);
+    assert_eq!((action, reason), (Action::Pass, Stat::FarmPassSocket));
+    assert_eq!(&out[0..6], &OWN_MAC);
+
+    // Same server port, a client port with no connection: the lookup finds the listener.
+    let stranger: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let pkt = PacketBuilder::tcp(stranger, server).flags(TCP_ACK).build();
+    let (action, reason, _) = f.run(&pkt);
+    assert_eq!((action, reason), (Action::Drop, Stat::FarmDropNoSocket));
+
+    // A SYN on that service follows the table (node 2 owns everything).
+    let pkt = PacketBuilder::tcp(stranger, server).syn().build();
+    let (action, reason, _) = f.run(&pkt);
+    assert_eq!((action, reason), (Action::Drop, Stat::FarmDropNotOwner));
+    drop(conn);
+}
+
+/// UDP: conntrack remembers each flow's owner, on every node (all see every packet), so a
+/// rebalance does not move a live flow; when its owner leaves, the flow re-hashes.
+#[test]
+fn udp_flows_keep_their_owner_until_it_leaves() {
+    let mut f = Fixture::new();
+    let vip: SocketAddr = "10.99.100.1:53".parse().unwrap();
+    // Find flows owned by node 2 and by us.
+    let mut theirs = Vec::new();
+    let mut ours = Vec::new();
+    for i in 0..300 {
+        let src = client(i, 50_000 + i as u16, false);
+        let pkt = PacketBuilder::udp(src, vip).payload(8).build();
+        let (action, reason, _) = f.run(&pkt);
+        let owner = f.model.conntrack[&flow(src, vip, PROTO_UDP)].backend;
+        match action {
+            Action::Pass => {
+                assert_eq!(reason, Stat::FarmPassOwner);
+                assert_eq!(owner, member_slot(1));
+                ours.push(pkt);
+            }
+            _ => {
+                assert_eq!(reason, Stat::FarmDropNotOwner);
+                if owner == member_slot(2) {
+                    theirs.push(pkt);
+                }
+            }
+        }
+    }
+    assert!(!theirs.is_empty() && !ours.is_empty());
+    // Node 3 leaves and node 2 gets power 0: node 2's live flows stay on node 2 ...
+    f.members(&[(1, 1), (2, 0)]);
+    for p in &theirs {
+        let (action, reason, _) = f.run(p);
+        assert_eq!((action, reason), (Action::Drop, Stat::FarmDropNotOwner));
+    }
+    // ... and ours on us.
+    for p in &ours {
+        let (action, reason, _) = f.run(p);
+        assert_eq!((action, reason), (Action::Pass, Stat::FarmPassOwner));
+    }
+    // Node 2 leaves: its flows re-hash, and we are the only member left.
+    f.members(&[(1, 1)]);
+    for p in &theirs {
+        let (action, reason, _) = f.run(p);
+        assert_eq!((action, reason), (Action::Pass, Stat::FarmPassOwner));
+    }
+}

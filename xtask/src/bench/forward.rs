@@ -1,0 +1,423 @@
+//! Forwarding on the rig: a live-frames XDP generator in the client namespace floods UDP flows
+//! at the VIP; the director forwards them to the backends, which count and drop them at
+//! ingress. farmlb and an nftables netdev balancer take turns on the director.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{TestRun, Xdp},
+    EbpfLoader, TestRunAttrs, TestRunOptions,
+};
+use farmlb::packet::PacketBuilder;
+use lb_tests::{netns, VIP_V4};
+use serde_json::json;
+
+use super::env::{BenchRig, BACKENDS, UDP_PORT};
+use super::stats::{median, num, Dist, Goal, Metric, Section};
+use super::sys;
+use super::Plan;
+
+/// CPU of the generator (and, through softirqs, of the client side of the switch).
+const GEN_CPU: usize = 0;
+/// CPU of the director's receive processing (its threaded NAPI kthread).
+const LB_CPU: usize = 1;
+/// Frames per live-frames batch, and runs per BPF_PROG_TEST_RUN call of the generator.
+const GEN_BATCH: u32 = 64;
+const GEN_CALL_RUNS: u32 = 1 << 16;
+/// bpffs pin of the XDP_PASS link on the client's switch port (removed at the end).
+const GEN_PASS_PIN: &str = "/sys/fs/bpf/farmlb-rig/bench-gen-pass";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lb {
+    Farmlb,
+    Nft,
+}
+
+#[derive(Debug, Default, Clone)]
+struct RunResult {
+    secs: f64,
+    /// Frames the director's NAPI took in (veth peer `tx packets`).
+    received: f64,
+    /// Frames the director's receive ring refused (veth peer `tx dropped`).
+    ring_dropped: f64,
+    /// Frames the director sent back out that the switch took (veth peer `rx packets`).
+    forwarded: f64,
+    /// Director output the switch port refused (veth peer `rx dropped`).
+    out_dropped: f64,
+    /// Frames the switch delivered to the backends' ports.
+    delivered: f64,
+    lb_thread_ns: f64,
+    softirq_ns: f64,
+    system_ns: f64,
+}
+
+impl RunResult {
+    fn pps(&self) -> f64 {
+        self.forwarded / self.secs
+    }
+    fn lb_ns_per_pkt(&self) -> f64 {
+        self.lb_thread_ns / self.received
+    }
+    fn lb_busy(&self) -> f64 {
+        self.lb_thread_ns / (self.secs * 1e9)
+    }
+    fn rate(&self, x: f64) -> f64 {
+        x / self.secs
+    }
+}
+
+fn sink_script() -> String {
+    format!(
+        "table netdev benchsink {{\n\tchain ingress {{\n\t\ttype filter hook ingress device \
+         \"eth0\" priority 0; policy accept;\n\t\tudp dport {UDP_PORT} counter drop\n\t}}\n}}\n"
+    )
+}
+
+/// Rig changes for this benchmark (the rig is torn down afterwards, nothing is undone):
+/// backends drop the UDP flood at ingress; the client's switch port takes XDP frames; the
+/// director's interface always has a NAPI (GRO on, for the nftables case); the switch
+/// side of the director's link polls in its own kthread, so the director's NAPI thread
+/// only does the director's work.
+fn prepare(env: &BenchRig) -> Result<()> {
+    for i in 0..BACKENDS {
+        env.nft(&env.rig.ns_backend(i), &sink_script())?;
+    }
+    let sw = env.rig.ns_switch();
+    env.rig.exec(&sw, &["ethtool", "-K", "v-cl", "gro", "on"])?;
+    netns::in_netns(&sw, || {
+        farmlb::dataplane::attach_pass_pinned("v-cl", Path::new(GEN_PASS_PIN))
+    })??;
+    env.rig
+        .exec(&env.rig.ns_lb(), &["ethtool", "-K", "eth0", "gro", "on"])?;
+    // veth hands a forwarded skb to the peer's NAPI only if the sending side has no TSO
+    // (attaching XDP turns it off by itself); without this the nftables case would bypass
+    // the director's NAPI and run in the sender's backlog.
+    env.rig
+        .exec(&sw, &["ethtool", "-K", "v-lb", "tso", "off"])?;
+    // Everything but the director shares the generator's CPU; the director has the other.
+    let vlb = sys::threaded_napi(&sw, "v-lb")?;
+    sys::pin(vlb, GEN_CPU)?;
+    Ok(())
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bad MAC {s:?}"))?;
+    v.try_into().map_err(|_| anyhow::anyhow!("bad MAC {s:?}"))
+}
+
+/// The generator's frame: client → VIP:UDP_PORT, 60 bytes, UDP checksum 0 (the program
+/// rewrites the source port).
+fn frame(env: &BenchRig) -> Result<Vec<u8>> {
+    let src = parse_mac(&env.client_mac())?;
+    let dst = parse_mac(&env.lb_mac())?;
+    Ok(PacketBuilder::udp(
+        (env.rig.client_v4(), 20000).into(),
+        (VIP_V4, UDP_PORT).into(),
+    )
+    .macs(src, dst)
+    .payload(18)
+    .build())
+}
+
+/// Run the generator in the client namespace until `stop`; returns the frames generated.
+fn generate(
+    ns: &str,
+    pkt: Vec<u8>,
+    stop: Arc<AtomicBool>,
+) -> Result<netns::NetnsThread<Result<u64>>> {
+    netns::spawn_in_netns(ns, move || -> Result<u64> {
+        sys::pin(0, GEN_CPU)?;
+        let name = std::ffi::CString::new("eth0")?;
+        // SAFETY: NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no eth0 in the client namespace");
+        }
+        let mut macs = [0u8; 12];
+        macs.copy_from_slice(&pkt[..12]);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("GEN_MACS", &macs, true)
+            .load(farmlb::REFERENCE_OBJECT)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("bench_gen_xdp")
+            .context("bench_gen_xdp missing from the reference object")?
+            .try_into()?;
+        prog.load()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            prog.test_run(TestRunOptions {
+                data_in: Some(&pkt),
+                ctx_in: Some(&ctx),
+                repeat: GEN_CALL_RUNS,
+                attrs: TestRunAttrs::new().xdp_live_frames(GEN_BATCH),
+                ..Default::default()
+            })
+            .context("live-frames BPF_PROG_TEST_RUN")?;
+            sent += GEN_CALL_RUNS as u64;
+        }
+        Ok(sent)
+    })
+}
+
+struct Snap {
+    t: Instant,
+    /// Counters of the director's switch port `v-lb` and the backends' ports.
+    vlb: sys::LinkCounters,
+    backends: u64,
+    lb_ns: u64,
+    cpu: Vec<Vec<u64>>,
+}
+
+fn snap(env: &BenchRig, lb_pid: i32) -> Result<Snap> {
+    let links = sys::link_counters(&env.rig.ns_switch())?;
+    let t = Instant::now();
+    let lb_ns = sys::task_runtime_ns(lb_pid)?;
+    let cpu = sys::cpu_times()?;
+    let vlb = links
+        .iter()
+        .find(|(n, _)| n == "v-lb")
+        .map(|(_, c)| *c)
+        .context("no v-lb in the switch")?;
+    let backends = links
+        .iter()
+        .filter(|(n, _)| n.starts_with("v-b"))
+        .map(|(_, c)| c.tx_packets)
+        .sum();
+    Ok(Snap {
+        t,
+        vlb,
+        backends,
+        lb_ns,
+        cpu,
+    })
+}
+
+fn measure(env: &BenchRig, lb: Lb, plan: &Plan, pkt: &[u8]) -> Result<RunResult> {
+    let mut daemon = None;
+    let mut nft = None;
+    match lb {
+        Lb::Farmlb => daemon = Some(env.start_farmlb()?),
+        Lb::Nft => nft = Some(env.start_nft_lb()?),
+    }
+    let lb_pid = sys::threaded_napi(&env.rig.ns_lb(), env.rig.lb_iface())?;
+    sys::pin(lb_pid, LB_CPU)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let gen = generate(&env.rig.ns_client(), pkt.to_vec(), stop.clone())?;
+    let res = (|| -> Result<RunResult> {
+        thread::sleep(plan.fwd_warmup);
+        if gen.is_finished() {
+            bail!("the generator stopped early");
+        }
+        let a = snap(env, lb_pid)?;
+        thread::sleep(plan.fwd_window);
+        let b = snap(env, lb_pid)?;
+        let d = |f: fn(&sys::LinkCounters) -> u64| (f(&b.vlb) - f(&a.vlb)) as f64;
+        Ok(RunResult {
+            secs: (b.t - a.t).as_secs_f64(),
+            received: d(|c| c.tx_packets),
+            ring_dropped: d(|c| c.tx_dropped),
+            forwarded: d(|c| c.rx_packets),
+            out_dropped: d(|c| c.rx_dropped),
+            delivered: (b.backends - a.backends) as f64,
+            lb_thread_ns: (b.lb_ns - a.lb_ns) as f64,
+            softirq_ns: sys::delta_ns(&a.cpu, &b.cpu, sys::SOFTIRQ),
+            system_ns: sys::delta_ns(&a.cpu, &b.cpu, sys::SYSTEM),
+        })
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let generated = gen.join();
+    let _ = sys::unthread_napi(&env.rig.ns_lb(), env.rig.lb_iface());
+    drop(nft);
+    if let Some(mut d) = daemon {
+        d.stop()?;
+    }
+    generated?.context("generator")?;
+    let r = res?;
+    if r.forwarded < 1000.0 || r.delivered < 1000.0 {
+        bail!(
+            "{lb:?}: in {:.1} s the director took in {} frames ({} refused by its ring) and \
+             sent out {}; the backends got {}",
+            r.secs,
+            r.received,
+            r.ring_dropped,
+            r.forwarded,
+            r.delivered
+        );
+    }
+    Ok(r)
+}
+
+pub fn run(env: &BenchRig, plan: &Plan) -> Result<Section> {
+    if sys::cpu_count() < 2 {
+        bail!("needs 2 CPUs (generator and director on different CPUs)");
+    }
+    let res = prepare(env).and_then(|()| measure_all(env, plan));
+    let _ = std::fs::remove_file(GEN_PASS_PIN);
+    let (farm, nft) = res?;
+    report(plan, &farm, &nft)
+}
+
+type Runs = (Vec<RunResult>, Vec<RunResult>);
+
+fn measure_all(env: &BenchRig, plan: &Plan) -> Result<Runs> {
+    let pkt = frame(env)?;
+    let mut farm = Vec::new();
+    let mut nft = Vec::new();
+    for run in 0..plan.runs {
+        let order = if run % 2 == 0 {
+            [Lb::Farmlb, Lb::Nft]
+        } else {
+            [Lb::Nft, Lb::Farmlb]
+        };
+        for lb in order {
+            let r = measure(env, lb, plan, &pkt).with_context(|| format!("run {run}, {lb:?}"))?;
+            eprintln!(
+                "  run {run} {lb:?}: director in {:.0} pkt/s, out {:.0} pkt/s, backends got \
+                 {:.0} pkt/s; director {:.0} ns/pkt, thread {:.0}% busy",
+                r.rate(r.received),
+                r.pps(),
+                r.rate(r.delivered),
+                r.lb_ns_per_pkt(),
+                r.lb_busy() * 100.0
+            );
+            match lb {
+                Lb::Farmlb => farm.push(r),
+                Lb::Nft => nft.push(r),
+            }
+        }
+    }
+    Ok((farm, nft))
+}
+
+fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section> {
+    let col = |v: &[RunResult], f: fn(&RunResult) -> f64| Dist::new(v.iter().map(f).collect());
+    let busy_note = {
+        let fb = col(farm, RunResult::lb_busy).median() * 100.0;
+        let nb = col(nft, RunResult::lb_busy).median() * 100.0;
+        if fb < 90.0 && nb < 90.0 {
+            format!(
+                "neither director thread was saturated (farmlb {fb:.0}% busy, nftables \
+                 {nb:.0}%): the rate is set by the rest of the rig (generator, switch and \
+                 backends share the other CPU), so this ratio compares the rig with itself; \
+                 the director CPU per packet is the balancer-specific figure"
+            )
+        } else if fb < 90.0 {
+            format!(
+                "farmlb's director thread was {fb:.0}% busy (nftables {nb:.0}%): farmlb's rate \
+                 is bounded by the rest of the rig, not by farmlb"
+            )
+        } else {
+            String::new()
+        }
+    };
+    let mut s = Section::new("forwarding", "Forwarding on the veth rig");
+    s.metrics = vec![
+        Metric::new("fwd.pps", "Forwarded packets/s, farmlb", "pkt/s")
+            .value(col(farm, RunResult::pps))
+            .against("nftables", col(nft, RunResult::pps))
+            .goal(Goal::ratio_at_least(3.0))
+            .note(busy_note),
+        Metric::new(
+            "fwd.lb_cpu_per_pkt",
+            "Director CPU per packet, farmlb",
+            "ns/pkt",
+        )
+        .value(col(farm, RunResult::lb_ns_per_pkt))
+        .against("nftables", col(nft, RunResult::lb_ns_per_pkt))
+        .goal(Goal::ratio_at_most(0.3)),
+    ];
+    let row = |name: &str, v: &[RunResult]| {
+        let f = |g: &dyn Fn(&RunResult) -> f64| median(&v.iter().map(g).collect::<Vec<_>>());
+        format!(
+            "| {name} | {} | {} | {} | {} | {} | {:.0} | {:.0}% | {:.0} | {:.0} |\n",
+            num(f(&|r| r.rate(r.received))),
+            num(f(&|r| r.rate(r.ring_dropped))),
+            num(f(&|r| r.rate(r.forwarded))),
+            num(f(&|r| r.rate(r.out_dropped))),
+            num(f(&|r| r.rate(r.delivered))),
+            f(&RunResult::lb_ns_per_pkt),
+            f(&RunResult::lb_busy) * 100.0,
+            f(&|r| r.softirq_ns / r.forwarded),
+            f(&|r| (r.softirq_ns + r.system_ns) / r.forwarded),
+        )
+    };
+    s.details = String::from(
+        "Medians over runs, per second unless noted. *In*: frames the director's NAPI took \
+         in; *ring drops*: frames its receive ring refused; *out*: frames it sent back out \
+         that the switch port took (the forwarded rate above); *out refused*: output the \
+         switch port's ring refused; *backends*: frames the switch delivered to the backends. \
+         *softirq*, *softirq+system*: all CPUs (/proc/stat, tick-sampled), per forwarded \
+         packet; they include the generator, the switch and the backends.\n\n\
+         | balancer | in | ring drops | out | out refused | backends | director ns/pkt | \
+         director thread busy | softirq ns/pkt | softirq+system ns/pkt |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    s.details += &row("farmlb", farm);
+    s.details += &row("nftables", nft);
+    let nft_version = sys::first_line(&["nft", "--version"]);
+    s.method = format!(
+        "Rig `{prefix}`. Generator: `bench_gen_xdp` (in the reference object) run with \
+         BPF_PROG_TEST_RUN in live-frames mode (`BPF_F_TEST_XDP_LIVE_FRAMES`, batch \
+         {batch}) from a thread in the client namespace pinned to CPU {gen}, with the \
+         client's `eth0` as ingress device: each frame (60-byte Ethernet/IPv4/UDP to \
+         VIP:{udp}, one of 1024 source ports) leaves with XDP_TX through the client's veth \
+         into the switch. The director forwards to the {nb} backends, whose netdev-ingress \
+         rule drops the flood. *Forwarded* = frames the director sent back out and the \
+         switch port took, during the window. Balancers, alternating A/B each run: farmlb \
+         (the daemon, XDP native mode on the director's veth) and nftables ({nft}) with the \
+         anchors' direct-routing rule in a netdev ingress chain on the same interface \
+         (`ether daddr set jhash ip saddr . udp sport mod {nb} map {{ backend MACs }} ether \
+         saddr set <director MAC> fwd to \"eth0\"`: same DR semantics, no NAT, no \
+         conntrack). The director's interface runs threaded NAPI, its kthread pinned to CPU \
+         {lbcpu}; the switch side of that link has its own NAPI thread, pinned to CPU {gen} \
+         with the generator, so the director has a CPU to itself and everything else \
+         shares the other. *Director CPU per packet* = run time of the director's NAPI \
+         kthread (`/proc/<pid>/schedstat`) / frames it took in: everything the director does per packet (for farmlb: veth's \
+         skb→XDP conversion, the program, XDP_TX; for nftables: GRO/skb receive, the \
+         netdev hook, `fwd`). {runs} runs × ({warm:.0} s warm-up + {win:.0} s window) per \
+         balancer.",
+        prefix = super::env::PREFIX,
+        batch = GEN_BATCH,
+        gen = GEN_CPU,
+        udp = UDP_PORT,
+        nb = BACKENDS,
+        nft = nft_version,
+        lbcpu = LB_CPU,
+        runs = plan.runs,
+        warm = plan.fwd_warmup.as_secs_f64(),
+        win = plan.fwd_window.as_secs_f64(),
+    );
+    let raw = |v: &[RunResult]| {
+        v.iter()
+            .map(|r| {
+                json!({
+                    "secs": r.secs,
+                    "director_in": r.received,
+                    "director_ring_dropped": r.ring_dropped,
+                    "director_out": r.forwarded,
+                    "director_out_refused": r.out_dropped,
+                    "backends_got": r.delivered,
+                    "director_thread_ns": r.lb_thread_ns,
+                    "softirq_ns_all_cpus": r.softirq_ns,
+                    "system_ns_all_cpus": r.system_ns,
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    s.raw = json!({ "farmlb": raw(farm), "nftables": raw(nft) });
+    Ok(s)
+}

@@ -425,21 +425,7 @@ mod prog {
             count(Stat::CtMissSyn);
         }
 
-        if svc.ring_size == 0 {
-            return NO_BACKEND;
-        }
-        let hash = flow_hash(
-            HashMode::from_u8(svc.hash_mode),
-            &flow.src,
-            flow.sport,
-            flow.dport,
-            flow.proto,
-        );
-        let slot = svc.ring_offset + hash % svc.ring_size;
-        let backend = match RING.get(slot) {
-            Some(b) => *b,
-            None => NO_BACKEND,
-        };
+        let backend = ring_lookup(svc, flow);
         if backend != NO_BACKEND {
             let entry = CtEntry {
                 backend,

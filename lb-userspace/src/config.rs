@@ -723,9 +723,10 @@ struct RawBackend {
     check: Field<RawCheck>,
 }
 
+/// A `check` table as written (also `[farm] check`, see `farm_config.rs`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawCheck {
+pub(crate) struct RawCheck {
     #[serde(rename = "type")]
     kind: Field<String>,
     interval: Field<String>,
@@ -1057,11 +1058,18 @@ impl Ctx<'_> {
         }
         let farm = match &raw.farm {
             None => None,
-            Some(f) => Some(
-                f.get_ref()
-                    .validate(f.span())
-                    .map_err(|(span, msg)| self.err(span, msg))?,
-            ),
+            Some(f) => {
+                // The node's own check has the syntax of a service's `check`.
+                let check = match f.get_ref().check_table() {
+                    None => None,
+                    Some(rc) => Some((self.check_spec("farm.check.", rc)?, rc.span())),
+                };
+                Some(
+                    f.get_ref()
+                        .validate(f.span(), check, &services)
+                        .map_err(|(span, msg)| self.err(span, msg))?,
+                )
+            }
         };
 
         Ok(Config {

@@ -7,13 +7,19 @@
 //! never breaks a connection). Director services (`forwarding = "dr"`) are forwarded by the
 //! active director only: the lowest-numbered healthy member answers ARP for the VIPs and
 //! sends gratuitous ARP when it takes over; Maglev tables are identical on every director, so
-//! flows land on the same backends after a takeover.
+//! flows land on the same backends after a takeover. IPv6 VIPs are answered the same way with
+//! neighbour advertisements.
+//!
+//! A node with a `check` probes its own service with the health-check engine of director
+//! backends (`health.rs`: same probe types, timers and rise/fall); while the check is down
+//! the node's power is 0, which the membership disseminates, so every node moves its share
+//! to the others. Established connections stay where they are.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use lb_common::{member_slot, Backend, FarmConfig, BACKEND_F_VALID, FWD_FARM, NO_BACKEND};
@@ -21,10 +27,11 @@ use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::arp::{ArpResponder, ArpState};
-use crate::config::{Config, Forwarding, Protocol};
+use crate::config::{Config, Forwarding};
 use crate::dataplane::{Dataplane, LoadOpts};
 use crate::director::{Director, Maps};
-use crate::farm_config::{FarmCfg, HooksCfg};
+use crate::farm_config::{FarmCfg, HooksCfg, MAX_POWER};
+use crate::health::{self, LastProbe, Outcome, ProbeResult, Target, Tracker};
 use crate::maglev::{self, MaglevEntry};
 use crate::membership::{read_key, Membership, View};
 use crate::neigh::{iface_mac, NeighResolver};
@@ -249,6 +256,12 @@ pub struct FarmStatus {
     pub leader: Option<u32>,
     /// "active" or "standby" (director failover role; in farm mode: ARP responder or not).
     pub role: String,
+    /// The node's own check (`tcp 10.0.100.1:80 every 2s …`), if configured.
+    #[serde(default)]
+    pub check: Option<String>,
+    /// Its latest probe: `up (0.4 ms)` or `down: <reason>`.
+    #[serde(default)]
+    pub last_check: Option<String>,
     pub members: Vec<MemberStatus>,
     pub auth_failures: u64,
     pub replays: u64,
@@ -268,7 +281,8 @@ impl FarmStatus {
     pub fn render(&self) -> String {
         let mut s = format!(
             "farm node {} on {}: {} ({}), power {}, share {:.1}%, leader {}\n\
-             membership: {} auth failures, {} replays; ARP answered {}\n\
+             check: {}{}\n\
+             membership: {} auth failures, {} replays; ARP/ND answered {}\n\
              {:<6} {:<22} {:<8} {:>6} {:>7}\n",
             self.node,
             self.interface,
@@ -277,6 +291,10 @@ impl FarmStatus {
             self.power,
             self.share * 100.0,
             self.leader.map_or("none".into(), |l| l.to_string()),
+            self.check.as_deref().unwrap_or("none"),
+            self.last_check
+                .as_ref()
+                .map_or(String::new(), |l| format!("; last: {l}")),
             self.auth_failures,
             self.replays,
             self.arp_answered,
@@ -340,56 +358,158 @@ fn write_status(path: &Path, st: &FarmStatus) {
     }
 }
 
-// --- health --------------------------------------------------------------------------------
+// --- the node's own check ---------------------------------------------------------------
 
-/// Address the node's own health check connects to: configured, else the first TCP farm (or
-/// failover) service's VIP and port.
-fn health_target(cfg: &Config, farm: &FarmCfg) -> Option<SocketAddr> {
-    let h = farm.health.as_ref()?;
-    h.address.or_else(|| {
-        cfg.services
-            .iter()
-            .find(|s| s.protocol == Protocol::Tcp && s.port != 0)
-            .map(|s| SocketAddr::new(s.vip, s.port))
-    })
+/// This node's check of its own service: the health engine's probe task (`health::run_task`)
+/// and the rise/fall state of its results. Without a check the node counts as healthy.
+struct NodeCheck {
+    target: Option<Target>,
+    generation: u64,
+    task: Option<tokio::task::JoinHandle<()>>,
+    tracker: Tracker,
+    /// Power set by a `dynamic` exec check (exit 2..=255 = power code − 2).
+    dynamic_power: Option<u32>,
+    last: Option<LastProbe>,
+    tx: tokio::sync::mpsc::Sender<ProbeResult>,
 }
 
-fn spawn_health(cfg: &Config, farm: &FarmCfg) -> Option<tokio::sync::mpsc::Receiver<bool>> {
-    let h = farm.health.clone()?;
-    let target = health_target(cfg, farm)?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        let mut healthy = true;
-        let (mut ok_run, mut fail_run) = (0u32, 0u32);
-        let mut tick = tokio::time::interval(h.interval);
-        loop {
-            tick.tick().await;
-            let ok = matches!(
-                tokio::time::timeout(h.timeout, tokio::net::TcpStream::connect(target)).await,
-                Ok(Ok(_))
-            );
-            if ok {
-                ok_run += 1;
-                fail_run = 0;
-            } else {
-                fail_run += 1;
-                ok_run = 0;
+impl NodeCheck {
+    fn new(tx: tokio::sync::mpsc::Sender<ProbeResult>) -> Self {
+        Self {
+            target: None,
+            generation: 0,
+            task: None,
+            tracker: Tracker::new(1, 1, true, false),
+            dynamic_power: None,
+            last: None,
+            tx,
+        }
+    }
+
+    /// Probe `target` (or nothing). A changed check restarts its task; the node keeps its
+    /// current health (as a director backend whose check changes). Must run inside tokio.
+    fn sync(&mut self, target: Option<Target>) {
+        if target == self.target {
+            return;
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        self.generation += 1;
+        match &target {
+            None => {
+                self.tracker = Tracker::new(1, 1, true, false);
+                self.dynamic_power = None;
+                self.last = None;
             }
-            let next = if healthy {
-                fail_run < h.fall
-            } else {
-                ok_run >= h.rise
-            };
-            if next != healthy {
-                healthy = next;
-                tracing::warn!(%target, healthy, "farm health check changed");
-                if tx.send(healthy).await.is_err() {
-                    return;
-                }
+            Some(t) => {
+                let up = self.tracker.is_up();
+                // A node that was already checked and up has proven itself; a new check has
+                // not (its first failure withdraws the node).
+                let proven = up && self.target.is_some();
+                self.tracker = Tracker::new(t.check.rise, t.check.fall, up, proven);
+                self.task = Some(tokio::spawn(health::run_task(
+                    t.clone(),
+                    self.generation,
+                    self.tx.clone(),
+                )));
+                tracing::info!(
+                    check = %self.summary_of(t),
+                    "checking this node's own service"
+                );
             }
         }
-    });
-    Some(rx)
+        self.target = target;
+    }
+
+    fn summary_of(&self, t: &Target) -> String {
+        let s = crate::daemon::check_summary(&t.check);
+        format!("{s} on {}", t.addr)
+    }
+
+    fn summary(&self) -> Option<String> {
+        self.target.as_ref().map(|t| self.summary_of(t))
+    }
+
+    /// Count a probe result (stale ones are ignored).
+    fn record(&mut self, r: &ProbeResult) {
+        if r.generation != self.generation || self.target.is_none() {
+            return;
+        }
+        self.last = Some(LastProbe {
+            outcome: r.outcome.clone(),
+            latency: r.latency,
+            at: SystemTime::now(),
+        });
+        if let Outcome::Up {
+            weight: Some(w), ..
+        } = r.outcome
+        {
+            self.dynamic_power = Some(w.min(MAX_POWER));
+        }
+        match (self.tracker.record(r.outcome.is_up()), &r.outcome) {
+            (Some(false), Outcome::Down { reason }) => tracing::warn!(
+                "this node's check is DOWN ({} consecutive failures): {reason}",
+                self.target.as_ref().map_or(0, |t| t.check.fall)
+            ),
+            (Some(true), _) => tracing::info!(
+                "this node's check is UP ({} consecutive successes)",
+                self.target.as_ref().map_or(0, |t| t.check.rise)
+            ),
+            _ => {}
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.target.is_none() || self.tracker.is_up()
+    }
+
+    /// The power this node announces: 0 while its check is down, else the dynamic check's,
+    /// else the configured one.
+    fn power(&self, configured: u32) -> u32 {
+        if !self.healthy() {
+            0
+        } else {
+            self.dynamic_power.unwrap_or(configured)
+        }
+    }
+
+    fn last_str(&self) -> Option<String> {
+        self.last.as_ref().map(|l| match &l.outcome {
+            Outcome::Up { .. } => format!("up ({:.1} ms)", l.latency.as_secs_f64() * 1000.0),
+            Outcome::Down { reason } => format!("down: {reason}"),
+        })
+    }
+}
+
+impl Drop for NodeCheck {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The node's check for `cfg` (validated when the config was loaded).
+fn node_target(cfg: &Config, farm: &FarmCfg) -> Option<Target> {
+    match farm.node_check(&cfg.services) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("farm check: {e}");
+            None
+        }
+    }
+}
+
+/// Whether going from `old` to `new` needs a restart: anything in `[farm]` but the node's
+/// check, which a reload applies.
+fn farm_needs_restart(old: &FarmCfg, new: &FarmCfg) -> bool {
+    let strip = |f: &FarmCfg| FarmCfg {
+        check: None,
+        check_address: None,
+        ..f.clone()
+    };
+    strip(old) != strip(new)
 }
 
 // --- daemon --------------------------------------------------------------------------------
@@ -430,7 +550,8 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<()> {
     let mut tables = FarmTables::new(farm.node_id);
     let arp = ArpResponder::start(&cfg.interface, own_mac)?;
 
-    let mut healthy = true;
+    let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel::<ProbeResult>(64);
+    let mut check = NodeCheck::new(probe_tx);
     let mut power = farm.power;
     let membership = Membership::start(&farm, key, power).await?;
     let mut view_rx = membership.view.clone();
@@ -487,17 +608,22 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<()> {
                    tables: &FarmTables,
                    members: &[Member],
                    view: &View,
-                   healthy: bool,
+                   check: &NodeCheck,
                    power: u32| {
         let leader = leader(members);
         let active = leader == Some(farm.node_id);
+        let (vips, vips6) = answered_vips(cfg, own_mac, farm.virtual_mac);
         let new_arp = ArpState {
             active,
-            vips: arp_vips(cfg, own_mac, farm.virtual_mac),
+            vips,
+            vips6,
         };
         let changed = arp.set(new_arp) || st.leader != leader;
         if changed && active {
-            tracing::info!(node = farm.node_id, "taking the VIPs: gratuitous ARP");
+            tracing::info!(
+                node = farm.node_id,
+                "taking the VIPs: gratuitous ARP / unsolicited neighbour advertisements"
+            );
             arp.gratuitous();
         }
         if st.leader != leader {
@@ -510,11 +636,13 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<()> {
             &FarmStatus {
                 node: farm.node_id,
                 interface: cfg.interface.clone(),
-                healthy,
+                healthy: check.healthy(),
                 power,
                 share: tables.share,
                 leader,
                 role: if active { "active" } else { "standby" }.into(),
+                check: check.summary(),
+                last_check: check.last_str(),
                 members: view
                     .members
                     .iter()
@@ -532,11 +660,11 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<()> {
             },
         );
     };
-    publish(&cfg, &mut state, &tables, &members, &view, healthy, power);
+    publish(&cfg, &mut state, &tables, &members, &view, &check, power);
     state.share = tables.share;
     let mut view = view;
 
-    let mut health = spawn_health(&cfg, &farm);
+    check.sync(node_target(&cfg, &farm));
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -547,12 +675,23 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => match Config::load(config_path) {
-                Ok(new) if new.interface == cfg.interface && new.farm == cfg.farm => {
+                Ok(new)
+                    if new.interface == cfg.interface
+                        && new.farm.as_ref().is_some_and(|f| !farm_needs_restart(&farm, f)) =>
+                {
                     match director.apply(&new, &mut dp, &mut macs) {
                         Ok(()) => {
+                            let new_farm = new.farm.clone().expect("checked above");
+                            check.sync(node_target(&new, &new_farm));
                             cfg = new;
                             tables.invalidate();
                             tables.apply(&director, &members, &mut dp)?;
+                            let p = check.power(farm.power);
+                            if p != power {
+                                power = p;
+                                membership.set_power(power);
+                            }
+                            publish(&cfg, &mut state, &tables, &members, &view, &check, power);
                             tracing::info!("configuration reloaded");
                         }
                         Err(e) => tracing::error!("reload failed: {e:#}"),
@@ -600,7 +739,7 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<()> {
                     members = new_members;
                 }
                 view = new_view;
-                publish(&cfg, &mut state, &tables, &members, &view, healthy, power);
+                publish(&cfg, &mut state, &tables, &members, &view, &check, power);
                 if (tables.share - state.share).abs() > 1e-9 {
                     run_hook(&farm.hooks, env_base("ownership_change", vec![
                         ("FARMLB_OLD_SHARE", format!("{:.4}", state.share.max(0.0))),
@@ -608,18 +747,26 @@ pub async fn run(config_path: &Path, cfg: Config) -> Result<()> {
                     state.share = tables.share;
                 }
             }
-            Some(h) = recv_opt(&mut health) => {
-                healthy = h;
-                power = if h { farm.power } else { 0 };
-                tracing::warn!(healthy, power, "withdrawing / restoring this node's share");
-                membership.set_power(power);
+            Some(r) = probe_rx.recv() => {
+                check.record(&r);
+                let p = check.power(farm.power);
+                if p != power {
+                    if p == 0 {
+                        tracing::warn!(power = p, "withdrawing this node's share");
+                    } else {
+                        tracing::info!(power = p, was = power, "this node takes a share");
+                    }
+                    power = p;
+                    membership.set_power(power);
+                    publish(&cfg, &mut state, &tables, &members, &view, &check, power);
+                }
             }
             _ = retry.tick() => {
                 if director.unresolved() > 0 {
                     director.apply(&cfg, &mut dp, &mut macs)?;
                 }
                 // Refresh the counters in the status file.
-                publish(&cfg, &mut state, &tables, &members, &view, healthy, power);
+                publish(&cfg, &mut state, &tables, &members, &view, &check, power);
             }
             _ = garp.tick() => arp.gratuitous(),
         }
@@ -642,33 +789,28 @@ struct LoopState {
     share: f64,
 }
 
-async fn recv_opt(rx: &mut Option<tokio::sync::mpsc::Receiver<bool>>) -> Option<bool> {
-    match rx {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
-}
+/// VIPs answered by the leader (IPv4 by ARP, IPv6 by neighbour discovery): farm VIPs at the
+/// virtual MAC, director VIPs at our own.
+type AnsweredVips = (Vec<(Ipv4Addr, [u8; 6])>, Vec<(Ipv6Addr, [u8; 6])>);
 
-/// IPv4 VIPs answered by the leader: farm VIPs at the virtual MAC, director VIPs at our own.
-fn arp_vips(cfg: &Config, own_mac: [u8; 6], vmac: [u8; 6]) -> Vec<(std::net::Ipv4Addr, [u8; 6])> {
-    let mut v: Vec<(std::net::Ipv4Addr, [u8; 6])> = cfg
-        .services
-        .iter()
-        .filter_map(|s| match s.vip {
-            IpAddr::V4(ip) => Some((
-                ip,
-                if s.forwarding == Forwarding::Farm {
-                    vmac
-                } else {
-                    own_mac
-                },
-            )),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    v.sort();
-    v.dedup_by_key(|(ip, _)| *ip);
-    v
+fn answered_vips(cfg: &Config, own_mac: [u8; 6], vmac: [u8; 6]) -> AnsweredVips {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for s in &cfg.services {
+        let mac = if s.forwarding == Forwarding::Farm {
+            vmac
+        } else {
+            own_mac
+        };
+        match s.vip {
+            IpAddr::V4(ip) => v4.push((ip, mac)),
+            IpAddr::V6(ip) => v6.push((ip, mac)),
+        }
+    }
+    v4.sort();
+    v4.dedup_by_key(|(ip, _)| *ip);
+    v6.sort();
+    v6.dedup_by_key(|(ip, _)| *ip);
+    (v4, v6)
 }
 
 #[cfg(test)]
@@ -763,5 +905,139 @@ mod tests {
         .unwrap();
         assert_eq!(t.share, 0.0);
         assert_ne!(model.backends[&member_slot(1)].flags & BACKEND_F_VALID, 0);
+    }
+
+    fn checked_config(check: &str) -> Config {
+        Config::from_toml_str(&format!(
+            "interface = \"eth0\"\n[farm]\nnode_id = 1\naddress = \"10.0.0.1\"\n\
+             key_file = \"/k\"\npower = 3\ncheck = {check}\n[[service]]\nname = \"web\"\n\
+             vip = \"10.0.100.1\"\nport = 80\nforwarding = \"farm\"\n"
+        ))
+        .unwrap()
+    }
+
+    fn result(generation: u64, outcome: Outcome) -> ProbeResult {
+        ProbeResult {
+            service: "web".into(),
+            addr: "10.0.100.1".parse().unwrap(),
+            generation,
+            outcome,
+            latency: Duration::from_millis(1),
+        }
+    }
+
+    #[test]
+    fn node_check_withdraws_after_fall_and_returns_after_rise() {
+        let cfg = checked_config("{ type = \"tcp\", rise = 2, fall = 2 }");
+        let farm = cfg.farm.clone().unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(4);
+        let mut c = NodeCheck::new(tx);
+        assert!(c.healthy(), "no check: healthy");
+        assert_eq!(c.power(3), 3);
+        // As `sync` would set it up for a node that has proven itself, without the task.
+        c.target = node_target(&cfg, &farm);
+        c.generation = 1;
+        c.tracker = Tracker::new(2, 2, true, true);
+        let (up, down) = (
+            Outcome::Up { weight: None },
+            Outcome::Down { reason: "x".into() },
+        );
+        c.record(&result(1, down.clone()));
+        assert_eq!(c.power(3), 3, "one failure of fall = 2");
+        c.record(&result(0, down.clone()));
+        assert_eq!(c.power(3), 3, "a stale task's result is ignored");
+        c.record(&result(1, down.clone()));
+        assert!(!c.healthy());
+        assert_eq!(c.power(3), 0, "withdrawn");
+        assert!(c.last_str().unwrap().starts_with("down: x"));
+        c.record(&result(1, up.clone()));
+        assert_eq!(c.power(3), 0, "one success of rise = 2");
+        c.record(&result(1, up));
+        assert_eq!(c.power(3), 3, "back with the configured power");
+        // A dynamic exec check's weight becomes the node's power.
+        c.record(&result(1, Outcome::Up { weight: Some(7) }));
+        assert_eq!(c.power(3), 7);
+        assert_eq!(
+            c.summary().unwrap(),
+            "tcp :80 every 2s timeout 1s rise 2 fall 2 on 10.0.100.1"
+        );
+    }
+
+    #[test]
+    fn node_check_runs_on_the_health_engine() {
+        // An exec check that fails: the engine's task probes it, the node withdraws; a
+        // reload to a passing check brings it back (health carries over, then rises).
+        let failing = checked_config(
+            "{ type = \"exec\", command = \"exit 1\", interval = \"50ms\", rise = 2, fall = 1 }",
+        );
+        let passing = checked_config(
+            "{ type = \"exec\", command = \"exit 4\", dynamic = true, interval = \"50ms\", rise = 2, fall = 1 }",
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            let mut c = NodeCheck::new(tx);
+            let farm = failing.farm.clone().unwrap();
+            c.sync(node_target(&failing, &farm));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while c.healthy() {
+                let r = tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .expect("no probe result within 3 s")
+                    .unwrap();
+                c.record(&r);
+            }
+            assert_eq!(c.power(3), 0);
+            c.sync(node_target(&passing, passing.farm.as_ref().unwrap()));
+            assert!(!c.healthy(), "a changed check keeps the node's health");
+            while c.power(3) == 0 {
+                let r = tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .expect("no probe result within 3 s")
+                    .unwrap();
+                c.record(&r);
+            }
+            assert_eq!(c.power(3), 2, "dynamic: exit 4 = power 2");
+            c.sync(None);
+            assert!(c.healthy());
+            assert_eq!(c.power(3), 3);
+        });
+    }
+
+    #[test]
+    fn only_the_check_of_the_farm_section_reloads() {
+        let a = checked_config("{ type = \"tcp\" }").farm.unwrap();
+        let b = checked_config("{ type = \"http\", path = \"/h\" }")
+            .farm
+            .unwrap();
+        assert!(!farm_needs_restart(&a, &b));
+        let c = FarmCfg { power: 9, ..b };
+        assert!(farm_needs_restart(&a, &c));
+    }
+
+    #[test]
+    fn the_leader_answers_v4_and_v6_vips() {
+        let cfg = Config::from_toml_str(
+            "interface = \"eth0\"\n[farm]\nnode_id = 1\naddress = \"10.0.0.1\"\n\
+             key_file = \"/k\"\n\
+             [[service]]\nname = \"web\"\nvip = \"10.0.100.1\"\nport = 80\nforwarding = \"farm\"\n\
+             [[service]]\nname = \"web6\"\nvip = \"fd99:100::1\"\nport = 80\nforwarding = \"farm\"\n\
+             [[service]]\nname = \"web6b\"\nvip = \"fd99:100::1\"\nport = 81\nforwarding = \"farm\"\n\
+             [[service]]\nname = \"dr6\"\nvip = \"fd99:100::2\"\nport = 80\n",
+        )
+        .unwrap();
+        let (own, vmac) = ([2, 0, 0, 0, 0, 9], [2, 0xfa, 0, 0, 0, 1]);
+        let (v4, v6) = answered_vips(&cfg, own, vmac);
+        assert_eq!(v4, vec![("10.0.100.1".parse().unwrap(), vmac)]);
+        assert_eq!(
+            v6,
+            vec![
+                ("fd99:100::1".parse().unwrap(), vmac),
+                ("fd99:100::2".parse().unwrap(), own)
+            ]
+        );
     }
 }

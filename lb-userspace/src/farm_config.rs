@@ -2,7 +2,9 @@
 //! the farm, its peers, the membership timers, the node's own health check and user hooks.
 //!
 //! Parsed here from the raw TOML table and validated; `config.rs` only forwards the section
-//! and turns the (span, message) errors into its usual one-line errors.
+//! (with its `check` table already parsed by the code that parses a service's `check`, so the
+//! node's check has exactly that syntax) and turns the (span, message) errors into its usual
+//! one-line errors.
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -12,7 +14,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::parse_duration;
+use crate::config::{parse_duration, CheckSpec, CheckType, Forwarding, RawCheck, ServiceCfg};
+use crate::health::Target;
 
 /// Default UDP port of the membership protocol (SafeKit's default too).
 pub const DEFAULT_MEMBERSHIP_PORT: u16 = 4800;
@@ -46,21 +49,14 @@ pub struct FarmCfg {
     pub suspect_timeout: Duration,
     /// Where the daemon publishes its farm state for `farmlb status`.
     pub status_file: PathBuf,
-    pub health: Option<HealthCfg>,
+    /// `check`: the node's check of its own service, as written; the same table (and the
+    /// same engine, `health.rs`) as a service's `check`. While it fails the node withdraws
+    /// (power 0).
+    pub check: Option<CheckSpec>,
+    /// `check_address`: the address probed (default: the first farm service's VIP, which the
+    /// node holds on `lo`).
+    pub check_address: Option<IpAddr>,
     pub hooks: HooksCfg,
-}
-
-/// `[farm.health]`: the node checks its own service; while unhealthy it withdraws (power 0).
-#[derive(Clone, Debug, PartialEq)]
-pub struct HealthCfg {
-    /// TCP address to connect to (default: the first farm service's vip and port).
-    pub address: Option<SocketAddr>,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Consecutive successes before an unhealthy node is healthy again.
-    pub rise: u32,
-    /// Consecutive failures before a healthy node is unhealthy.
-    pub fall: u32,
 }
 
 /// `[farm.hooks]`: shell commands run on farm events, with the event in the environment.
@@ -91,18 +87,9 @@ pub(crate) struct RawFarm {
     probe_timeout: Field<String>,
     suspect_timeout: Field<String>,
     status_file: Field<String>,
-    health: Option<Spanned<RawHealth>>,
+    check: Field<RawCheck>,
+    check_address: Field<String>,
     hooks: Option<Spanned<RawHooks>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHealth {
-    address: Field<String>,
-    interval: Field<String>,
-    timeout: Field<String>,
-    rise: Field<i64>,
-    fall: Field<i64>,
 }
 
 #[derive(Deserialize)]
@@ -201,7 +188,19 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl RawFarm {
-    pub(crate) fn validate(&self, section: Range<usize>) -> Result<FarmCfg, FarmError> {
+    /// The `check` table, for `config.rs` to parse like a service's.
+    pub(crate) fn check_table(&self) -> Option<&Spanned<RawCheck>> {
+        self.check.as_ref()
+    }
+
+    /// `check` is the node's check table already parsed (with its span); `services` are the
+    /// validated services (the check's defaults come from the first farm service).
+    pub(crate) fn validate(
+        &self,
+        section: Range<usize>,
+        check: Option<(CheckSpec, Range<usize>)>,
+        services: &[ServiceCfg],
+    ) -> Result<FarmCfg, FarmError> {
         let node_id = match &self.node_id {
             None => return err(Some(section), "farm.node_id: missing required field".into()),
             Some(v) => int(v, "node_id", 1, lb_common::MAX_MEMBERS as i64)?,
@@ -294,46 +293,21 @@ impl RawFarm {
             None => PathBuf::from(format!("/run/farmlb/farm-{node_id}.json")),
             Some(v) => PathBuf::from(v.get_ref()),
         };
-        let health = match &self.health {
+        let check_address = match &self.check_address {
             None => None,
-            Some(h) => {
-                let h = h.get_ref();
-                Some(HealthCfg {
-                    address: match &h.address {
-                        None => None,
-                        Some(a) => Some(a.get_ref().parse().map_err(|_| {
-                            (
-                                Some(a.span()),
-                                format!(
-                                    "farm.health.address: invalid address {:?}, expected \
-                                     \"ip:port\"",
-                                    a.get_ref()
-                                ),
-                            )
-                        })?),
-                    },
-                    interval: duration(
-                        &h.interval,
-                        "health.interval",
-                        Duration::from_secs(1),
-                        Duration::from_secs(3600),
-                    )?,
-                    timeout: duration(
-                        &h.timeout,
-                        "health.timeout",
-                        Duration::from_millis(500),
-                        Duration::from_secs(60),
-                    )?,
-                    rise: match &h.rise {
-                        None => 2,
-                        Some(v) => int(v, "health.rise", 1, 100)?,
-                    },
-                    fall: match &h.fall {
-                        None => 2,
-                        Some(v) => int(v, "health.fall", 1, 100)?,
-                    },
-                })
-            }
+            Some(a) => match a.get_ref().parse::<IpAddr>() {
+                Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => Some(ip),
+                _ => {
+                    return err(
+                        Some(a.span()),
+                        format!(
+                            "farm.check_address: invalid address {:?}, expected a unicast IP \
+                             address",
+                            a.get_ref()
+                        ),
+                    )
+                }
+            },
         };
         let hooks = match &self.hooks {
             None => HooksCfg {
@@ -357,7 +331,7 @@ impl RawFarm {
                 }
             }
         };
-        Ok(FarmCfg {
+        let mut farm = FarmCfg {
             node_id,
             address,
             peers,
@@ -368,9 +342,18 @@ impl RawFarm {
             probe_timeout,
             suspect_timeout,
             status_file,
-            health,
+            check: None,
+            check_address,
             hooks,
-        })
+        };
+        if let Some((spec, span)) = check {
+            farm.check = Some(spec);
+            // Resolve it once now, so a check that cannot run is a config error.
+            if let Err(e) = farm.node_check(services) {
+                return err(Some(span), e);
+            }
+        }
+        Ok(farm)
     }
 }
 
@@ -379,6 +362,44 @@ fn q(s: &str) -> String {
 }
 
 impl FarmCfg {
+    /// What the node's check stands for: (service name, VIP, default port) of the first farm
+    /// service; without one, ("farm", this node's membership address, no port).
+    pub fn check_subject(&self, services: &[ServiceCfg]) -> (String, IpAddr, u16) {
+        match services.iter().find(|s| s.forwarding == Forwarding::Farm) {
+            Some(s) => (s.name.clone(), s.vip, s.port),
+            None => ("farm".into(), self.address.ip(), 0),
+        }
+    }
+
+    /// The node's own check as the health engine runs it: probes go to `check_address`
+    /// (default the subject's VIP) and the check's `port` (default the subject's port).
+    /// `Ok(None)` without a check (or with `type = "none"`); the error is one line naming
+    /// the field.
+    pub fn node_check(&self, services: &[ServiceCfg]) -> Result<Option<Target>, String> {
+        let Some(spec) = &self.check else {
+            return Ok(None);
+        };
+        let (service, vip, port) = self.check_subject(services);
+        let no_farm_service = !services.iter().any(|s| s.forwarding == Forwarding::Farm);
+        if no_farm_service
+            && spec.port.is_none()
+            && !matches!(spec.kind, Some(CheckType::Exec | CheckType::None))
+        {
+            return Err(
+                "farm.check.port: required when no service has forwarding = \"farm\" (the \
+                 check has no service port to default to)"
+                    .into(),
+            );
+        }
+        let check = spec.resolve(port).map_err(|e| format!("farm.check.{e}"))?;
+        Ok(check.map(|check| Target {
+            service,
+            vip,
+            addr: self.check_address.unwrap_or(vip),
+            check,
+        }))
+    }
+
     /// The `[farm]` section as TOML that parses back to an equal `FarmCfg` (used by
     /// `Config::to_toml`).
     pub fn to_toml(&self) -> String {
@@ -405,14 +426,11 @@ impl FarmCfg {
             "status_file = {}",
             q(&self.status_file.to_string_lossy())
         );
-        if let Some(h) = &self.health {
-            s += "\n[farm.health]\n";
-            if let Some(a) = h.address {
-                let _ = writeln!(s, "address = {}", q(&a.to_string()));
-            }
-            let _ = writeln!(s, "interval = {}", q(&d(h.interval)));
-            let _ = writeln!(s, "timeout = {}", q(&d(h.timeout)));
-            let _ = writeln!(s, "rise = {}\nfall = {}", h.rise, h.fall);
+        if let Some(c) = &self.check {
+            let _ = writeln!(s, "check = {}", c.to_inline_toml());
+        }
+        if let Some(a) = self.check_address {
+            let _ = writeln!(s, "check_address = {}", q(&a.to_string()));
         }
         s += "\n[farm.hooks]\n";
         let h = &self.hooks;
@@ -455,14 +473,16 @@ mod tests {
         assert_eq!(f.power, 1);
         assert_eq!(f.virtual_mac, super::DEFAULT_VIRTUAL_MAC);
         assert_eq!(f.probe_interval, super::DEFAULT_PROBE_INTERVAL);
-        assert!(f.health.is_none());
+        assert!(f.check.is_none());
+        assert_eq!(f.node_check(&c.services), Ok(None));
         assert_eq!(c.services[0].forwarding, Forwarding::Farm);
     }
 
     #[test]
     fn farm_section_round_trips_through_to_toml() {
         let src = format!(
-            "{BASE}power = 3\n[farm.health]\ninterval = \"250ms\"\n[farm.hooks]\n\
+            "{BASE}power = 3\ncheck_address = \"127.0.0.1\"\n[farm.check]\ntype = \"http\"\n\
+             interval = \"250ms\"\npath = \"/health\"\n[farm.hooks]\n\
              on_member_down = \"echo \\\"$FARMLB_MEMBER\\\" >> /tmp/x\"\n\
              [[service]]\nname = \"web\"\nvip = \"10.0.100.1\"\nport = 80\n\
              forwarding = \"farm\"\n"
@@ -510,5 +530,129 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("backend"), "{e}");
+    }
+
+    const WEB: &str = "\n[[service]]\nname = \"web\"\nvip = \"10.0.100.1\"\nport = 80\n\
+                       forwarding = \"farm\"\n[[service]]\nname = \"dns\"\n\
+                       vip = \"10.0.100.2\"\nport = 53\nprotocol = \"udp\"\n\
+                       forwarding = \"farm\"\n";
+
+    #[test]
+    fn node_check_is_a_service_check_of_the_first_farm_service() {
+        use crate::config::{Probe, DEFAULT_RISE};
+        use std::time::Duration;
+        // The same syntax and defaults as a service's `check`, inline or as a table.
+        for check in [
+            "check = { type = \"tcp\", interval = \"500ms\", fall = 2 }\n",
+            "[farm.check]\ntype = \"tcp\"\ninterval = \"500ms\"\nfall = 2\n",
+        ] {
+            let c = Config::from_toml_str(&format!("{BASE}{check}{WEB}")).unwrap();
+            let t = c
+                .farm
+                .as_ref()
+                .unwrap()
+                .node_check(&c.services)
+                .unwrap()
+                .unwrap();
+            assert_eq!(t.service, "web");
+            assert_eq!(t.addr, "10.0.100.1".parse::<std::net::IpAddr>().unwrap());
+            assert_eq!(t.check.port, 80, "the first farm service's port");
+            assert_eq!(t.check.probe, Probe::Tcp);
+            assert_eq!(t.check.interval, Duration::from_millis(500));
+            assert_eq!(
+                t.check.timeout,
+                Duration::from_millis(500),
+                "capped at the interval"
+            );
+            assert_eq!((t.check.rise, t.check.fall), (DEFAULT_RISE, 2));
+        }
+        let c = Config::from_toml_str(&format!(
+            "{BASE}check_address = \"127.0.0.1\"\n\
+             check = {{ type = \"udp\", port = 5353, payload = \"ping\", expect = \"pong\" }}\n{WEB}"
+        ))
+        .unwrap();
+        let t = c
+            .farm
+            .as_ref()
+            .unwrap()
+            .node_check(&c.services)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.addr, "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(t.vip, "10.0.100.1".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(t.check.port, 5353);
+        // type = "none": no check.
+        let c =
+            Config::from_toml_str(&format!("{BASE}check = {{ type = \"none\" }}\n{WEB}")).unwrap();
+        assert_eq!(c.farm.as_ref().unwrap().node_check(&c.services), Ok(None));
+        // Director failover (no farm service): exec needs no port, the others need one.
+        let c = Config::from_toml_str(&format!(
+            "{BASE}check = {{ type = \"exec\", command = \"true\", dynamic = true }}\n"
+        ))
+        .unwrap();
+        let t = c
+            .farm
+            .as_ref()
+            .unwrap()
+            .node_check(&c.services)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.addr, "10.0.0.2".parse::<std::net::IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn node_check_errors_name_the_field() {
+        for (extra, field, why) in [
+            (
+                "check = { type = \"icmp\" }\n",
+                "farm.check.type",
+                "invalid value",
+            ),
+            (
+                "check = { interval = \"1s\" }\n",
+                "farm.check.type",
+                "missing",
+            ),
+            (
+                "check = { type = \"tcp\", interval = \"10ms\" }\n",
+                "farm.check.interval",
+                "out of range",
+            ),
+            (
+                "check = { type = \"tcp\", path = \"/x\" }\n",
+                "farm.check.path",
+                "only valid for http",
+            ),
+            (
+                "check = { type = \"tcp\", interval = \"1s\", timeout = \"2s\" }\n",
+                "farm.check.timeout",
+                "longer than the interval",
+            ),
+            (
+                "check = { type = \"tcp\", shape = 1 }\n",
+                "shape",
+                "unknown field",
+            ),
+            (
+                "check_address = \"224.0.0.1\"\n",
+                "farm.check_address",
+                "unicast",
+            ),
+            (
+                "[farm.health]\ninterval = \"1s\"\n",
+                "health",
+                "unknown field",
+            ),
+        ] {
+            let e = Config::from_toml_str(&format!("{BASE}{extra}{WEB}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains(why), "{extra}: {e}");
+        }
+        // No farm service to take the port from.
+        let e = Config::from_toml_str(&format!("{BASE}check = {{ type = \"tcp\" }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("farm.check.port: required"), "{e}");
     }
 }

@@ -340,7 +340,10 @@ pub fn exec_outcome(code: Option<i32>, dynamic: bool) -> Outcome {
     }
 }
 
-async fn run_task(t: Target, generation: u64, tx: mpsc::Sender<ProbeResult>) {
+/// Probe `t` every `check.interval` (after its [`spread_offset`]) and send each result, tagged
+/// with `generation`, to `tx`; returns when the receiver is gone. The [`Supervisor`] runs one
+/// per checked backend; a farm node runs one for its own service (`farm.rs`).
+pub async fn run_task(t: Target, generation: u64, tx: mpsc::Sender<ProbeResult>) {
     tokio::time::sleep(spread_offset(&t.service, t.addr, t.check.interval)).await;
     let mut tick = tokio::time::interval(t.check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -10,13 +10,16 @@
 //! The failover variant has directors `{p}-d1`, `{p}-d2` and backends `{p}-b1…` on the same
 //! bridge; the active director answers ARP for the VIP with its own MAC.
 //!
-//! The client reaches the VIPs on-link (it ARPs for them), unlike the director rig where it
-//! routes them via the director.
+//! The client reaches the VIPs on-link (it ARPs for them, and sends neighbour solicitations
+//! for the IPv6 VIP), unlike the director rig where it routes them via the director.
+//!
+//! Addresses: client 10.99.0.2 (+ .100–.131) and fd99::2 (+ fd99::100–fd99::107); node with
+//! host byte `h` 10.99.0.h and fd99::h; VIPs 10.99.100.1 and fd99:100::1.
 
 use std::{
     fmt::Write as _,
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -29,6 +32,10 @@ use crate::{daemon::farmlb_bin, netns};
 
 /// The farm's VIP (held by every farm node on `lo`).
 pub const FARM_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
+/// The farm's IPv6 VIP (also on every farm node's `lo`).
+pub const FARM_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x100, 0, 0, 0, 0, 0, 1);
+/// Number of extra IPv6 client sources (fd99::100 …).
+const CLIENT_V6_SOURCES: u16 = 8;
 /// Membership port.
 pub const MEMBER_PORT: u16 = 4800;
 
@@ -111,8 +118,13 @@ impl FarmRig {
         for i in 0..32u8 {
             let _ = writeln!(batch, "addr add 10.99.0.{}/24 dev eth0", 100 + i);
         }
-        // The VIPs are on-link: the client resolves them with ARP.
+        batch += "addr add fd99::2/64 dev eth0 nodad\n";
+        for i in 0..CLIENT_V6_SOURCES {
+            let _ = writeln!(batch, "addr add fd99::{:x}/64 dev eth0 nodad", 0x100 + i);
+        }
+        // The VIPs are on-link: the client resolves them with ARP / neighbour discovery.
         batch += "route add 10.99.100.0/24 dev eth0\n";
+        batch += "route add fd99:100::/64 dev eth0\n";
         ip_batch(&rig.ns_client(), &batch)?;
         netns::exec(&rig.ns_client(), &["ethtool", "-K", "eth0", "tx", "off"])
             .context("ethtool (run `cargo xtask setup`)")?;
@@ -150,8 +162,12 @@ impl FarmRig {
         let ns = format!("{}-{tag}", self.prefix);
         self.host(&ns, tag, host)?;
         let mut batch = format!("addr add 10.99.0.{host}/24 dev eth0\n");
+        let _ = writeln!(batch, "addr add fd99::{host}/64 dev eth0 nodad");
         if role != Role::Director {
             let _ = writeln!(batch, "addr add {FARM_VIP}/32 dev lo");
+            // The kernel answers neighbour solicitations only for addresses of the receiving
+            // interface, so a VIP on `lo` is silent on eth0 without further sysctls.
+            let _ = writeln!(batch, "addr add {FARM_VIP6}/128 dev lo");
             netns::exec(
                 &ns,
                 &[
@@ -213,6 +229,13 @@ impl FarmRig {
         Ipv4Addr::new(10, 99, 0, host)
     }
 
+    /// Node `tag`'s IPv6 address (fd99::h, `h` written as in the IPv4 address).
+    pub fn addr6(&self, tag: &str) -> Ipv6Addr {
+        format!("fd99::{}", self.addr(tag).octets()[3])
+            .parse()
+            .expect("valid address")
+    }
+
     /// Tags of the nodes with `role`, in creation order.
     pub fn tags(&self, role: Role) -> Vec<String> {
         self.nodes
@@ -227,6 +250,16 @@ impl FarmRig {
         std::iter::once(Ipv4Addr::new(10, 99, 0, 2))
             .chain((0..32).map(|i| Ipv4Addr::new(10, 99, 0, 100 + i)))
             .map(IpAddr::V4)
+            .collect()
+    }
+
+    /// The client's IPv6 source addresses (fd99::2 and fd99::100–107).
+    pub fn client_sources6(&self) -> Vec<IpAddr> {
+        std::iter::once(Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 2))
+            .chain(
+                (0..CLIENT_V6_SOURCES).map(|i| Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 0x100 + i)),
+            )
+            .map(IpAddr::V6)
             .collect()
     }
 
@@ -263,10 +296,13 @@ impl Drop for FarmRig {
 #[derive(Clone, Debug)]
 pub struct FarmService {
     pub name: String,
+    /// [`FARM_VIP`] or [`FARM_VIP6`] (or any other VIP the nodes hold).
+    pub vip: IpAddr,
     pub port: u16,
     pub hash: &'static str,
     pub forwarding: &'static str,
-    pub backends: Vec<Ipv4Addr>,
+    /// DR backends (director failover), in the VIP's family.
+    pub backends: Vec<IpAddr>,
 }
 
 /// A node's config: `[farm]` over `members` (tags), `extra` appended to the section.
@@ -310,7 +346,7 @@ pub fn node_config(
     for svc in services {
         let _ = writeln!(s, "\n[[service]]");
         let _ = writeln!(s, "name = \"{}\"", svc.name);
-        let _ = writeln!(s, "vip = \"{FARM_VIP}\"");
+        let _ = writeln!(s, "vip = \"{}\"", svc.vip);
         let _ = writeln!(s, "port = {}", svc.port);
         let _ = writeln!(s, "hash = \"{}\"", svc.hash);
         let _ = writeln!(s, "forwarding = \"{}\"", svc.forwarding);
@@ -389,6 +425,13 @@ impl FarmNode {
 
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Whether the farmlb process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL (no goodbye to the farm).

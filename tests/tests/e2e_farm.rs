@@ -4,7 +4,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
@@ -23,6 +24,7 @@ fn services() -> Vec<FarmService> {
     vec![
         FarmService {
             name: "web".into(),
+            vip: IpAddr::V4(FARM_VIP),
             port: WEB,
             hash: "5-tuple",
             forwarding: "farm",
@@ -30,6 +32,7 @@ fn services() -> Vec<FarmService> {
         },
         FarmService {
             name: "sticky".into(),
+            vip: IpAddr::V4(FARM_VIP),
             port: STICKY,
             hash: "src-ip",
             forwarding: "farm",
@@ -38,11 +41,19 @@ fn services() -> Vec<FarmService> {
     ]
 }
 
+/// Extra `[farm]` lines of a node (by tag).
+type Extra = Box<dyn Fn(&str) -> String>;
+
 struct Farm {
     rig: FarmRig,
     nodes: BTreeMap<String, FarmNode>,
-    _servers: Vec<IdentityServer>,
+    /// Identity servers by (node, port).
+    servers: BTreeMap<(String, u16), IdentityServer>,
     tags: Vec<String>,
+    services: Vec<FarmService>,
+    extra: Extra,
+    /// Address the identity servers bind (`0.0.0.0`, or `::` for dual-stack).
+    bind: IpAddr,
 }
 
 impl Farm {
@@ -55,9 +66,24 @@ impl Farm {
             id,
             &self.tags,
             &key,
-            &services(),
-            "",
+            &self.services,
+            &(self.extra)(tag),
         ))
+    }
+
+    /// (Re)start node `tag`'s identity server on `port`.
+    fn start_server(&mut self, tag: &str, port: u16) -> Result<()> {
+        let addr = SocketAddr::new(self.bind, port);
+        let srv = IdentityServer::start(&self.rig.ns(tag), addr, tag)?;
+        self.servers.insert((tag.into(), port), srv);
+        Ok(())
+    }
+
+    /// Stop node `tag`'s identity server on `port` (its farmlb keeps running).
+    fn stop_server(&mut self, tag: &str, port: u16) {
+        if let Some(mut s) = self.servers.remove(&(tag.to_string(), port)) {
+            s.stop();
+        }
     }
 
     fn start_node(&mut self, tag: &str) -> Result<()> {
@@ -84,21 +110,34 @@ impl Farm {
 }
 
 fn farm(prefix: &str) -> Result<Farm> {
+    farm_with(
+        prefix,
+        services(),
+        Box::new(|_| String::new()),
+        Ipv4Addr::UNSPECIFIED.into(),
+    )
+}
+
+/// Three farm nodes serving `services`, each with an identity server on every service port
+/// bound to `bind`, node configs extended by `extra`; returns once every node sees all three.
+fn farm_with(prefix: &str, services: Vec<FarmService>, extra: Extra, bind: IpAddr) -> Result<Farm> {
     let rig = FarmRig::farm(prefix, 3)?;
     let tags = rig.tags(Role::Farm);
-    let mut servers = Vec::new();
-    for t in &tags {
-        for port in [WEB, STICKY] {
-            let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-            servers.push(IdentityServer::start(&rig.ns(t), any, t)?);
-        }
-    }
+    let ports: BTreeSet<u16> = services.iter().map(|s| s.port).collect();
     let mut f = Farm {
         rig,
         nodes: BTreeMap::new(),
-        _servers: servers,
+        servers: BTreeMap::new(),
         tags: tags.clone(),
+        services,
+        extra,
+        bind,
     };
+    for t in &tags {
+        for &port in &ports {
+            f.start_server(t, port)?;
+        }
+    }
     for t in &tags {
         f.start_node(t)?;
     }
@@ -384,7 +423,7 @@ fn director_failover_keeps_serving() -> Result<()> {
     let directors = rig.tags(Role::Director);
     let mut servers = Vec::new();
     for b in &backends {
-        let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), WEB);
+        let any = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), WEB);
         servers.push(IdentityServer::start(&rig.ns(b), any, b)?);
     }
     // Directors must know the backends' MACs: warm their neighbour tables.
@@ -399,10 +438,11 @@ fn director_failover_keeps_serving() -> Result<()> {
     let key = rig.write_key(KEY)?;
     let svc = vec![FarmService {
         name: "web".into(),
+        vip: IpAddr::V4(FARM_VIP),
         port: WEB,
         hash: "5-tuple",
         forwarding: "dr",
-        backends: backends.iter().map(|b| rig.addr(b)).collect(),
+        backends: backends.iter().map(|b| IpAddr::V4(rig.addr(b))).collect(),
     }];
     let mut nodes = Vec::new();
     for (i, d) in directors.iter().enumerate() {
@@ -481,6 +521,650 @@ fn director_failover_keeps_serving() -> Result<()> {
         Ok(_) => println!("a connection opened before the failover still echoes (same backend)"),
         Err(e) => println!("note: pre-failover connection lost: {e:#}"),
     }
+    for n in &mut nodes {
+        n.stop()?;
+    }
+    drop(servers);
+    rig.down()
+}
+
+/// Poll `f` every 10 ms until it holds; the time it took, or an error after `within`.
+fn wait_until(
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if f()? {
+            return Ok(t0.elapsed());
+        }
+        ensure!(t0.elapsed() < within, "{what}: not within {within:?}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Node health: a node whose own service stops withdraws (power 0) while its farmlb keeps
+/// running. The check is the shared engine's tcp check, configured like a backend's.
+#[test]
+fn node_check_withdraws_a_node_whose_service_stops() -> Result<()> {
+    const INTERVAL_MS: u64 = 500;
+    const FALL: u64 = 2;
+    const RISE: u64 = 2;
+    let check = format!(
+        "check = {{ type = \"tcp\", interval = \"{INTERVAL_MS}ms\", timeout = \"300ms\", \
+         rise = {RISE}, fall = {FALL} }}\n"
+    );
+    let mut f = farm_with(
+        "ef4",
+        services(),
+        Box::new(move |_| check.clone()),
+        Ipv4Addr::UNSPECIFIED.into(),
+    )?;
+    for t in f.tags.clone() {
+        wait_until(Duration::from_secs(5), "nodes checked and healthy", || {
+            Ok(f.status(&t)
+                .is_ok_and(|s| s.healthy && s.power == 1 && s.last_check.is_some()))
+        })?;
+    }
+    let st = f.status("n3")?;
+    println!(
+        "n3: check {}; last {}",
+        st.check.clone().unwrap_or_default(),
+        st.last_check.clone().unwrap_or_default()
+    );
+    let sources = f.rig.client_sources();
+    let results = connect_many(&f.rig.ns_client(), vip(WEB), WEB, 150, &sources);
+    let (counts, failures) = tally(&results);
+    ensure!(failures.is_empty(), "before: {failures:?}\n{}", f.logs());
+    println!("before:\n{}", format_distribution(&counts));
+    ensure!(counts.len() == 3, "not every node served: {counts:?}");
+    let long: Vec<LongConn> = open_long(&f, 3)?;
+    let mut others: Vec<LongConn> = long.into_iter().filter(|c| c.identity() != "n3").collect();
+
+    // Stop n3's web server; its farmlb keeps running.
+    let limit = Duration::from_millis(FALL * INTERVAL_MS + INTERVAL_MS + 1500);
+    let (s3, s1) = (status_path(&f.rig, "n3"), status_path(&f.rig, "n1"));
+    let t0 = Instant::now();
+    f.stop_server("n3", WEB);
+    let watcher = thread::spawn(move || {
+        let (mut own, mut seen) = (None, None);
+        while t0.elapsed() < Duration::from_secs(10) && (own.is_none() || seen.is_none()) {
+            if own.is_none() && FarmStatus::read(&s3).is_ok_and(|s| !s.healthy && s.power == 0) {
+                own = Some(t0.elapsed());
+            }
+            if seen.is_none()
+                && FarmStatus::read(&s1)
+                    .is_ok_and(|s| s.members.iter().any(|m| m.node == 3 && m.power == 0))
+            {
+                seen = Some(t0.elapsed());
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        (own, seen)
+    });
+    let (mut last_bad, mut bad, mut streak, mut i) = (None::<Duration>, 0usize, 0usize, 0usize);
+    while streak < 60 && t0.elapsed() < limit + Duration::from_secs(3) {
+        let src = sources[i % sources.len()];
+        i += 1;
+        match try_identify(
+            &f.rig.ns_client(),
+            src,
+            SocketAddr::new(vip(WEB), WEB),
+            Duration::from_millis(300),
+        ) {
+            Ok(id) if id != "n3" => streak += 1,
+            _ => {
+                last_bad = Some(t0.elapsed());
+                bad += 1;
+                streak = 0;
+            }
+        }
+    }
+    let (own, seen) = watcher.join().expect("watcher");
+    let ms = |d: Option<Duration>| {
+        d.map_or("never".into(), |d| {
+            format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+        })
+    };
+    println!(
+        "n3's server stopped: n3 withdrew (unhealthy, power 0) after {}, n1 saw n3 at power 0 \
+         after {}; {bad} new connections failed, the last at {}; limit fall×interval + interval \
+         + 1.5 s = {} ms",
+        ms(own),
+        ms(seen),
+        ms(last_bad),
+        limit.as_millis()
+    );
+    ensure!(streak >= 60, "new connections kept failing\n{}", f.logs());
+    ensure!(
+        last_bad.unwrap_or_default() <= limit,
+        "new connections still reached n3 after {:?} (limit {limit:?})",
+        last_bad
+    );
+    ensure!(
+        own.is_some() && seen.is_some(),
+        "n3's withdrawal not published"
+    );
+    ensure!(
+        f.nodes.get_mut("n3").expect("n3").is_running(),
+        "n3's farmlb exited"
+    );
+    let results = connect_many(&f.rig.ns_client(), vip(WEB), WEB, 150, &sources);
+    let (counts, failures) = tally(&results);
+    println!("while n3 is unhealthy:\n{}", format_distribution(&counts));
+    ensure!(failures.is_empty(), "while n3 is down: {failures:?}");
+    ensure!(!counts.contains_key("n3"), "n3 still got new connections");
+    ensure!(counts.len() == 2, "n1 and n2 should share: {counts:?}");
+    for c in &mut others {
+        c.ping()
+            .with_context(|| format!("established connection on {} broke", c.identity()))?;
+    }
+    println!(
+        "{} established connections on n1/n2 still echo",
+        others.len()
+    );
+
+    // The server is back: after `rise` good checks n3 takes a share again.
+    let t1 = Instant::now();
+    f.start_server("n3", WEB)?;
+    let back = wait_until(
+        Duration::from_secs(10),
+        "n3 back at power 1 in n1's view",
+        || {
+            Ok(FarmStatus::read(&status_path(&f.rig, "n1"))
+                .is_ok_and(|s| s.members.iter().any(|m| m.node == 3 && m.power == 1)))
+        },
+    )?;
+    ensure!(f.status("n3")?.healthy);
+    println!(
+        "n3's server restarted: n1 sees n3 at power 1 again {:.0} ms later (rise {RISE} × {INTERVAL_MS} ms + phase)",
+        back.max(t1.elapsed()).as_secs_f64() * 1000.0
+    );
+    let results = connect_many(&f.rig.ns_client(), vip(WEB), WEB, 300, &sources);
+    let (counts, failures) = tally(&results);
+    println!("after n3 recovered:\n{}", format_distribution(&counts));
+    ensure!(failures.is_empty(), "after recovery: {failures:?}");
+    check_balance(&counts, 3, 0.25)?;
+    for c in &mut others {
+        c.ping()
+            .with_context(|| format!("connection on {} broke on recovery", c.identity()))?;
+    }
+    for n in f.nodes.values_mut() {
+        n.stop()?;
+    }
+    f.rig.down()
+}
+
+fn hook_file(prefix: &str, tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("farmlb-{prefix}-{tag}.hooks"))
+}
+
+/// One hook line: (event, wall-clock time, key=value fields).
+type HookLine = (String, f64, BTreeMap<String, String>);
+
+fn hook_lines(path: &Path) -> Vec<HookLine> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let ev = words.next()?.to_string();
+            let kv: BTreeMap<String, String> = words
+                .filter_map(|w| w.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let t = kv.get("t")?.parse().ok()?;
+            Some((ev, t, kv))
+        })
+        .collect()
+}
+
+fn wall() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// The first `event` line in `path` at or after `since` whose fields include `want`.
+fn find_hook(path: &Path, event: &str, since: f64, want: &[(&str, &str)]) -> Option<HookLine> {
+    hook_lines(path).into_iter().find(|(e, t, kv)| {
+        e == event
+            && *t >= since
+            && want
+                .iter()
+                .all(|(k, v)| kv.get(*k).map(String::as_str) == Some(*v))
+    })
+}
+
+/// User hooks: start, member down / up and ownership change reach the hooks with their
+/// environment when a node is killed and restarted; failing hooks (n2's all exit 1) are
+/// logged and change nothing.
+#[test]
+fn hooks_run_on_farm_events_and_failures_are_not_fatal() -> Result<()> {
+    const P: &str = "ef5";
+    for t in ["n1", "n2", "n3"] {
+        let _ = std::fs::remove_file(hook_file(P, t));
+    }
+    let extra: Extra = Box::new(|tag: &str| {
+        let file = hook_file(P, tag);
+        let line = format!(
+            "echo \"$FARMLB_EVENT t=$(date +%s.%N) node=$FARMLB_NODE member=${{FARMLB_MEMBER:-}} \
+             addr=${{FARMLB_MEMBER_ADDR:-}} members=$FARMLB_MEMBERS share=$FARMLB_SHARE \
+             old=${{FARMLB_OLD_SHARE:-}}\" >> {}",
+            file.display()
+        );
+        let cmd = if tag == "n2" {
+            format!("{line}; exit 1")
+        } else {
+            line
+        };
+        let mut s = String::from("\n[farm.hooks]\n");
+        for h in [
+            "on_start",
+            "on_stop",
+            "on_member_up",
+            "on_member_down",
+            "on_ownership_change",
+        ] {
+            s += &format!("{h} = '{cmd}'\n");
+        }
+        s
+    });
+    let mut f = farm_with(P, services(), extra, Ipv4Addr::UNSPECIFIED.into())?;
+    let files: BTreeMap<String, PathBuf> = f
+        .tags
+        .iter()
+        .map(|t| (t.clone(), hook_file(P, t)))
+        .collect();
+    for (t, file) in &files {
+        let id = &t[1..];
+        wait_until(
+            Duration::from_secs(5),
+            &format!("start hook of {t}"),
+            || Ok(find_hook(file, "start", 0.0, &[("node", id)]).is_some()),
+        )?;
+    }
+
+    // kill -9 n3: n1 and n2 run member_down (member 3) and ownership_change (their share
+    // grows from 1/3 to 1/2).
+    let killed = wall();
+    f.nodes.get_mut("n3").expect("n3").kill9()?;
+    let mut down_ms = Vec::new();
+    for t in ["n1", "n2"] {
+        let file = &files[t];
+        wait_until(
+            Duration::from_secs(5),
+            &format!("member_down hook on {t}"),
+            || Ok(find_hook(file, "member_down", killed, &[("member", "3")]).is_some()),
+        )
+        .with_context(|| f.logs())?;
+        let (_, at, kv) =
+            find_hook(file, "member_down", killed, &[("member", "3")]).expect("found");
+        ensure!(
+            kv["addr"] == format!("{}:{MEMBER_PORT}", f.rig.addr("n3")),
+            "{kv:?}"
+        );
+        ensure!(kv["members"] == "1,2", "{kv:?}");
+        down_ms.push(format!("{t} {:.0} ms", (at - killed) * 1000.0));
+        wait_until(
+            Duration::from_secs(3),
+            &format!("ownership_change on {t}"),
+            || Ok(find_hook(file, "ownership_change", killed, &[("share", "0.5000")]).is_some()),
+        )?;
+    }
+    println!(
+        "member_down hooks ran after kill -9 of n3: {}",
+        down_ms.join(", ")
+    );
+
+    // Restart n3: its start hook runs again, n1 and n2 run member_up and ownership_change.
+    let restarted = wall();
+    f.start_node("n3")?;
+    wait_members(&f, &f.tags.clone(), 3, Duration::from_secs(10))?;
+    let mut up_ms = Vec::new();
+    for t in ["n1", "n2"] {
+        let file = &files[t];
+        wait_until(
+            Duration::from_secs(5),
+            &format!("member_up hook on {t}"),
+            || {
+                Ok(
+                    find_hook(file, "member_up", restarted, &[("member", "3")]).is_some()
+                        && find_hook(file, "ownership_change", restarted, &[]).is_some(),
+                )
+            },
+        )?;
+        let (_, at, _) =
+            find_hook(file, "member_up", restarted, &[("member", "3")]).expect("found");
+        up_ms.push(format!("{t} {:.0} ms", (at - restarted) * 1000.0));
+    }
+    wait_until(Duration::from_secs(3), "n3's second start hook", || {
+        Ok(find_hook(&files["n3"], "start", restarted, &[("node", "3")]).is_some())
+    })?;
+    println!(
+        "member_up hooks ran after n3's restart: {}",
+        up_ms.join(", ")
+    );
+
+    // n2's hooks all failed: it is still running and serving.
+    ensure!(f.nodes.get_mut("n2").expect("n2").is_running(), "n2 exited");
+    ensure!(
+        f.nodes["n2"].log().contains("failed: exit status: 1"),
+        "n2's failing hooks were not logged:\n{}",
+        f.nodes["n2"].log()
+    );
+    thread::sleep(Duration::from_millis(300));
+    let results = connect_many(
+        &f.rig.ns_client(),
+        vip(WEB),
+        WEB,
+        90,
+        &f.rig.client_sources(),
+    );
+    let (counts, failures) = tally(&results);
+    ensure!(failures.is_empty(), "{failures:?}");
+    ensure!(counts.contains_key("n2"), "n2 stopped serving: {counts:?}");
+    println!(
+        "n2 (every hook exits 1) still serves:\n{}",
+        format_distribution(&counts)
+    );
+    // A failing stop hook does not make the daemon fail either.
+    f.nodes.get_mut("n2").expect("n2").stop()?;
+    ensure!(
+        find_hook(&files["n2"], "stop", restarted, &[("node", "2")]).is_some(),
+        "no stop hook"
+    );
+    for (t, file) in &files {
+        println!("--- hooks of {t} ---");
+        for (ev, _, kv) in hook_lines(file) {
+            println!(
+                "{ev:<17} member={:<2} members={:<6} share={} old={}",
+                kv.get("member").map_or("", |s| s),
+                kv.get("members").map_or("", |s| s),
+                kv.get("share").map_or("", |s| s),
+                kv.get("old").map_or("", |s| s)
+            );
+        }
+    }
+    for n in f.nodes.values_mut() {
+        n.stop()?;
+    }
+    f.rig.down()
+}
+
+/// IPv6 farm VIP: the client resolves the VIP with neighbour discovery (answered by the
+/// leader with the virtual MAC) and its connections spread over the nodes; after the
+/// leader dies the next one answers.
+#[test]
+fn farm_serves_an_ipv6_vip() -> Result<()> {
+    let svc = vec![
+        FarmService {
+            name: "web6".into(),
+            vip: IpAddr::V6(FARM_VIP6),
+            port: WEB,
+            hash: "5-tuple",
+            forwarding: "farm",
+            backends: vec![],
+        },
+        FarmService {
+            name: "web".into(),
+            vip: IpAddr::V4(FARM_VIP),
+            port: WEB,
+            hash: "5-tuple",
+            forwarding: "farm",
+            backends: vec![],
+        },
+    ];
+    let mut f = farm_with(
+        "ef6",
+        svc,
+        Box::new(|_| String::new()),
+        Ipv6Addr::UNSPECIFIED.into(),
+    )?;
+    let neigh = |f: &Farm| -> Result<String> {
+        Ok(lb_tests::netns::run(&[
+            "ip",
+            "-n",
+            &f.rig.ns_client(),
+            "-6",
+            "neigh",
+            "show",
+            &FARM_VIP6.to_string(),
+        ])?
+        .trim()
+        .to_string())
+    };
+    ensure!(neigh(&f)?.is_empty(), "client already knows the VIP");
+    let sources = f.rig.client_sources6();
+    let dst = SocketAddr::new(IpAddr::V6(FARM_VIP6), WEB);
+    let t0 = Instant::now();
+    let first = try_identify(&f.rig.ns_client(), sources[0], dst, Duration::from_secs(3))
+        .with_context(|| format!("first IPv6 connection\n{}", f.logs()))?;
+    println!(
+        "first IPv6 connection (neighbour discovery included): {first} in {:.1} ms; client \
+         neighbour entry: {}",
+        t0.elapsed().as_secs_f64() * 1000.0,
+        neigh(&f)?
+    );
+    ensure!(
+        neigh(&f)?.contains("lladdr 02:fa:4c:42:00:01"),
+        "the VIP must resolve to the virtual MAC: {}",
+        neigh(&f)?
+    );
+    let n = 300;
+    let results = connect_many(&f.rig.ns_client(), IpAddr::V6(FARM_VIP6), WEB, n, &sources);
+    let (counts, failures) = tally(&results);
+    println!(
+        "{n} IPv6 connections to [{FARM_VIP6}]:{WEB}:\n{}",
+        format_distribution(&counts)
+    );
+    ensure!(
+        failures.is_empty(),
+        "IPv6 failures: {failures:?}\n{}",
+        f.logs()
+    );
+    check_balance(&counts, 3, 0.35)?;
+    wait_until(Duration::from_secs(3), "n1's answer counter", || {
+        Ok(f.status("n1").is_ok_and(|s| s.arp_answered > 0))
+    })?;
+    let st = f.status("n1")?;
+    ensure!(st.role == "active", "n1 should answer: {st:?}");
+    for t in ["n2", "n3"] {
+        ensure!(f.status(t)?.arp_answered == 0, "standby {t} answered");
+    }
+    println!(
+        "n1 (leader) answered {} ARP/ND requests, standbys 0",
+        st.arp_answered
+    );
+    // The IPv4 VIP still works on the same (dual-stack) servers.
+    let results = connect_many(
+        &f.rig.ns_client(),
+        vip(WEB),
+        WEB,
+        60,
+        &f.rig.client_sources(),
+    );
+    let (_, failures) = tally(&results);
+    ensure!(failures.is_empty(), "IPv4 failures: {failures:?}");
+
+    // The leader dies: n2 takes over the answers. Forget the VIP on the client so it must
+    // ask again.
+    f.nodes.get_mut("n1").expect("n1").kill9()?;
+    f.rig.set_link("n1", false)?;
+    let rest = vec!["n2".to_string(), "n3".to_string()];
+    let gone = wait_members(&f, &rest, 2, Duration::from_secs(5))?;
+    lb_tests::netns::run(&[
+        "ip",
+        "-n",
+        &f.rig.ns_client(),
+        "-6",
+        "neigh",
+        "flush",
+        "dev",
+        "eth0",
+    ])?;
+    let t1 = Instant::now();
+    try_identify(&f.rig.ns_client(), sources[1], dst, Duration::from_secs(3))
+        .with_context(|| format!("IPv6 after the leader died\n{}", f.logs()))?;
+    let resolve = t1.elapsed();
+    let results = connect_many(
+        &f.rig.ns_client(),
+        IpAddr::V6(FARM_VIP6),
+        WEB,
+        150,
+        &sources,
+    );
+    let (counts, failures) = tally(&results);
+    ensure!(failures.is_empty(), "after the leader died: {failures:?}");
+    check_balance(&counts, 2, 0.35)?;
+    // The status file refreshes its counters every 2 s.
+    wait_until(Duration::from_secs(3), "n2 answering as the leader", || {
+        Ok(f.status("n2")
+            .is_ok_and(|s| s.role == "active" && s.arp_answered > 0))
+    })
+    .with_context(|| format!("{:?}", f.status("n2")))?;
+    println!(
+        "leader n1 killed: n2/n3 saw it gone after {:.0} ms; the client re-resolved the VIP \
+         through n2 and connected in {:.1} ms; 150 IPv6 connections:\n{}",
+        gone.as_secs_f64() * 1000.0,
+        resolve.as_secs_f64() * 1000.0,
+        format_distribution(&counts)
+    );
+    for n in f.nodes.values_mut() {
+        n.stop()?;
+    }
+    f.rig.down()
+}
+
+/// Director failover for an IPv6 VIP: the active director answers neighbour solicitations
+/// with its own MAC; when it dies the standby's unsolicited neighbour advertisement
+/// (override set) moves the client to the standby's MAC.
+#[test]
+fn director_failover_serves_an_ipv6_vip() -> Result<()> {
+    let mut rig = FarmRig::failover("ef7", 2, 3)?;
+    let backends = rig.tags(Role::Backend);
+    let directors = rig.tags(Role::Director);
+    let mut servers = Vec::new();
+    for b in &backends {
+        let any = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), WEB);
+        servers.push(IdentityServer::start(&rig.ns(b), any, b)?);
+    }
+    for d in &directors {
+        for b in &backends {
+            lb_tests::netns::exec(
+                &rig.ns(d),
+                &["ping", "-6", "-c1", "-W2", "-q", &rig.addr6(b).to_string()],
+            )?;
+        }
+    }
+    let key = rig.write_key(KEY)?;
+    let svc = vec![FarmService {
+        name: "web6".into(),
+        vip: IpAddr::V6(FARM_VIP6),
+        port: WEB,
+        hash: "5-tuple",
+        forwarding: "dr",
+        backends: backends.iter().map(|b| IpAddr::V6(rig.addr6(b))).collect(),
+    }];
+    let mut nodes = Vec::new();
+    for (i, d) in directors.iter().enumerate() {
+        let cfg = node_config(&rig, d, i as u32 + 1, &directors, &key, &svc, "");
+        nodes.push(FarmNode::start(&rig, d, &cfg)?);
+    }
+    let logs = |nodes: &Vec<FarmNode>| -> String {
+        nodes
+            .iter()
+            .map(|n| format!("--- {} ---\n{}", n.tag, n.log()))
+            .collect()
+    };
+    let neigh = || -> Result<String> {
+        Ok(lb_tests::netns::run(&[
+            "ip",
+            "-n",
+            &rig.ns_client(),
+            "-6",
+            "neigh",
+            "show",
+            &FARM_VIP6.to_string(),
+        ])?
+        .trim()
+        .to_string())
+    };
+    thread::sleep(Duration::from_millis(800));
+    let sources = rig.client_sources6();
+    let dst = SocketAddr::new(IpAddr::V6(FARM_VIP6), WEB);
+    let results = connect_many(&rig.ns_client(), dst.ip(), WEB, 60, &sources);
+    let (counts, failures) = tally(&results);
+    ensure!(
+        failures.is_empty(),
+        "before failover: {failures:?}\n{}",
+        logs(&nodes)
+    );
+    println!(
+        "IPv6 through the active director (client: {}):\n{}",
+        neigh()?,
+        format_distribution(&counts)
+    );
+    ensure!(counts.len() == 3, "not every backend served: {counts:?}");
+    ensure!(
+        neigh()?.contains("lladdr 02:99:00:00:00:03"),
+        "the VIP should resolve to d1's MAC: {}",
+        neigh()?
+    );
+
+    // kill -9 d1, link up (the switch keeps sending d1's MAC to the dead port): only d2's
+    // unsolicited advertisement moves the client.
+    let t0 = Instant::now();
+    nodes[0].kill9()?;
+    let mut first_ok = None;
+    let mut i = 0;
+    while t0.elapsed() < Duration::from_secs(6) {
+        let ok = try_identify(
+            &rig.ns_client(),
+            sources[i % sources.len()],
+            dst,
+            Duration::from_millis(100),
+        )
+        .is_ok();
+        i += 1;
+        if ok && first_ok.is_none() {
+            first_ok = Some(t0.elapsed());
+        }
+        if first_ok.is_some() && !ok {
+            first_ok = None;
+        }
+        if first_ok.is_some_and(|t| t0.elapsed() - t > Duration::from_millis(500)) {
+            break;
+        }
+    }
+    let gap = first_ok.context(format!(
+        "no IPv6 connection through the standby\n{}",
+        logs(&nodes)
+    ))?;
+    println!(
+        "IPv6 director failover: new connections resume {:.0} ms after kill -9 of the active \
+         director; client now: {}",
+        gap.as_secs_f64() * 1000.0,
+        neigh()?
+    );
+    ensure!(
+        neigh()?.contains("lladdr 02:99:00:00:00:04"),
+        "the VIP should now resolve to d2's MAC: {}",
+        neigh()?
+    );
+    let results = connect_many(&rig.ns_client(), dst.ip(), WEB, 60, &sources);
+    let (_, failures) = tally(&results);
+    ensure!(
+        failures.is_empty(),
+        "after failover: {failures:?}\n{}",
+        logs(&nodes)
+    );
+    ensure!(
+        gap <= Duration::from_millis(1500),
+        "failover gap {gap:?} > 1.5 s"
+    );
     for n in &mut nodes {
         n.stop()?;
     }

@@ -302,7 +302,13 @@ fn test() -> Result<()> {
     // The end-to-end tests run the daemon binary.
     run(cargo().args(["build", "-p", "lb-userspace"]))?;
 
-    let ws = ["--workspace", "--exclude", "lb-ebpf", "--no-fail-fast"];
+    let ws = [
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-features",
+        "--no-fail-fast",
+    ];
     let mut totals = Totals::default();
     let mut ok = true;
     // Unit tests in parallel; integration tests (network namespaces, XDP) one at a time, with

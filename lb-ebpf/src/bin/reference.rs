@@ -10,13 +10,19 @@
 //!   balancers see many flows, and transmits it (`XDP_TX` out of the device named in the
 //!   context). Live-frame pages are recycled without being reset, and a balancer that rewrites
 //!   MACs in place writes into them, so the generator rewrites both MACs every time.
+//! - `bench_redirect_xdp`: on the client's switch port, hands every frame straight to the
+//!   director's switch port (`bpf_redirect` to `REDIRECT_IFINDEX`), so generated frames reach
+//!   the director as raw frames, as from a NIC, instead of as bridged socket buffers.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::xdp_action, helpers::bpf_get_prandom_u32, macros::xdp, programs::XdpContext,
+        bindings::xdp_action,
+        helpers::{bpf_get_prandom_u32, bpf_redirect},
+        macros::xdp,
+        programs::XdpContext,
     };
 
     const ETH_HLEN: usize = 14;
@@ -84,6 +90,16 @@ mod prog {
             *p.add(sport + 1) = port[1];
         }
         xdp_action::XDP_TX
+    }
+
+    /// Interface `bench_redirect_xdp` sends every frame to, set by the loader.
+    #[unsafe(no_mangle)]
+    static REDIRECT_IFINDEX: u32 = 0;
+
+    #[xdp]
+    pub fn bench_redirect_xdp(_ctx: XdpContext) -> u32 {
+        // SAFETY: plain read-only global; helper call with valid arguments.
+        unsafe { bpf_redirect(core::ptr::read_volatile(&REDIRECT_IFINDEX), 0) as u32 }
     }
 
     #[panic_handler]

@@ -175,10 +175,11 @@ pub fn run(env: &BenchRig, plan: &Plan) -> Result<Section> {
     let added =
         |x: &Samples| -> Vec<f64> { x.lat.iter().zip(&direct.lat).map(|(a, d)| a - d).collect() };
     let (farm_added, ha_added) = (added(farm), added(ha));
+    // A ratio only means something when HAProxy measurably adds latency in that run.
     let added_ratio: Vec<f64> = farm_added
         .iter()
         .zip(&ha_added)
-        .map(|(f, h)| f / h)
+        .map(|(f, h)| if *h > 0.0 { f / h } else { f64::NAN })
         .collect();
 
     let mut s = Section::new("connections", "TCP connections through the balancer");
@@ -191,11 +192,14 @@ pub fn run(env: &BenchRig, plan: &Plan) -> Result<Section> {
     } else {
         String::new()
     };
-    let neg_note = if median(&farm_added) <= 0.0 {
-        "farmlb's added latency is within the noise of the direct path (≤ 0)"
-    } else {
-        ""
-    };
+    let mut lat_notes = Vec::new();
+    if median(&farm_added) <= 0.0 {
+        lat_notes.push("farmlb's added latency is within the noise of the direct path (≤ 0)");
+    }
+    if ha_added.iter().any(|h| *h <= 0.0) {
+        lat_notes.push("runs where HAProxy added no measurable latency have no ratio");
+    }
+    let neg_note = lat_notes.join("; ");
     s.metrics = vec![
         Metric::new("conn.rate", "TCP connections/s through farmlb", "conn/s")
             .value(Dist::new(farm.rate.clone()))
@@ -228,7 +232,8 @@ pub fn run(env: &BenchRig, plan: &Plan) -> Result<Section> {
         )
     };
     s.details = String::from(
-        "| path | connections/s (median [min–max]) | connect+first line µs (median of run medians [min–max]) | failed |\n|---|---|---|---|\n",
+        "| path | connections/s (median [min–max]) | connect+first line µs (median of run \
+         medians [min–max]) | failed |\n|---|---|---|---|\n",
     );
     s.details += &row("direct to backends", direct);
     s.details += &row("through farmlb", farm);
@@ -240,7 +245,8 @@ pub fn run(env: &BenchRig, plan: &Plan) -> Result<Section> {
          (`mode tcp`, `balance roundrobin` over the same backends, listening on the VIP \
          added to the director's `lo` for its turn), and direct connections to the backends \
          (round-robin, the latency floor). {runs} runs; each run measures the three targets \
-         in rotated order. Connections/s: {n} connections (connect, read the identity line, \
+         in rotated order. The backends run a minimal server that writes its identity line \
+         on accept and closes. Connections/s: {n} connections (connect, read the identity line, \
          close) from {th} client threads at once, bound to the client's 33 source addresses \
          in turn; rate = successful connections / wall time. Latency: {lat} sequential \
          connections, time from `connect()` to the first line; a run's sample is the median. \
@@ -249,7 +255,10 @@ pub fn run(env: &BenchRig, plan: &Plan) -> Result<Section> {
          so connections/s also includes the client's and backends' costs.",
         prefix = super::env::PREFIX,
         nb = super::env::BACKENDS,
-        ha = super::sys::first_line(&["haproxy", "-v"]),
+        ha = super::sys::first_line(&["haproxy", "-v"])
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or("(version unknown)"),
         runs = plan.runs,
         n = plan.conn_count,
         th = plan.conn_threads,

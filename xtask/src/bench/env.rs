@@ -2,16 +2,19 @@
 //! take turns on its director: farmlb, an nftables netdev balancer, HAProxy.
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::io::{ErrorKind, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lb_tests::{
-    farmlb_config, netns, start_on_backends, write_config, Daemon, IdentityServer, Rig, RigOpts,
-    Service, VIP_V4,
+    backend_id, farmlb_config, netns, write_config, Daemon, Rig, RigOpts, Service, VIP_V4,
 };
 
 /// Namespace prefix of the benchmark's rig.
@@ -24,21 +27,124 @@ pub const UDP_PORT: u16 = 9;
 
 pub struct BenchRig {
     pub rig: Rig,
-    servers: Vec<IdentityServer>,
+    /// One per backend (`None` only if a restart failed).
+    servers: Vec<Option<LineServer>>,
     config: PathBuf,
+    /// The same services, with HAProxy-like default TCP health checks on the TCP service.
+    checked_config: PathBuf,
+}
+
+/// Accepting threads per backend.
+const SERVER_THREADS: usize = 2;
+
+/// The benchmark's backend: on every connection, writes the backend's identity line and
+/// closes. (lb-tests' `IdentityServer` polls its listener every 2 ms, which would dominate
+/// the latencies measured here.)
+pub struct LineServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl LineServer {
+    pub fn start(ns: &str, port: u16, id: &str) -> Result<LineServer> {
+        let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+        let listener = netns::in_netns(ns, move || -> Result<TcpListener> {
+            let l = TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?
+        .with_context(|| format!("binding {addr} in {ns}"))?;
+        let listener = Arc::new(listener);
+        let stop = Arc::new(AtomicBool::new(false));
+        let line = format!("{id}\n");
+        let threads = (0..SERVER_THREADS)
+            .map(|_| {
+                let (l, stop, line) = (listener.clone(), stop.clone(), line.clone());
+                thread::spawn(move || serve(&l, &stop, line.as_bytes()))
+            })
+            .collect();
+        Ok(LineServer { stop, threads })
+    }
+}
+
+fn serve(l: &TcpListener, stop: &AtomicBool, line: &[u8]) {
+    let mut pfd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: one valid pollfd; wakes at once on a connection, else every 100 ms.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        match l.accept() {
+            Ok((mut s, _)) => {
+                let _ = s.set_nodelay(true);
+                let _ = s.write_all(line);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+impl LineServer {
+    /// Close the listener (idempotent); waits for the accepting threads to let it go.
+    pub fn stop(&self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.stopped() {
+            if Instant::now() > deadline {
+                bail!("backend server threads did not stop");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+}
+
+impl Drop for LineServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl BenchRig {
     pub fn up() -> Result<BenchRig> {
         let rig = Rig::up(RigOpts::new(PREFIX, BACKENDS))?;
-        let servers = start_on_backends(&rig, TCP_PORT)?;
+        let servers = (0..BACKENDS)
+            .map(|i| LineServer::start(&rig.ns_backend(i), TCP_PORT, &backend_id(i)).map(Some))
+            .collect::<Result<Vec<_>>>()?;
         let backends: Vec<IpAddr> = (0..BACKENDS)
             .map(|i| IpAddr::V4(rig.backend_v4(i)))
             .collect();
         let tcp = Service::tcp("web", IpAddr::V4(VIP_V4), TCP_PORT).backends(backends.clone());
         let mut udp = Service::tcp("sink", IpAddr::V4(VIP_V4), UDP_PORT).backends(backends);
         udp.protocol = "udp".into();
-        let config = write_config(&rig, &farmlb_config(&rig, &[tcp, udp]))?;
+        let text = farmlb_config(&rig, &[tcp, udp]);
+        let config = write_config(&rig, &text)?;
+        // Health checks with every timer at its default (interval 2 s, timeout 1 s, rise 2,
+        // fall 3) on the TCP service, for the failure benchmark.
+        let anchor = "name = \"web\"\n";
+        let at = text
+            .find(anchor)
+            .and_then(|i| text[i..].find("table_size = ").map(|j| i + j))
+            .and_then(|i| text[i..].find('\n').map(|j| i + j + 1))
+            .context("unexpected farmlb_config layout")?;
+        let checked = format!(
+            "{}check = {{ type = \"tcp\" }}\n{}",
+            &text[..at],
+            &text[at..]
+        );
+        let checked_config = std::env::temp_dir().join(format!("farmlb-{PREFIX}-checked.toml"));
+        fs::write(&checked_config, checked)
+            .with_context(|| format!("writing {}", checked_config.display()))?;
         // Many short connections: wide port ranges, reuse of TIME_WAIT ports.
         for ns in [rig.ns_client(), rig.ns_lb()] {
             rig.exec(
@@ -55,6 +161,7 @@ impl BenchRig {
             rig,
             servers,
             config,
+            checked_config,
         })
     }
 
@@ -85,6 +192,32 @@ impl BenchRig {
 
     pub fn start_farmlb(&self) -> Result<Daemon> {
         Daemon::start(&self.rig, &self.config)
+    }
+
+    /// farmlb with default TCP health checks on the TCP service.
+    pub fn start_farmlb_checked(&self) -> Result<Daemon> {
+        Daemon::start(&self.rig, &self.checked_config)
+    }
+
+    /// Stop backend `i`'s server: its listener is closed, so the kernel refuses connections
+    /// as after a crash. Returns once the listener is gone.
+    pub fn stop_backend(&self, i: usize) -> Result<()> {
+        match &self.servers[i] {
+            Some(s) => s.stop(),
+            None => Ok(()),
+        }
+    }
+
+    /// Start backend `i`'s server again if it was stopped.
+    pub fn restart_backend(&mut self, i: usize) -> Result<()> {
+        if self.servers[i].as_ref().is_none_or(LineServer::stopped) {
+            self.servers[i] = Some(LineServer::start(
+                &self.rig.ns_backend(i),
+                TCP_PORT,
+                &backend_id(i),
+            )?);
+        }
+        Ok(())
     }
 
     /// The nftables baseline: a netdev-ingress rule on the director's interface that picks a
@@ -123,11 +256,22 @@ impl BenchRig {
     /// HAProxy in `mode tcp` on the VIP (added to the director's `lo` while it runs),
     /// round-robin over the backends.
     pub fn start_haproxy(&self) -> Result<Haproxy<'_>> {
+        self.haproxy(false)
+    }
+
+    /// HAProxy with `check` on every server and its default timers (`inter 2s rise 2
+    /// fall 3`).
+    pub fn start_haproxy_checked(&self) -> Result<Haproxy<'_>> {
+        self.haproxy(true)
+    }
+
+    fn haproxy(&self, checks: bool) -> Result<Haproxy<'_>> {
+        let check = if checks { " check" } else { "" };
         let servers: String = self
             .backend_addrs()
             .iter()
             .enumerate()
-            .map(|(i, a)| format!("    server b{} {a}:{TCP_PORT}\n", i + 1))
+            .map(|(i, a)| format!("    server b{} {a}:{TCP_PORT}{check}\n", i + 1))
             .collect();
         let cfg = format!(
             "global\n    maxconn 5000\n\n\
@@ -170,9 +314,7 @@ impl BenchRig {
 
 impl Drop for BenchRig {
     fn drop(&mut self) {
-        for s in &mut self.servers {
-            s.stop();
-        }
+        self.servers.clear();
         let _ = self.rig.down();
     }
 }

@@ -2,7 +2,6 @@
 //! at the VIP; the director forwards them to the backends, which count and drop them at
 //! ingress. farmlb and an nftables netdev balancer take turns on the director.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -10,8 +9,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{TestRun, Xdp},
-    EbpfLoader, TestRunAttrs, TestRunOptions,
+    programs::{TestRun, Xdp, XdpMode},
+    Ebpf, EbpfLoader, TestRunAttrs, TestRunOptions,
 };
 use farmlb::packet::PacketBuilder;
 use lb_tests::{netns, VIP_V4};
@@ -29,8 +28,6 @@ const LB_CPU: usize = 1;
 /// Frames per live-frames batch, and runs per BPF_PROG_TEST_RUN call of the generator.
 const GEN_BATCH: u32 = 64;
 const GEN_CALL_RUNS: u32 = 1 << 16;
-/// bpffs pin of the XDP_PASS link on the client's switch port (removed at the end).
-const GEN_PASS_PIN: &str = "/sys/fs/bpf/farmlb-rig/bench-gen-pass";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lb {
@@ -45,10 +42,10 @@ struct RunResult {
     received: f64,
     /// Frames the director's receive ring refused (veth peer `tx dropped`).
     ring_dropped: f64,
-    /// Frames the director sent back out that the switch took (veth peer `rx packets`).
-    forwarded: f64,
-    /// Director output the switch port refused (veth peer `rx dropped`).
-    out_dropped: f64,
+    /// Frames the director sent back out that the switch port took (veth peer `rx packets`).
+    out_taken: f64,
+    /// Director output the switch port's ring refused (director `tx dropped`).
+    out_refused: f64,
     /// Frames the switch delivered to the backends' ports.
     delivered: f64,
     lb_thread_ns: f64,
@@ -57,8 +54,12 @@ struct RunResult {
 }
 
 impl RunResult {
+    /// Frames the director forwarded (sent out, whether or not the switch had room).
+    fn forwarded(&self) -> f64 {
+        self.out_taken + self.out_refused
+    }
     fn pps(&self) -> f64 {
-        self.forwarded / self.secs
+        self.forwarded() / self.secs
     }
     fn lb_ns_per_pkt(&self) -> f64 {
         self.lb_thread_ns / self.received
@@ -79,30 +80,39 @@ fn sink_script() -> String {
 }
 
 /// Rig changes for this benchmark (the rig is torn down afterwards, nothing is undone):
-/// backends drop the UDP flood at ingress; the client's switch port takes XDP frames; the
-/// director's interface always has a NAPI (GRO on, for the nftables case); the switch
-/// side of the director's link polls in its own kthread, so the director's NAPI thread
-/// only does the director's work.
-fn prepare(env: &BenchRig) -> Result<()> {
+/// backends drop the UDP flood at ingress; the director's interface always has a NAPI (GRO
+/// on, for the nftables case, which has no XDP program there); the switch side of the
+/// director's link polls in its own kthread, on the generator's CPU, so the director's NAPI
+/// thread does only the director's work and has the other CPU to itself. Returns the
+/// redirect program on the client's switch port, attached while it lives.
+fn prepare(env: &BenchRig) -> Result<Ebpf> {
     for i in 0..BACKENDS {
         env.nft(&env.rig.ns_backend(i), &sink_script())?;
     }
-    let sw = env.rig.ns_switch();
-    env.rig.exec(&sw, &["ethtool", "-K", "v-cl", "gro", "on"])?;
-    netns::in_netns(&sw, || {
-        farmlb::dataplane::attach_pass_pinned("v-cl", Path::new(GEN_PASS_PIN))
-    })??;
     env.rig
         .exec(&env.rig.ns_lb(), &["ethtool", "-K", "eth0", "gro", "on"])?;
-    // veth hands a forwarded skb to the peer's NAPI only if the sending side has no TSO
-    // (attaching XDP turns it off by itself); without this the nftables case would bypass
-    // the director's NAPI and run in the sender's backlog.
-    env.rig
-        .exec(&sw, &["ethtool", "-K", "v-lb", "tso", "off"])?;
-    // Everything but the director shares the generator's CPU; the director has the other.
+    let sw = env.rig.ns_switch();
     let vlb = sys::threaded_napi(&sw, "v-lb")?;
     sys::pin(vlb, GEN_CPU)?;
-    Ok(())
+    netns::in_netns(&sw, || -> Result<Ebpf> {
+        let name = std::ffi::CString::new("v-lb")?;
+        // SAFETY: NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no v-lb in the switch namespace");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global("REDIRECT_IFINDEX", &ifindex, true)
+            .load(farmlb::REFERENCE_OBJECT)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("bench_redirect_xdp")
+            .context("bench_redirect_xdp missing from the reference object")?
+            .try_into()?;
+        prog.load()?;
+        prog.attach("v-cl", XdpMode::Driver)
+            .context("attaching bench_redirect_xdp to v-cl")?;
+        Ok(ebpf)
+    })?
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6]> {
@@ -176,6 +186,8 @@ struct Snap {
     t: Instant,
     /// Counters of the director's switch port `v-lb` and the backends' ports.
     vlb: sys::LinkCounters,
+    /// The director's interface.
+    lb: sys::LinkCounters,
     backends: u64,
     lb_ns: u64,
     cpu: Vec<Vec<u64>>,
@@ -184,6 +196,11 @@ struct Snap {
 fn snap(env: &BenchRig, lb_pid: i32) -> Result<Snap> {
     let links = sys::link_counters(&env.rig.ns_switch())?;
     let t = Instant::now();
+    let lb = sys::link_counters(&env.rig.ns_lb())?
+        .into_iter()
+        .find(|(n, _)| n == env.rig.lb_iface())
+        .map(|(_, c)| c)
+        .context("no director interface")?;
     let lb_ns = sys::task_runtime_ns(lb_pid)?;
     let cpu = sys::cpu_times()?;
     let vlb = links
@@ -199,6 +216,7 @@ fn snap(env: &BenchRig, lb_pid: i32) -> Result<Snap> {
     Ok(Snap {
         t,
         vlb,
+        lb,
         backends,
         lb_ns,
         cpu,
@@ -230,8 +248,8 @@ fn measure(env: &BenchRig, lb: Lb, plan: &Plan, pkt: &[u8]) -> Result<RunResult>
             secs: (b.t - a.t).as_secs_f64(),
             received: d(|c| c.tx_packets),
             ring_dropped: d(|c| c.tx_dropped),
-            forwarded: d(|c| c.rx_packets),
-            out_dropped: d(|c| c.rx_dropped),
+            out_taken: d(|c| c.rx_packets),
+            out_refused: (b.lb.tx_dropped - a.lb.tx_dropped) as f64,
             delivered: (b.backends - a.backends) as f64,
             lb_thread_ns: (b.lb_ns - a.lb_ns) as f64,
             softirq_ns: sys::delta_ns(&a.cpu, &b.cpu, sys::SOFTIRQ),
@@ -247,14 +265,14 @@ fn measure(env: &BenchRig, lb: Lb, plan: &Plan, pkt: &[u8]) -> Result<RunResult>
     }
     generated?.context("generator")?;
     let r = res?;
-    if r.forwarded < 1000.0 || r.delivered < 1000.0 {
+    if r.forwarded() < 1000.0 || r.delivered < 1000.0 {
         bail!(
             "{lb:?}: in {:.1} s the director took in {} frames ({} refused by its ring) and \
              sent out {}; the backends got {}",
             r.secs,
             r.received,
             r.ring_dropped,
-            r.forwarded,
+            r.forwarded(),
             r.delivered
         );
     }
@@ -265,8 +283,9 @@ pub fn run(env: &BenchRig, plan: &Plan) -> Result<Section> {
     if sys::cpu_count() < 2 {
         bail!("needs 2 CPUs (generator and director on different CPUs)");
     }
-    let res = prepare(env).and_then(|()| measure_all(env, plan));
-    let _ = std::fs::remove_file(GEN_PASS_PIN);
+    let redirect = prepare(env)?;
+    let res = measure_all(env, plan);
+    drop(redirect);
     let (farm, nft) = res?;
     report(plan, &farm, &nft)
 }
@@ -286,10 +305,12 @@ fn measure_all(env: &BenchRig, plan: &Plan) -> Result<Runs> {
         for lb in order {
             let r = measure(env, lb, plan, &pkt).with_context(|| format!("run {run}, {lb:?}"))?;
             eprintln!(
-                "  run {run} {lb:?}: director in {:.0} pkt/s, out {:.0} pkt/s, backends got \
-                 {:.0} pkt/s; director {:.0} ns/pkt, thread {:.0}% busy",
+                "  run {run} {lb:?}: director in {:.0} pkt/s, out {:.0} pkt/s ({:.0} taken by \
+                 the switch), backends got {:.0} pkt/s; director {:.0} ns/pkt, thread {:.0}% \
+                 busy",
                 r.rate(r.received),
                 r.pps(),
+                r.rate(r.out_taken),
                 r.rate(r.delivered),
                 r.lb_ns_per_pkt(),
                 r.lb_busy() * 100.0
@@ -306,19 +327,29 @@ fn measure_all(env: &BenchRig, plan: &Plan) -> Result<Runs> {
 fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section> {
     let col = |v: &[RunResult], f: fn(&RunResult) -> f64| Dist::new(v.iter().map(f).collect());
     let busy_note = {
-        let fb = col(farm, RunResult::lb_busy).median() * 100.0;
-        let nb = col(nft, RunResult::lb_busy).median() * 100.0;
+        let med = |v: &[RunResult], f: &dyn Fn(&RunResult) -> f64| {
+            median(&v.iter().map(f).collect::<Vec<_>>())
+        };
+        let offered = |r: &RunResult| r.rate(r.received + r.ring_dropped);
+        let (fb, nb) = (
+            med(farm, &RunResult::lb_busy) * 100.0,
+            med(nft, &RunResult::lb_busy) * 100.0,
+        );
         if fb < 90.0 && nb < 90.0 {
             format!(
                 "neither director thread was saturated (farmlb {fb:.0}% busy, nftables \
-                 {nb:.0}%): the rate is set by the rest of the rig (generator, switch and \
-                 backends share the other CPU), so this ratio compares the rig with itself; \
-                 the director CPU per packet is the balancer-specific figure"
+                 {nb:.0}%) although the generator offered about {} (farmlb runs) and {} \
+                 (nftables runs) frames/s: the thread sleeps between bursts and its receive \
+                 ring overflows while it wakes up, so this rate measures how fast each \
+                 balancer drains bursts on this rig, not its full capacity; the director CPU \
+                 per packet is the balancer-specific figure",
+                num(med(farm, &offered)),
+                num(med(nft, &offered)),
             )
         } else if fb < 90.0 {
             format!(
                 "farmlb's director thread was {fb:.0}% busy (nftables {nb:.0}%): farmlb's rate \
-                 is bounded by the rest of the rig, not by farmlb"
+                 is bounded by the rig, not by farmlb"
             )
         } else {
             String::new()
@@ -346,20 +377,20 @@ fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section>
             "| {name} | {} | {} | {} | {} | {} | {:.0} | {:.0}% | {:.0} | {:.0} |\n",
             num(f(&|r| r.rate(r.received))),
             num(f(&|r| r.rate(r.ring_dropped))),
-            num(f(&|r| r.rate(r.forwarded))),
-            num(f(&|r| r.rate(r.out_dropped))),
+            num(f(&RunResult::pps)),
+            num(f(&|r| r.rate(r.out_refused))),
             num(f(&|r| r.rate(r.delivered))),
             f(&RunResult::lb_ns_per_pkt),
             f(&RunResult::lb_busy) * 100.0,
-            f(&|r| r.softirq_ns / r.forwarded),
-            f(&|r| (r.softirq_ns + r.system_ns) / r.forwarded),
+            f(&|r| r.softirq_ns / r.forwarded()),
+            f(&|r| (r.softirq_ns + r.system_ns) / r.forwarded()),
         )
     };
     s.details = String::from(
         "Medians over runs, per second unless noted. *In*: frames the director's NAPI took \
          in; *ring drops*: frames its receive ring refused; *out*: frames it sent back out \
-         that the switch port took (the forwarded rate above); *out refused*: output the \
-         switch port's ring refused; *backends*: frames the switch delivered to the backends. \
+         (the forwarded rate above); *out refused*: the part of *out* the switch port's ring \
+         had no room for; *backends*: frames the switch delivered to the backends. \
          *softirq*, *softirq+system*: all CPUs (/proc/stat, tick-sampled), per forwarded \
          packet; they include the generator, the switch and the backends.\n\n\
          | balancer | in | ring drops | out | out refused | backends | director ns/pkt | \
@@ -374,22 +405,27 @@ fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section>
          BPF_PROG_TEST_RUN in live-frames mode (`BPF_F_TEST_XDP_LIVE_FRAMES`, batch \
          {batch}) from a thread in the client namespace pinned to CPU {gen}, with the \
          client's `eth0` as ingress device: each frame (60-byte Ethernet/IPv4/UDP to \
-         VIP:{udp}, one of 1024 source ports) leaves with XDP_TX through the client's veth \
-         into the switch. The director forwards to the {nb} backends, whose netdev-ingress \
-         rule drops the flood. *Forwarded* = frames the director sent back out and the \
-         switch port took, during the window. Balancers, alternating A/B each run: farmlb \
-         (the daemon, XDP native mode on the director's veth) and nftables ({nft}) with the \
-         anchors' direct-routing rule in a netdev ingress chain on the same interface \
-         (`ether daddr set jhash ip saddr . udp sport mod {nb} map {{ backend MACs }} ether \
-         saddr set <director MAC> fwd to \"eth0\"`: same DR semantics, no NAT, no \
-         conntrack). The director's interface runs threaded NAPI, its kthread pinned to CPU \
-         {lbcpu}; the switch side of that link has its own NAPI thread, pinned to CPU {gen} \
-         with the generator, so the director has a CPU to itself and everything else \
-         shares the other. *Director CPU per packet* = run time of the director's NAPI \
-         kthread (`/proc/<pid>/schedstat`) / frames it took in: everything the director does per packet (for farmlb: veth's \
-         skb→XDP conversion, the program, XDP_TX; for nftables: GRO/skb receive, the \
-         netdev hook, `fwd`). {runs} runs × ({warm:.0} s warm-up + {win:.0} s window) per \
-         balancer.",
+         VIP:{udp}, one of 1024 source ports) leaves with XDP_TX through the client's veth. \
+         On the switch, `bench_redirect_xdp` hands it from the client's port straight to \
+         the director's port (XDP redirect), so it reaches the director as a raw frame, as \
+         from a NIC, not as a bridged socket buffer (which would force veth to convert it \
+         for XDP). The director's output goes through the bridge to the {nb} backends, \
+         whose netdev-ingress rule drops the flood. Balancers, alternating A/B each run: \
+         farmlb (the daemon, XDP native mode on the director's veth) and nftables ({nft}) \
+         with the anchors' direct-routing rule in a netdev ingress chain on the same \
+         interface (`ether daddr set jhash ip saddr . udp sport mod {nb} map {{ backend \
+         MACs }} ether saddr set <director MAC> fwd to \"eth0\"`: same DR semantics, no \
+         NAT, no conntrack). The director's interface runs threaded NAPI, its kthread \
+         pinned to CPU {lbcpu}; the switch side of that link has its own NAPI thread, \
+         pinned to CPU {gen} with the generator, so the director has a CPU to itself and \
+         everything else shares the other. *Forwarded packets/s* = frames the director \
+         sent back out (XDP_TX or `fwd`), counted on its interface, including those the \
+         switch port then had no room for. *Director CPU per packet* = run time of the \
+         director's NAPI kthread (`/proc/<pid>/schedstat`) / frames it took in, at the \
+         load the rig offers (a thread that sleeps between batches pays its wake-ups): all \
+         the director's per-packet work (farmlb: the program and XDP_TX; nftables: building \
+         the socket buffer, GRO, the netdev hook, `fwd`). {runs} runs × ({warm:.1} s \
+         warm-up + {win:.1} s window) per balancer.",
         prefix = super::env::PREFIX,
         batch = GEN_BATCH,
         gen = GEN_CPU,
@@ -408,8 +444,8 @@ fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section>
                     "secs": r.secs,
                     "director_in": r.received,
                     "director_ring_dropped": r.ring_dropped,
-                    "director_out": r.forwarded,
-                    "director_out_refused": r.out_dropped,
+                    "director_out": r.forwarded(),
+                    "director_out_refused": r.out_refused,
                     "backends_got": r.delivered,
                     "director_thread_ns": r.lb_thread_ns,
                     "softirq_ns_all_cpus": r.softirq_ns,

@@ -6,7 +6,8 @@
 //! 2. Forwarding on the namespace rig against an nftables balancer ([`forward`]).
 //! 3. TCP connections/s and added latency against HAProxy ([`conns`]).
 //! 4. Maglev build time and disruption ([`maglev`]).
-//! 5. Failure handling (needs health checks; reported as not available until they exist).
+//! 5. Failure handling: dead backend (against HAProxy's checks) and lost farm node
+//!    ([`failure`]).
 //!
 //! The command rebuilds xtask and the daemon with `--release` and re-runs itself from that
 //! build, so Maglev timings are of optimised code. It prints one line per metric and writes
@@ -14,10 +15,11 @@
 //! asserted.
 //!
 //! For work on the benchmark itself, `FARMLB_BENCH_ONLY=pkt,maglev,conn,fwd` (any subset)
-//! runs only those parts and prints their lines without writing the report.
+//! (and `fail`) runs only those parts and prints their lines without writing the report.
 
 mod conns;
 mod env;
+mod failure;
 mod forward;
 mod maglev;
 mod pkt;
@@ -50,6 +52,8 @@ pub struct Plan {
     pub lat_count: usize,
     pub maglev_builds: usize,
     pub removals: usize,
+    /// Runs of each failure scenario (each takes about 10 s).
+    pub failure_runs: usize,
 }
 
 impl Plan {
@@ -61,11 +65,12 @@ impl Plan {
                 repeat: 200_000,
                 fwd_warmup: Duration::from_millis(500),
                 fwd_window: Duration::from_millis(1500),
-                conn_count: 600,
+                conn_count: 4000,
                 conn_threads: 4,
-                lat_count: 150,
+                lat_count: 300,
                 maglev_builds: 5,
                 removals: 3,
+                failure_runs: 1,
             }
         } else {
             Plan {
@@ -74,11 +79,12 @@ impl Plan {
                 repeat: 2_000_000,
                 fwd_warmup: Duration::from_secs(1),
                 fwd_window: Duration::from_secs(4),
-                conn_count: 3000,
+                conn_count: 20000,
                 conn_threads: 4,
-                lat_count: 600,
+                lat_count: 2000,
                 maglev_builds: 15,
                 removals: 7,
+                failure_runs: 5,
             }
         }
     }
@@ -94,9 +100,9 @@ impl Plan {
     /// Rough length of the measuring part (not the build), for the banner.
     fn estimate(&self) -> &'static str {
         if self.quick {
-            "about 1.5 minutes"
+            "about 1 minute"
         } else {
-            "about 8 minutes"
+            "about 5 minutes"
         }
     }
 }
@@ -162,13 +168,18 @@ fn ensure_tools() -> Result<()> {
     Ok(())
 }
 
-/// A section that failed to run: its metrics, marked not available with the error.
-fn failed(
-    id: &'static str,
-    title: &'static str,
-    keys: &[(&str, &str)],
-    e: &anyhow::Error,
-) -> Section {
+/// A part of the benchmark: (name for FARMLB_BENCH_ONLY, section id, title, the metrics
+/// (key, name) reported as not available if it fails).
+type Part = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+/// A part that failed to run: its metrics, marked not available with the error.
+fn failed(p: Part, e: &anyhow::Error) -> Section {
+    let (_, id, title, keys) = p;
     eprintln!("xtask bench: {title}: {e:#}");
     let mut s = Section::new(id, title);
     let reason = format!("measurement failed: {e:#}");
@@ -177,28 +188,6 @@ fn failed(
         .map(|(k, n)| Metric::unavailable(k, n, &reason))
         .collect();
     s.method = reason;
-    s
-}
-
-fn failure_handling() -> Section {
-    let mut s = Section::new("failure", "Failure handling");
-    s.metrics = vec![
-        Metric::unavailable(
-            "fail.backend_kill_to_last_conn",
-            "Backend killed → last new connection sent to it",
-            "needs health checks (#3)",
-        ),
-        Metric::unavailable(
-            "fail.node_loss_redistribution",
-            "Farm node lost → traffic redistributed",
-            "needs farm mode",
-        ),
-    ];
-    s.method = "Needs health checks (#3), which farmlb does not have yet: without them a \
-                killed backend keeps its Maglev slots until the configuration changes, so \
-                there is no detection time to measure. Farm-mode redistribution likewise \
-                waits for farm mode."
-        .into();
     s
 }
 
@@ -261,7 +250,14 @@ fn measure(quick: bool) -> Result<()> {
     let plan = Plan::new(quick);
     let started = Instant::now();
     let started_utc = utc_now();
-    let machine = machine();
+    let mut machine = machine();
+    machine.push((
+        "runs".into(),
+        format!(
+            "{} per comparison (A/B alternating), {} per failure scenario",
+            plan.runs, plan.failure_runs
+        ),
+    ));
     eprintln!(
         "xtask bench: {} run, {} runs per comparison; takes {}",
         plan.mode(),
@@ -270,127 +266,94 @@ fn measure(quick: bool) -> Result<()> {
     );
 
     let only = std::env::var("FARMLB_BENCH_ONLY").ok();
-    let want = |part: &str| {
-        only.as_deref()
-            .is_none_or(|o| o.split(',').any(|x| x == part))
-    };
-    let skipped = |id, title| {
-        let mut s = Section::new(id, title);
-        s.metrics = vec![Metric::unavailable(
-            id,
-            title,
-            "skipped (FARMLB_BENCH_ONLY)",
-        )];
-        s
+    let want = |p: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == p));
+    // (part name, section id, title, metric keys and names reported if the part fails)
+    const PKT: Part = (
+        "pkt",
+        "per_packet",
+        "Per-packet cost (BPF_PROG_TEST_RUN)",
+        &[("pkt", "Per-packet cost")],
+    );
+    const FWD: Part = (
+        "fwd",
+        "forwarding",
+        "Forwarding on the veth rig",
+        &[
+            ("fwd.pps", "Forwarded packets/s, farmlb"),
+            ("fwd.lb_cpu_per_pkt", "Director CPU per packet, farmlb"),
+        ],
+    );
+    const CONN: Part = (
+        "conn",
+        "connections",
+        "TCP connections through the balancer",
+        &[
+            ("conn.rate", "TCP connections/s through farmlb"),
+            (
+                "conn.added_latency",
+                "Added connect+first-byte latency, farmlb",
+            ),
+        ],
+    );
+    const MAGLEV: Part = (
+        "maglev",
+        "maglev",
+        "Maglev table build and disruption",
+        &[("maglev", "Maglev build and disruption")],
+    );
+    const FAIL: Part = (
+        "fail",
+        "failure",
+        "Failure handling",
+        &[
+            (
+                "fail.backend_kill_to_last_conn",
+                "Backend killed → last new connection sent to it, farmlb",
+            ),
+            (
+                "fail.node_loss_redistribution",
+                "Farm node lost → last new connection sent to it",
+            ),
+        ],
+    );
+    let part = |p: Part, f: &mut dyn FnMut() -> Result<Section>| -> Section {
+        if !want(p.0) {
+            let mut s = Section::new(p.1, p.2);
+            s.metrics = vec![Metric::unavailable(p.1, p.2, "skipped (FARMLB_BENCH_ONLY)")];
+            return s;
+        }
+        f().unwrap_or_else(|e| failed(p, &e))
     };
 
-    let mut sections = Vec::new();
     eprintln!("xtask bench: [1/5] per-packet cost (BPF_PROG_TEST_RUN)");
-    let pkt_sec = if want("pkt") {
-        pkt::run(&plan)
-    } else {
-        Ok(skipped("per_packet", "Per-packet cost"))
-    };
-    sections.push(pkt_sec.unwrap_or_else(|e| {
-        failed(
-            "per_packet",
-            "Per-packet cost (BPF_PROG_TEST_RUN)",
-            &[("pkt", "Per-packet cost")],
-            &e,
-        )
-    }));
+    let pkt_sec = part(PKT, &mut || pkt::run(&plan));
     eprintln!("xtask bench: [2/5] Maglev");
-    let maglev_sec = if want("maglev") {
-        maglev::run(&plan)
-    } else {
-        Ok(skipped("maglev", "Maglev"))
-    };
-    sections.push(maglev_sec.unwrap_or_else(|e| {
-        failed(
-            "maglev",
-            "Maglev table build and disruption",
-            &[("maglev", "Maglev build and disruption")],
-            &e,
-        )
-    }));
-
-    eprintln!("xtask bench: setting up the rig `{}`", env::PREFIX);
-    let rig = if want("conn") || want("fwd") {
+    let maglev_sec = part(MAGLEV, &mut || maglev::run(&plan));
+    let rig = if want("conn") || want("fail") || want("fwd") {
+        eprintln!("xtask bench: setting up the rig `{}`", env::PREFIX);
         env::BenchRig::up()
     } else {
         Err(anyhow::anyhow!("skipped (FARMLB_BENCH_ONLY)"))
     };
-    let (conn_sec, fwd_sec) = match rig {
-        Ok(rig) => {
+    let (conn_sec, fail_sec, fwd_sec) = match rig {
+        Ok(mut rig) => {
             eprintln!("xtask bench: [3/5] TCP connections: farmlb vs HAProxy");
-            let c = if want("conn") {
-                conns::run(&rig, &plan)
-            } else {
-                Ok(skipped("connections", "TCP connections"))
-            };
-            let c = c.unwrap_or_else(|e| {
-                failed(
-                    "connections",
-                    "TCP connections through the balancer",
-                    &[
-                        ("conn.rate", "TCP connections/s through farmlb"),
-                        (
-                            "conn.added_latency",
-                            "Added connect+first-byte latency, farmlb",
-                        ),
-                    ],
-                    &e,
-                )
-            });
+            let c = part(CONN, &mut || conns::run(&rig, &plan));
+            eprintln!("xtask bench: [4/5] failure handling");
+            let fl = part(FAIL, &mut || failure::run(&mut rig, &plan));
             // Forwarding changes NAPI and offload settings of the rig: it runs last.
-            eprintln!("xtask bench: [4/5] forwarding: farmlb vs nftables");
-            let f = if want("fwd") {
-                forward::run(&rig, &plan)
-            } else {
-                Ok(skipped("forwarding", "Forwarding"))
-            };
-            let f = f.unwrap_or_else(|e| {
-                failed(
-                    "forwarding",
-                    "Forwarding on the veth rig",
-                    &[
-                        ("fwd.pps", "Forwarded packets/s, farmlb"),
-                        (
-                            "fwd.lb_cpu_per_pkt",
-                            "Director CPU per packet, farmlb",
-                        ),
-                    ],
-                    &e,
-                )
-            });
+            eprintln!("xtask bench: [5/5] forwarding: farmlb vs nftables");
+            let f = part(FWD, &mut || forward::run(&rig, &plan));
             drop(rig);
-            (c, f)
+            (c, fl, f)
         }
         Err(e) => {
             let e = e.context("setting up the rig");
-            (
-                failed(
-                    "connections",
-                    "TCP connections through the balancer",
-                    &[("conn", "TCP connections")],
-                    &e,
-                ),
-                failed(
-                    "forwarding",
-                    "Forwarding on the veth rig",
-                    &[("fwd", "Forwarding")],
-                    &e,
-                ),
-            )
+            (failed(CONN, &e), failed(FAIL, &e), failed(FWD, &e))
         }
     };
     // Report in the issue's order.
-    let maglev_sec = sections.pop().expect("pushed above");
-    sections.push(fwd_sec);
-    sections.push(conn_sec);
-    sections.push(maglev_sec);
-    eprintln!("xtask bench: [5/5] failure handling");
-    sections.push(failure_handling());
+    let sections = vec![pkt_sec, fwd_sec, conn_sec, maglev_sec, fail_sec];
 
     let duration = started.elapsed();
     let info = report::RunInfo {
@@ -400,10 +363,12 @@ fn measure(quick: bool) -> Result<()> {
         machine,
     };
     println!(
-        "\nfarmlb bench ({} run, {:.0} s; medians of {} alternating runs, [min–max])",
+        "\nfarmlb bench ({} run, {:.0} s; medians [min–max] of {} alternating runs, {} per \
+         failure scenario)",
         plan.mode(),
         duration.as_secs_f64(),
-        plan.runs
+        plan.runs,
+        plan.failure_runs
     );
     let (mut met, mut not_met, mut unavailable) = (0, 0, 0);
     for m in sections.iter().flat_map(|s| &s.metrics) {

@@ -155,12 +155,20 @@ pub fn svg(sections: &[Section]) -> String {
         .flat_map(|s| &s.metrics)
         .filter(|m| m.ratio.as_ref().is_some_and(|r| r.median().is_finite()))
         .collect();
-    let (label_w, plot_w, right_w, row_h, top) = (360.0, 420.0, 170.0, 26.0, 46.0);
+    let label = |m: &Metric| format!("{} (vs {})", m.name, m.baseline_name);
+    // About 6.7 px per character at 12 px sans-serif.
+    let longest = rows
+        .iter()
+        .map(|m| label(m).chars().count())
+        .max()
+        .unwrap_or(10);
+    let (label_w, plot_w, right_w, row_h, top) =
+        (longest as f64 * 6.7 + 16.0, 420.0, 250.0, 26.0, 46.0);
     let width = label_w + plot_w + right_w;
     let height = top + row_h * rows.len().max(1) as f64 + 40.0;
     // Axis: 0.01× … 100× unless the data needs more.
-    let mut lo: f64 = 0.01;
-    let mut hi: f64 = 100.0;
+    let mut lo: f64 = 0.1;
+    let mut hi: f64 = 10.0;
     for m in &rows {
         let r = m.ratio.as_ref().expect("filtered");
         for x in [r.min(), r.max()] {
@@ -194,7 +202,11 @@ pub fn svg(sections: &[Section]) -> String {
             top - 6.0,
             height - 30.0,
             height - 14.0,
-            num(v)
+            if e < 0.0 {
+                format!("{v:.*}", (-e) as usize)
+            } else {
+                format!("{v:.0}")
+            }
         );
         e += 1.0;
     }
@@ -219,13 +231,12 @@ pub fn svg(sections: &[Section]) -> String {
         } else {
             (x(med), one)
         };
-        let label = format!("{} (vs {})", m.name, m.baseline_name);
         let _ = writeln!(
             s,
             r##"<text x="{}" y="{}" text-anchor="end">{}</text>"##,
             label_w - 8.0,
             y + 16.0,
-            esc(&label)
+            esc(&label(m))
         );
         let _ = writeln!(
             s,

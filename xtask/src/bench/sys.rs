@@ -132,7 +132,6 @@ pub struct LinkCounters {
     pub tx_packets: u64,
     pub tx_dropped: u64,
     pub rx_packets: u64,
-    pub rx_dropped: u64,
 }
 
 /// Counters of every interface in namespace `ns`, by name.
@@ -150,7 +149,6 @@ pub fn link_counters(ns: &str) -> Result<Vec<(String, LinkCounters)>> {
                 tx_packets: g("tx", "packets"),
                 tx_dropped: g("tx", "dropped"),
                 rx_packets: g("rx", "packets"),
-                rx_dropped: g("rx", "dropped"),
             },
         ));
     }

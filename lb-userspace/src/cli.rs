@@ -36,8 +36,12 @@ pub struct CtlOpts {
 
 #[derive(Subcommand, Debug)]
 pub enum CtlCmd {
-    /// Services and backends: health, state, weights, last check, counters.
-    Status,
+    /// Services and backends: health, state, weights, last check, counters. With `--config`
+    /// naming a farm node's file: members, their state and power, and this node's share.
+    Status {
+        #[arg(long, short)]
+        config: Option<std::path::PathBuf>,
+    },
     /// Data-plane counters; with --watch, refreshed with per-second rates.
     Stats {
         /// Refresh every SECONDS (default 1) until interrupted.
@@ -190,7 +194,7 @@ fn json_arg(s: &Option<String>, what: &str) -> Result<Option<Value>> {
 pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
     let c = Client::new(&opts.socket);
     match cmd {
-        CtlCmd::Status => {
+        CtlCmd::Status { .. } => {
             let v = c.call("GET", "/v1/status", None).await?;
             if opts.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);

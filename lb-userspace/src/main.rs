@@ -26,7 +26,8 @@ enum Cmd {
     /// Operator commands, talking to the running daemon's API socket.
     #[command(flatten)]
     Ctl(farmlb::cli::CtlCmd),
-    /// Farm mode: members, their state and power, and this node's share.
+    /// Farm mode: members, their state and power, and this node's share (the same as
+    /// `farmlb status --config FILE` for a farm node).
     #[command(name = "farm-status")]
     Status {
         #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
@@ -53,6 +54,12 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(farmlb::daemon::run(&config))),
+        // A farm node has no API socket: its status comes from the node's status file.
+        Cmd::Ctl(farmlb::cli::CtlCmd::Status {
+            config: Some(config),
+        }) if farmlb::config::Config::load(&config).is_ok_and(|c| c.farm.is_some()) => {
+            farmlb::farm::status(&config, cli.ctl.json).map(|s| print!("{s}"))
+        }
         Cmd::Ctl(cmd) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -258,7 +258,17 @@ fn farm_balances_survives_failure_and_rejoin() -> Result<()> {
     ensure!(failures.is_empty(), "failures: {failures:?}\n{}", f.logs());
     check_balance(&counts, 3, 0.25)?;
     check_sticky(&f)?;
-    println!("{}", lb_userspace_status(&f, "n1")?);
+    let status = lb_userspace_status(&f, "n1")?;
+    println!("{status}");
+    // `farmlb status --config` lists every member alive with its power and share.
+    ensure!(
+        status
+            .lines()
+            .filter(|l| l.contains(":4800") && l.contains("alive"))
+            .count()
+            == 3,
+        "status should list 3 alive members:\n{status}"
+    );
 
     // Long-lived connections on every node.
     let mut long = open_long(&f, 4)?;
@@ -371,7 +381,7 @@ fn farm_balances_survives_failure_and_rejoin() -> Result<()> {
 fn lb_userspace_status(f: &Farm, tag: &str) -> Result<String> {
     let out = lb_tests::netns::run(&[
         &lb_tests::farmlb_bin().to_string_lossy(),
-        "farm-status",
+        "status",
         "--config",
         &f.nodes[tag].config_path.to_string_lossy(),
     ])?;

@@ -64,6 +64,49 @@ impl Maps for crate::dataplane::Dataplane {
     }
 }
 
+/// Writes every update to two map sets: datapath tests program the kernel and the reference
+/// model in one `apply` so both hold exactly the same state.
+pub struct Tee<'a, A, B>(pub &'a mut A, pub &'a mut B);
+
+impl<A: Maps, B: Maps> Maps for Tee<'_, A, B> {
+    fn set_config(&mut self, c: &GlobalConfig) -> Result<()> {
+        self.0.set_config(c)?;
+        self.1.set_config(c)
+    }
+    fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> Result<()> {
+        self.0.set_service(k, i)?;
+        self.1.set_service(k, i)
+    }
+    fn remove_service(&mut self, k: &ServiceKey) -> Result<()> {
+        self.0.remove_service(k)?;
+        self.1.remove_service(k)
+    }
+    fn set_vip_addr(&mut self, a: &Addr) -> Result<()> {
+        self.0.set_vip_addr(a)?;
+        self.1.set_vip_addr(a)
+    }
+    fn remove_vip_addr(&mut self, a: &Addr) -> Result<()> {
+        self.0.remove_vip_addr(a)?;
+        self.1.remove_vip_addr(a)
+    }
+    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
+        self.0.set_backend(id, b)?;
+        self.1.set_backend(id, b)
+    }
+    fn write_ring(&mut self, o: u32, s: &[(u32, u32)]) -> Result<()> {
+        self.0.write_ring(o, s)?;
+        self.1.write_ring(o, s)
+    }
+    fn reset_backend_counter(&mut self, id: u32) -> Result<()> {
+        self.0.reset_backend_counter(id)?;
+        self.1.reset_backend_counter(id)
+    }
+    fn reset_service_counter(&mut self, id: u32) -> Result<()> {
+        self.0.reset_service_counter(id)?;
+        self.1.reset_service_counter(id)
+    }
+}
+
 /// Finds a backend's MAC address (DR rewrites the destination MAC only).
 pub trait MacResolver {
     fn resolve(&mut self, ip: IpAddr) -> Result<[u8; 6]>;

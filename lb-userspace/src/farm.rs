@@ -41,6 +41,13 @@ pub trait FarmMaps: Maps {
     fn set_farm(&mut self, f: &FarmConfig) -> Result<()>;
 }
 
+impl<A: FarmMaps, B: FarmMaps> FarmMaps for crate::director::Tee<'_, A, B> {
+    fn set_farm(&mut self, f: &FarmConfig) -> Result<()> {
+        self.0.set_farm(f)?;
+        self.1.set_farm(f)
+    }
+}
+
 impl FarmMaps for Dataplane {
     fn set_farm(&mut self, f: &FarmConfig) -> Result<()> {
         Dataplane::set_farm(self, f)

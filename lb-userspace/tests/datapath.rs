@@ -8,48 +8,12 @@ use std::time::Duration;
 
 use farmlb::config::Config;
 use farmlb::dataplane::{Dataplane, LoadOpts};
-use farmlb::director::{addr_of, Director, Maps};
+use farmlb::director::{addr_of, Director, Tee};
 use farmlb::model::{Action, Model};
 use farmlb::packet::{arp_request, PacketBuilder, TCP_ACK, TCP_SYN};
-use lb_common::{
-    Addr, Backend, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, PROTO_TCP, PROTO_UDP,
-};
+use lb_common::{FlowKey, ServiceInfo, Stat, PROTO_TCP, PROTO_UDP};
 
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
-
-/// Writes every map update to both the kernel and the model.
-struct Both<'a>(&'a mut Dataplane, &'a mut Model);
-
-impl Maps for Both<'_> {
-    fn set_config(&mut self, c: &GlobalConfig) -> anyhow::Result<()> {
-        self.0.set_config(c)?;
-        Maps::set_config(self.1, c)
-    }
-    fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> anyhow::Result<()> {
-        self.0.set_service(k, i)?;
-        Maps::set_service(self.1, k, i)
-    }
-    fn remove_service(&mut self, k: &ServiceKey) -> anyhow::Result<()> {
-        self.0.remove_service(k)?;
-        Maps::remove_service(self.1, k)
-    }
-    fn set_vip_addr(&mut self, a: &Addr) -> anyhow::Result<()> {
-        self.0.set_vip_addr(a)?;
-        Maps::set_vip_addr(self.1, a)
-    }
-    fn remove_vip_addr(&mut self, a: &Addr) -> anyhow::Result<()> {
-        self.0.remove_vip_addr(a)?;
-        Maps::remove_vip_addr(self.1, a)
-    }
-    fn set_backend(&mut self, id: u32, b: &Backend) -> anyhow::Result<()> {
-        self.0.set_backend(id, b)?;
-        Maps::set_backend(self.1, id, b)
-    }
-    fn write_ring(&mut self, o: u32, s: &[(u32, u32)]) -> anyhow::Result<()> {
-        self.0.write_ring(o, s)?;
-        Maps::write_ring(self.1, o, s)
-    }
-}
 
 fn mac_for(ip: IpAddr) -> [u8; 6] {
     let a = addr_of(ip);
@@ -163,11 +127,7 @@ impl Fixture {
             }
         }
         self.director
-            .apply(
-                cfg,
-                &mut Both(&mut self.dp, &mut self.model),
-                &mut self.macs,
-            )
+            .apply(cfg, &mut Tee(&mut self.dp, &mut self.model), &mut self.macs)
             .expect("apply config");
     }
 

@@ -8,66 +8,17 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 
 use farmlb::config::Config;
 use farmlb::dataplane::{Dataplane, LoadOpts};
-use farmlb::director::{addr_of, Director, Maps};
-use farmlb::farm::{FarmMaps, FarmTables, Member};
+use farmlb::director::{addr_of, Director, Maps, Tee};
+use farmlb::farm::{FarmTables, Member};
 use farmlb::model::{Action, Model};
 use farmlb::packet::{PacketBuilder, TCP_ACK, TCP_PSH};
 use lb_common::{
-    member_slot, Addr, Backend, FarmConfig, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat,
-    FWD_FARM, PROTO_TCP, PROTO_UDP,
+    member_slot, FlowKey, ServiceInfo, ServiceKey, Stat, FWD_FARM, PROTO_TCP, PROTO_UDP,
 };
 
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x21];
 const VMAC: [u8; 6] = [0x02, 0xfa, 0x4c, 0x42, 0, 1];
 const CLIENT_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 0x02];
-
-struct Both<'a>(&'a mut Dataplane, &'a mut Model);
-
-impl Maps for Both<'_> {
-    fn set_config(&mut self, c: &GlobalConfig) -> anyhow::Result<()> {
-        self.0.set_config(c)?;
-        Maps::set_config(self.1, c)
-    }
-    fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> anyhow::Result<()> {
-        self.0.set_service(k, i)?;
-        Maps::set_service(self.1, k, i)
-    }
-    fn remove_service(&mut self, k: &ServiceKey) -> anyhow::Result<()> {
-        self.0.remove_service(k)?;
-        Maps::remove_service(self.1, k)
-    }
-    fn set_vip_addr(&mut self, a: &Addr) -> anyhow::Result<()> {
-        self.0.set_vip_addr(a)?;
-        Maps::set_vip_addr(self.1, a)
-    }
-    fn remove_vip_addr(&mut self, a: &Addr) -> anyhow::Result<()> {
-        self.0.remove_vip_addr(a)?;
-        Maps::remove_vip_addr(self.1, a)
-    }
-    fn set_backend(&mut self, id: u32, b: &Backend) -> anyhow::Result<()> {
-        self.0.set_backend(id, b)?;
-        Maps::set_backend(self.1, id, b)
-    }
-    fn write_ring(&mut self, o: u32, s: &[(u32, u32)]) -> anyhow::Result<()> {
-        self.0.write_ring(o, s)?;
-        Maps::write_ring(self.1, o, s)
-    }
-    fn reset_service_counter(&mut self, id: u32) -> anyhow::Result<()> {
-        Maps::reset_service_counter(self.0, id)?;
-        Maps::reset_service_counter(self.1, id)
-    }
-    fn reset_backend_counter(&mut self, id: u32) -> anyhow::Result<()> {
-        Maps::reset_backend_counter(self.0, id)?;
-        Maps::reset_backend_counter(self.1, id)
-    }
-}
-
-impl FarmMaps for Both<'_> {
-    fn set_farm(&mut self, f: &FarmConfig) -> anyhow::Result<()> {
-        FarmMaps::set_farm(self.0, f)?;
-        FarmMaps::set_farm(self.1, f)
-    }
-}
 
 const CONFIG: &str = r#"
 interface = "eth0"
@@ -128,7 +79,7 @@ impl Fixture {
         let mut director = Director::new(dp.ring_slots(), OWN_MAC);
         let mut macs: HashMap<IpAddr, [u8; 6]> = HashMap::new();
         director
-            .apply(&cfg, &mut Both(&mut dp, &mut model), &mut macs)
+            .apply(&cfg, &mut Tee(&mut dp, &mut model), &mut macs)
             .expect("apply config");
         let mut f = Fixture {
             dp,
@@ -145,7 +96,7 @@ impl Fixture {
             .apply(
                 &self.director,
                 &members(nodes),
-                &mut Both(&mut self.dp, &mut self.model),
+                &mut Tee(&mut self.dp, &mut self.model),
             )
             .expect("farm tables");
     }
@@ -303,7 +254,7 @@ fn established_socket_keeps_its_flow_but_a_listener_does_not() {
         fwd_mode: FWD_FARM,
         ..web
     };
-    Both(&mut f.dp, &mut f.model)
+    Tee(&mut f.dp, &mut f.model)
         .set_service(&key, &info)
         .unwrap();
     // Make sure another node owns everything: only the socket can keep the flow here.

@@ -352,3 +352,34 @@ impl Model {
             .unwrap_or(NO_BACKEND)
     }
 }
+
+/// Run `pkt` through the loaded program (BPF_PROG_TEST_RUN) and through `model` at `now_ns`,
+/// and check they agree on verdict, output bytes and exactly which counters moved. Datapath
+/// tests and fuzzers call this; an `Err` says what differed.
+pub fn run_both(
+    dp: &mut crate::dataplane::Dataplane,
+    model: &mut Model,
+    pkt: &[u8],
+    now_ns: u64,
+) -> anyhow::Result<(Decision, Vec<u8>)> {
+    let before = dp.stats()?;
+    let (action, out) = dp.test_run(pkt)?;
+    let after = dp.stats()?;
+    let (d, model_out) = model.process(pkt, now_ns);
+    anyhow::ensure!(
+        action == d.action.xdp(),
+        "verdict {action} differs from model: {d:?}"
+    );
+    anyhow::ensure!(out == model_out, "output bytes differ from model ({d:?})");
+    let mut expect = [0u64; Stat::COUNT as usize];
+    expect[d.reason as usize] += 1;
+    if let Some(ct) = d.ct {
+        expect[ct as usize] += 1;
+    }
+    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    anyhow::ensure!(
+        delta == expect,
+        "counter deltas {delta:?}, model expects {expect:?} ({d:?})"
+    );
+    Ok((d, out))
+}

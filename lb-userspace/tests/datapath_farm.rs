@@ -10,7 +10,7 @@ use farmlb::config::Config;
 use farmlb::dataplane::{Dataplane, LoadOpts};
 use farmlb::director::{addr_of, Director, Maps, Tee};
 use farmlb::farm::{FarmTables, Member};
-use farmlb::model::{Action, Model};
+use farmlb::model::{run_both, Action, Model};
 use farmlb::packet::{PacketBuilder, TCP_ACK, TCP_PSH};
 use lb_common::{
     member_slot, FlowKey, ServiceInfo, ServiceKey, Stat, FWD_FARM, PROTO_TCP, PROTO_UDP,
@@ -103,19 +103,8 @@ impl Fixture {
 
     /// One packet through kernel and model; they must agree on verdict, bytes and counters.
     fn run(&mut self, pkt: &[u8]) -> (Action, Stat, Vec<u8>) {
-        let before = self.dp.stats().unwrap();
-        let (action, out) = self.dp.test_run(pkt).expect("test run");
-        let after = self.dp.stats().unwrap();
-        let (d, model_out) = self.model.process(pkt, monotonic_ns());
-        assert_eq!(action, d.action.xdp(), "verdict differs from model: {d:?}");
-        assert_eq!(out, model_out, "output bytes differ from model");
-        let mut expect = [0u64; Stat::COUNT as usize];
-        expect[d.reason as usize] += 1;
-        if let Some(ct) = d.ct {
-            expect[ct as usize] += 1;
-        }
-        let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-        assert_eq!(delta, expect, "counter deltas (model decision {d:?})");
+        let (d, out) = run_both(&mut self.dp, &mut self.model, pkt, monotonic_ns())
+            .unwrap_or_else(|e| panic!("kernel and model disagree: {e:#}"));
         (d.action, d.reason, out)
     }
 }

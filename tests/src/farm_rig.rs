@@ -28,7 +28,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{daemon::farmlb_bin, netns};
+use crate::{
+    daemon::farmlb_bin,
+    netns,
+    rig::{ip_batch, plug_into_switch},
+};
 
 /// The farm's VIP (held by every farm node on `lo`).
 pub const FARM_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
@@ -56,12 +60,6 @@ pub struct FarmRig {
     /// (namespace suffix, last address byte, role)
     nodes: Vec<(String, u8, Role)>,
     up: bool,
-}
-
-fn ip_batch(ns: &str, batch: &str) -> Result<()> {
-    netns::run_with_input(&["ip", "-n", ns, "-batch", "-"], Some(batch))
-        .with_context(|| format!("ip -batch in {ns}:\n{batch}"))?;
-    Ok(())
 }
 
 /// Delete every namespace `{prefix}-*` (idempotent).
@@ -144,18 +142,7 @@ impl FarmRig {
                 "net.ipv6.conf.default.accept_dad=0",
             ],
         )?;
-        let sw = self.ns_switch();
-        let peer = format!("v-{tag}");
-        let mac = format!("02:99:00:00:00:{host:02x}");
-        netns::run(&[
-            "ip", "-n", &sw, "link", "add", &peer, "type", "veth", "peer", "name", "eth0",
-            "address", &mac, "netns", ns,
-        ])?;
-        ip_batch(
-            &sw,
-            &format!("link set {peer} master br0\nlink set {peer} up\n"),
-        )?;
-        ip_batch(ns, "link set lo up\nlink set eth0 up\n")
+        plug_into_switch(&self.ns_switch(), ns, tag, host)
     }
 
     fn add(&mut self, tag: &str, host: u8, role: Role) -> Result<()> {

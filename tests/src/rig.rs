@@ -359,19 +359,7 @@ impl Rig {
             sysctl.extend_from_slice(BACKEND_SYSCTLS);
         }
         self.exec(ns, &sysctl)?;
-        let sw = self.ns_switch();
-        let peer = format!("v-{tag}");
-        let mac = format!("02:99:00:00:00:{host:02x}");
-        netns::run(&[
-            "ip", "-n", &sw, "link", "add", &peer, "type", "veth", "peer", "name", "eth0",
-            "address", &mac, "netns", ns,
-        ])?;
-        ip_batch(
-            &sw,
-            &format!("link set {peer} master br0\nlink set {peer} up\n"),
-        )?;
-        ip_batch(ns, "link set lo up\nlink set eth0 up\n")
-            .with_context(|| format!("bringing up {ns}"))
+        plug_into_switch(&self.ns_switch(), ns, tag, host)
     }
 
     fn configure_client(&self) -> Result<()> {
@@ -446,7 +434,23 @@ impl Drop for Rig {
     }
 }
 
-fn ip_batch(ns: &str, batch: &str) -> Result<()> {
+/// Give namespace `ns` an `eth0` (MAC `02:99:00:00:00:{host}`) whose peer `v-{tag}` is a port
+/// of `br0` in the switch namespace `sw`, and bring both up.
+pub(crate) fn plug_into_switch(sw: &str, ns: &str, tag: &str, host: u8) -> Result<()> {
+    let peer = format!("v-{tag}");
+    let mac = format!("02:99:00:00:00:{host:02x}");
+    netns::run(&[
+        "ip", "-n", sw, "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "address",
+        &mac, "netns", ns,
+    ])?;
+    ip_batch(
+        sw,
+        &format!("link set {peer} master br0\nlink set {peer} up\n"),
+    )?;
+    ip_batch(ns, "link set lo up\nlink set eth0 up\n").with_context(|| format!("bringing up {ns}"))
+}
+
+pub(crate) fn ip_batch(ns: &str, batch: &str) -> Result<()> {
     netns::run_with_input(&["ip", "-n", ns, "-batch", "-"], Some(batch))
         .with_context(|| format!("ip -batch in {ns}:\n{batch}"))?;
     Ok(())

@@ -6,6 +6,21 @@
 //! compute exactly the same value, so there is a single implementation.
 #![cfg_attr(not(test), no_std)]
 
+/// Names of the program and of every map, shared by the kernel object and the loader.
+pub mod maps {
+    pub const PROGRAM: &str = "farmlb_xdp";
+    pub const SERVICES: &str = "SERVICES";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const RING: &str = "RING";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CONFIG: &str = "CONFIG";
+    pub const STATS: &str = "STATS";
+    pub const SVC_STATS: &str = "SVC_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const FARM: &str = "FARM";
+}
+
 /// Addresses are 16 bytes on both sides; IPv4 is stored v4-mapped (`::ffff:a.b.c.d`).
 pub type Addr = [u8; 16];
 

@@ -45,6 +45,9 @@ pub struct StatusView {
     pub services: Vec<ServiceView>,
     /// Global data-plane counters by reason (`tx`, `drop_no_backend`, `ct_hit`, ...).
     pub stats: BTreeMap<String, u64>,
+    /// Farm role: members, role and share (absent on a node without `[farm]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub farm: Option<crate::farm::FarmStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,6 +57,9 @@ pub struct ServiceView {
     pub port: u16,
     pub protocol: String,
     pub hash: String,
+    /// `dr` or `farm`.
+    #[serde(default)]
+    pub forwarding: String,
     pub table_size: u32,
     /// The service's default check, summarised (`None`: backends are not checked).
     pub check: Option<String>,

@@ -36,9 +36,10 @@ pub struct CtlOpts {
 
 #[derive(Subcommand, Debug)]
 pub enum CtlCmd {
-    /// Services and backends: health, state, weights, last check, counters. With `--config`
-    /// naming a farm node's file: members, their state and power, and this node's share.
+    /// Services and backends: health, state, weights, last check, counters; on a farm node
+    /// also the members, their state and power, and this node's share.
     Status {
+        /// Ask the daemon running this config file (at its `api_socket`).
         #[arg(long, short)]
         config: Option<std::path::PathBuf>,
     },
@@ -192,7 +193,12 @@ fn json_arg(s: &Option<String>, what: &str) -> Result<Option<Value>> {
 
 /// Run one operator command.
 pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
-    let c = Client::new(&opts.socket);
+    // `status --config FILE` asks the daemon running FILE, at its `api_socket`.
+    let socket = match cmd {
+        CtlCmd::Status { config: Some(path) } => crate::config::Config::load(path)?.api_socket,
+        _ => opts.socket.clone(),
+    };
+    let c = Client::new(&socket);
     match cmd {
         CtlCmd::Status { .. } => {
             let v = c.call("GET", "/v1/status", None).await?;
@@ -440,10 +446,11 @@ fn weight_str(b: &BackendView) -> String {
 }
 
 pub fn render_status(s: &StatusView) -> String {
+    let farm = s.farm.as_ref().map(|f| f.render()).unwrap_or_default();
     if s.services.is_empty() {
-        return "no services configured\n".into();
+        return format!("{farm}no services configured\n");
     }
-    let mut out = String::new();
+    let mut out = farm;
     let mut runtime = false;
     for svc in &s.services {
         let alarm = if !svc.backends.is_empty() && svc.backends_usable == 0 {
@@ -628,12 +635,14 @@ mod tests {
             bytes: 0,
         };
         let s = StatusView {
+            farm: None,
             services: vec![ServiceView {
                 name: "web".into(),
                 vip: "10.0.0.1".parse().unwrap(),
                 port: 80,
                 protocol: "tcp".into(),
                 hash: "5-tuple".into(),
+                forwarding: "dr".into(),
                 table_size: 7,
                 check: Some("tcp :80 every 2s timeout 1s rise 2 fall 3".into()),
                 backends_up: 0,

@@ -2325,3 +2325,80 @@ mod control_tests {
         }
     }
 }
+
+// --- TEMPORARY shims until the config split lands -------------------------------------
+pub use crate::farm_config::{FarmCfg, HooksCfg, MAX_POWER};
+
+impl CheckCfg {
+    /// `tcp :80 every 2s timeout 1s rise 2 fall 3`.
+    pub fn summary(&self) -> String {
+        let c = self;
+        let what = match &c.probe {
+            Probe::Tcp => format!("tcp :{}", c.port),
+            Probe::Http { path, status, .. } => {
+                format!("http :{}{path} {}-{}", c.port, status.0, status.1)
+            }
+            Probe::Udp { expect, .. } => match expect {
+                Some(e) => format!("udp :{} expect {e:?}", c.port),
+                None => format!("udp :{}", c.port),
+            },
+            Probe::Exec { dynamic, .. } => {
+                if *dynamic {
+                    "exec (dynamic)".to_string()
+                } else {
+                    "exec".to_string()
+                }
+            }
+        };
+        format!(
+            "{what} every {} timeout {} rise {} fall {}",
+            format_duration(c.interval),
+            format_duration(c.timeout),
+            c.rise,
+            c.fall
+        )
+    }
+}
+
+pub fn restart_needed(running: &Config, new: &Config) -> Result<(), String> {
+    let changed = |field: &str, a: String, b: String| {
+        Err(format!(
+            "{field}: changing it needs a restart (running {a}, new {b})"
+        ))
+    };
+    if new.interface != running.interface {
+        return changed(
+            "interface",
+            running.interface.clone(),
+            new.interface.clone(),
+        );
+    }
+    if new.conntrack_size != running.conntrack_size {
+        return changed(
+            "conntrack_size",
+            running.conntrack_size.to_string(),
+            new.conntrack_size.to_string(),
+        );
+    }
+    if new.api_socket != running.api_socket
+        || new.metrics_address != running.metrics_address
+        || new.xdp_mode != running.xdp_mode
+    {
+        return changed(
+            "api_socket/metrics_address/xdp_mode",
+            String::new(),
+            String::new(),
+        );
+    }
+    let strip = |f: &Option<FarmCfg>| {
+        f.clone().map(|f| FarmCfg {
+            check: None,
+            check_address: None,
+            ..f
+        })
+    };
+    if strip(&running.farm) != strip(&new.farm) {
+        return changed("farm", String::new(), String::new());
+    }
+    Ok(())
+}

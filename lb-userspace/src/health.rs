@@ -20,7 +20,21 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::{CheckCfg, Config, ExecCommand, Probe};
-use crate::director::Health;
+/// Health verdict of a backend. Unchecked backends are always `Up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Health {
+    Up,
+    Down,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
+}
 
 /// What one probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,7 +1,6 @@
 //! farmlb control plane library: the daemon and CLI in `main.rs` are thin wrappers over it.
 
 pub mod api;
-pub mod arp;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -11,9 +10,7 @@ pub mod farm;
 pub mod farm_config;
 pub mod health;
 pub mod maglev;
-pub mod membership;
 pub mod metrics;
-pub mod model;
 pub mod neigh;
 pub mod packet;
 

@@ -26,15 +26,12 @@ enum Cmd {
     /// Operator commands, talking to the running daemon's API socket.
     #[command(flatten)]
     Ctl(farmlb::cli::CtlCmd),
-    /// Farm mode: members, their state and power, and this node's share (the same as
-    /// `farmlb status --config FILE` for a farm node).
+    /// The same as `farmlb status --config FILE`: services, and on a farm node its members,
+    /// their state and power, and this node's share.
     #[command(name = "farm-status")]
     Status {
         #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
         config: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -54,18 +51,13 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(farmlb::daemon::run(&config))),
-        // A farm node has no API socket: its status comes from the node's status file.
-        Cmd::Ctl(farmlb::cli::CtlCmd::Status {
-            config: Some(config),
-        }) if farmlb::config::Config::load(&config).is_ok_and(|c| c.farm.is_some()) => {
-            farmlb::farm::status(&config, cli.ctl.json).map(|s| print!("{s}"))
-        }
-        Cmd::Ctl(cmd) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(farmlb::cli::run(&cli.ctl, &cmd))),
-        Cmd::Status { config, json } => farmlb::farm::status(&config, json).map(|s| print!("{s}")),
+        Cmd::Ctl(cmd) => ctl(&cli.ctl, &cmd),
+        Cmd::Status { config } => ctl(
+            &cli.ctl,
+            &farmlb::cli::CtlCmd::Status {
+                config: Some(config),
+            },
+        ),
         Cmd::CheckConfig { file } => farmlb::config::Config::load(&file)
             .map(|c| {
                 let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
@@ -85,4 +77,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Operator commands talk to the daemon's API socket.
+fn ctl(opts: &farmlb::cli::CtlOpts, cmd: &farmlb::cli::CtlCmd) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(farmlb::cli::run(opts, cmd))
 }

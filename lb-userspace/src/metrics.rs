@@ -419,12 +419,14 @@ mod tests {
             bytes: packets * 60,
         };
         StatusView {
+            farm: None,
             services: vec![ServiceView {
                 name: "web".into(),
                 vip: "10.0.0.1".parse().unwrap(),
                 port: 80,
                 protocol: "tcp".into(),
                 hash: "5-tuple".into(),
+                forwarding: "dr".into(),
                 table_size: 7,
                 check: None,
                 backends_up: 1,

@@ -1,13 +1,36 @@
 //! Backend MAC resolution from the kernel's neighbour table. Operators configure backend IPs
 //! only; DR needs their MACs, so we ask the kernel (ARP / NDP) like any other host would.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::director::MacResolver;
+/// Finds a backend's MAC address (DR rewrites the destination MAC only).
+pub trait MacResolver {
+    fn resolve(&mut self, ip: IpAddr) -> Result<[u8; 6]>;
+}
+
+/// Fixed MACs, for tests and the model.
+impl MacResolver for HashMap<IpAddr, [u8; 6]> {
+    fn resolve(&mut self, ip: IpAddr) -> Result<[u8; 6]> {
+        self.get(&ip)
+            .copied()
+            .with_context(|| format!("no MAC known for {ip}"))
+    }
+}
+
+/// Resolves every address (to the zero MAC): rehearsing a change must not wait for, or
+/// depend on, the neighbour table.
+pub struct AssumeResolved;
+
+impl MacResolver for AssumeResolved {
+    fn resolve(&mut self, _: IpAddr) -> Result<[u8; 6]> {
+        Ok([0; 6])
+    }
+}
 
 /// Resolves through the neighbour table of one interface.
 pub struct NeighResolver {

@@ -7,9 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use farmlb::config::Config;
+use farmlb::dataplane::model::{run_both, Action, Model};
+use farmlb::dataplane::{CounterKind, Tee};
 use farmlb::dataplane::{Dataplane, LoadOpts};
-use farmlb::director::{addr_of, Director, Tee};
-use farmlb::model::{run_both, Action, Model};
+use farmlb::director::{addr_of, Director};
 use farmlb::packet::{arp_request, PacketBuilder, TCP_ACK, TCP_SYN};
 use lb_common::{FlowKey, ServiceInfo, Stat, PROTO_TCP, PROTO_UDP};
 
@@ -525,14 +526,18 @@ fn per_service_and_backend_counters() {
         e.1 += pkt.len() as u64;
         total_bytes += pkt.len() as u64;
     }
-    let svc = f.dp.service_counter(f.service("web4").id).unwrap();
+    let svc =
+        f.dp.counter(CounterKind::Service, f.service("web4").id)
+            .unwrap();
     assert_eq!((svc.packets, svc.bytes), (50, total_bytes));
     for (id, (p, b)) in per_backend {
-        let c = f.dp.backend_counter(id).unwrap();
+        let c = f.dp.counter(CounterKind::Backend, id).unwrap();
         assert_eq!((c.packets, c.bytes), (p, b));
     }
     assert_eq!(
-        f.dp.service_counter(f.service("dns4").id).unwrap().packets,
+        f.dp.counter(CounterKind::Service, f.service("dns4").id)
+            .unwrap()
+            .packets,
         0
     );
 }

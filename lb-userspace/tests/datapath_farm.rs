@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 
 use farmlb::config::Config;
+use farmlb::dataplane::model::{run_both, Action, Model};
 use farmlb::dataplane::{Dataplane, LoadOpts};
-use farmlb::director::{addr_of, Director, Maps, Tee};
-use farmlb::farm::{FarmTables, Member};
-use farmlb::model::{run_both, Action, Model};
+use farmlb::dataplane::{Maps, Tee};
+use farmlb::director::{addr_of, Director, Member};
 use farmlb::packet::{PacketBuilder, TCP_ACK, TCP_PSH};
 use lb_common::{
     member_slot, FlowKey, ServiceInfo, ServiceKey, Stat, FWD_FARM, PROTO_TCP, PROTO_UDP,
@@ -57,7 +57,6 @@ struct Fixture {
     dp: Dataplane,
     model: Model,
     director: Director,
-    tables: FarmTables,
 }
 
 fn members(nodes: &[(u32, u32)]) -> Vec<Member> {
@@ -85,19 +84,14 @@ impl Fixture {
             dp,
             model,
             director,
-            tables: FarmTables::new(1),
         };
         f.members(&[(1, 1), (2, 1), (3, 1)]);
         f
     }
 
     fn members(&mut self, nodes: &[(u32, u32)]) {
-        self.tables
-            .apply(
-                &self.director,
-                &members(nodes),
-                &mut Tee(&mut self.dp, &mut self.model),
-            )
+        self.director
+            .set_members(&members(nodes), &mut Tee(&mut self.dp, &mut self.model))
             .expect("farm tables");
     }
 

@@ -396,12 +396,12 @@ fn membership_packets_with_a_wrong_key_are_ignored_and_counted() -> Result<()> {
     // Forged: right format, wrong key. Replayed: a correctly keyed datagram sent twice.
     let sent = in_netns(&f.rig.ns_client(), move || -> Result<()> {
         let s = std::net::UdpSocket::bind("10.99.0.2:0")?;
-        let mut wrong = farmlb::membership::Auth::new(b"not-the-farm-key-at-all".to_vec(), 9);
+        let mut wrong = farmlb::farm::membership::Auth::new(b"not-the-farm-key-at-all".to_vec(), 9);
         for _ in 0..5 {
             s.send_to(&wrong.seal(b"forged"), target)?;
         }
         s.send_to(b"garbage", target)?;
-        let mut right = farmlb::membership::Auth::new(KEY.as_bytes().to_vec(), 9);
+        let mut right = farmlb::farm::membership::Auth::new(KEY.as_bytes().to_vec(), 9);
         let pkt = right.seal(b"not swim");
         s.send_to(&pkt, target)?;
         s.send_to(&pkt, target)?;

@@ -1,6 +1,6 @@
 //! Pure-Rust reference model of the XDP program: same maps, same parse rules, same hash, same
 //! conntrack semantics. Datapath tests run packets through both and compare; fuzzers and the
-//! simulator reuse it. Keep it in step with `lb-ebpf/src/main.rs`.
+//! simulator reuse it. Keep it in step with `lb-ebpf/src/`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -9,7 +9,7 @@ use lb_common::{
     ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::director::Maps;
+use crate::dataplane::{CounterKind, Maps};
 
 /// What the program does with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,14 +68,15 @@ pub struct Model {
     pub sockets: HashSet<FlowKey>,
 }
 
-impl crate::farm::FarmMaps for Model {
+impl Maps for Model {
     fn set_farm(&mut self, f: &FarmConfig) -> anyhow::Result<()> {
         self.farm = *f;
         Ok(())
     }
-}
-
-impl Maps for Model {
+    fn reset_counter(&mut self, _: CounterKind, _: u32) -> anyhow::Result<()> {
+        // The model keeps no per-id counters.
+        Ok(())
+    }
     fn set_config(&mut self, cfg: &GlobalConfig) -> anyhow::Result<()> {
         self.config = *cfg;
         Ok(())
@@ -252,7 +253,7 @@ impl Model {
         }
     }
 
-    /// Farm branch: see `farm` in `lb-ebpf/src/main.rs`.
+    /// Farm branch: see `lb-ebpf/src/farm.rs`.
     fn farm(&mut self, svc: &ServiceInfo, flow: &FlowKey, syn: bool, now: u64) -> Decision {
         let own = self.farm.own_member;
         let pass = |reason| Decision {

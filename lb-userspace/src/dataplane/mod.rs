@@ -1,4 +1,5 @@
 //! Owns the loaded XDP program and its maps: the only place that talks to the kernel side.
+//! Every map is taken from the object once, as a typed handle, when the program loads.
 
 use std::time::Duration;
 
@@ -9,10 +10,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    Addr, Backend, Counter, CtEntry, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat,
+    maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo,
+    ServiceKey, Stat,
 };
 
-const PROGRAM: &str = "farmlb_xdp";
+mod maps;
+pub mod model;
+
+pub use maps::{CounterKind, DryRun, Maps, Tee};
 
 /// Sizes chosen by the control plane at load time.
 #[derive(Clone, Copy, Debug)]
@@ -49,10 +54,54 @@ impl From<AttachMode> for XdpMode {
     }
 }
 
+/// Typed handles on every map, taken from the object once at load.
+struct KernelMaps {
+    services: HashMap<MapData, ServiceKey, ServiceInfo>,
+    vip_addrs: HashMap<MapData, Addr, u32>,
+    ring: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    config: Array<MapData, GlobalConfig>,
+    farm: Array<MapData, FarmConfig>,
+    stats: PerCpuArray<MapData, u64>,
+    svc_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let m = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
+    T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl KernelMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            services: take(ebpf, names::SERVICES)?,
+            vip_addrs: take(ebpf, names::VIP_ADDRS)?,
+            ring: take(ebpf, names::RING)?,
+            backends: take(ebpf, names::BACKENDS)?,
+            conntrack: take(ebpf, names::CONNTRACK)?,
+            config: take(ebpf, names::CONFIG)?,
+            farm: take(ebpf, names::FARM)?,
+            stats: take(ebpf, names::STATS)?,
+            svc_stats: take(ebpf, names::SVC_STATS)?,
+            backend_stats: take(ebpf, names::BACKEND_STATS)?,
+        })
+    }
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
+    maps: KernelMaps,
     link: Option<XdpLinkId>,
     ring_slots: u32,
+    /// Possible CPUs: the length of every per-CPU value.
+    cpus: usize,
 }
 
 impl Dataplane {
@@ -60,19 +109,22 @@ impl Dataplane {
     pub fn load(opts: LoadOpts) -> Result<Self> {
         bump_memlock_rlimit();
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("RING", opts.ring_slots)
-            .map_max_entries("CONNTRACK", opts.conntrack_size)
+            .map_max_entries(names::RING, opts.ring_slots)
+            .map_max_entries(names::CONNTRACK, opts.conntrack_size)
             .load(crate::EBPF_OBJECT)
             .context("loading the XDP object")?;
         let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| anyhow!("program {PROGRAM} missing from object"))?
+            .program_mut(names::PROGRAM)
+            .ok_or_else(|| anyhow!("program {} missing from object", names::PROGRAM))?
             .try_into()?;
         prog.load().context("verifier rejected the XDP program")?;
+        let maps = KernelMaps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
+            maps,
             link: None,
             ring_slots: opts.ring_slots,
+            cpus: aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?,
         })
     }
 
@@ -82,7 +134,7 @@ impl Dataplane {
 
     fn prog(&mut self) -> &mut Xdp {
         self.ebpf
-            .program_mut(PROGRAM)
+            .program_mut(names::PROGRAM)
             .expect("checked at load")
             .try_into()
             .expect("checked at load")
@@ -110,80 +162,21 @@ impl Dataplane {
         Ok(())
     }
 
-    fn map(&mut self, name: &str) -> &mut aya::maps::Map {
-        self.ebpf
-            .map_mut(name)
-            .unwrap_or_else(|| panic!("map {name} missing from object"))
-    }
-
-    fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, ServiceInfo>> {
-        Ok(HashMap::try_from(self.map("SERVICES"))?)
-    }
-
-    pub fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
-        let mut a: Array<_, GlobalConfig> = Array::try_from(self.map("CONFIG"))?;
-        a.set(0, cfg, 0)?;
-        Ok(())
-    }
-
-    /// Farm mode: this node's member slot (`lb_common::FarmConfig`).
-    pub fn set_farm(&mut self, cfg: &lb_common::FarmConfig) -> Result<()> {
-        let mut a: Array<_, lb_common::FarmConfig> = Array::try_from(self.map("FARM"))?;
-        a.set(0, cfg, 0)?;
-        Ok(())
-    }
-
-    pub fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()> {
-        self.services()?.insert(key, info, 0)?;
-        Ok(())
-    }
-
-    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        self.services()?.remove(key)?;
-        Ok(())
-    }
-
-    pub fn set_vip_addr(&mut self, addr: &Addr) -> Result<()> {
-        let mut m: HashMap<_, Addr, u32> = HashMap::try_from(self.map("VIP_ADDRS"))?;
-        m.insert(addr, 1, 0)?;
-        Ok(())
-    }
-
-    pub fn remove_vip_addr(&mut self, addr: &Addr) -> Result<()> {
-        let mut m: HashMap<_, Addr, u32> = HashMap::try_from(self.map("VIP_ADDRS"))?;
-        m.remove(addr)?;
-        Ok(())
-    }
-
-    pub fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
-        let mut a: Array<_, Backend> = Array::try_from(self.map("BACKENDS"))?;
-        a.set(id, b, 0)?;
-        Ok(())
-    }
-
-    /// Write `(slot, backend id)` pairs into the ring starting at `offset`: only changed
-    /// slots are ever passed here, so a table update touches nothing else.
-    pub fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> Result<()> {
-        let mut a: Array<_, u32> = Array::try_from(self.map("RING"))?;
-        for &(slot, id) in slots {
-            a.set(offset + slot, id, 0)
-                .with_context(|| format!("writing ring slot {}", offset + slot))?;
-        }
-        Ok(())
-    }
-
     /// Global reason counters summed over CPUs, indexed by `Stat as usize`.
-    pub fn stats(&mut self) -> Result<[u64; Stat::COUNT as usize]> {
-        let a: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("STATS"))?;
+    pub fn stats(&self) -> Result<[u64; Stat::COUNT as usize]> {
         let mut out = [0u64; Stat::COUNT as usize];
         for (i, o) in out.iter_mut().enumerate() {
-            *o = a.get(&(i as u32), 0)?.iter().sum();
+            *o = self.maps.stats.get(&(i as u32), 0)?.iter().sum();
         }
         Ok(out)
     }
 
-    fn counter(&mut self, map: &str, id: u32) -> Result<Counter> {
-        let a: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map(map))?;
+    /// Packets/bytes of a service or backend id, summed over CPUs.
+    pub fn counter(&self, kind: CounterKind, id: u32) -> Result<Counter> {
+        let a = match kind {
+            CounterKind::Service => &self.maps.svc_stats,
+            CounterKind::Backend => &self.maps.backend_stats,
+        };
         Ok(a.get(&id, 0)?
             .iter()
             .fold(Counter::default(), |acc, c| Counter {
@@ -192,41 +185,8 @@ impl Dataplane {
             }))
     }
 
-    pub fn service_counter(&mut self, id: u32) -> Result<Counter> {
-        self.counter("SVC_STATS", id)
-    }
-
-    pub fn backend_counter(&mut self, id: u32) -> Result<Counter> {
-        self.counter("BACKEND_STATS", id)
-    }
-
-    /// Zero a backend's counters when its id is handed to a new backend.
-    pub fn reset_backend_counter(&mut self, id: u32) -> Result<()> {
-        let mut a: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map("BACKEND_STATS"))?;
-        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        a.set(
-            id,
-            aya::maps::PerCpuValues::try_from(vec![Counter::default(); n])?,
-            0,
-        )?;
-        Ok(())
-    }
-
-    /// Zero a service's counters when its id is handed to a new service.
-    pub fn reset_service_counter(&mut self, id: u32) -> Result<()> {
-        let mut a: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map("SVC_STATS"))?;
-        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        a.set(
-            id,
-            aya::maps::PerCpuValues::try_from(vec![Counter::default(); n])?,
-            0,
-        )?;
-        Ok(())
-    }
-
-    pub fn conntrack_get(&mut self, key: &FlowKey) -> Result<Option<CtEntry>> {
-        let m: HashMap<_, FlowKey, CtEntry> = HashMap::try_from(self.map("CONNTRACK"))?;
-        match m.get(key, 0) {
+    pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<CtEntry>> {
+        match self.maps.conntrack.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
@@ -250,6 +210,55 @@ impl Dataplane {
     /// last XDP action and the kernel's mean time per run (see [`test_run_repeat`]).
     pub fn test_run_repeat(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration)> {
         test_run_repeat(self.prog(), packet, repeat)
+    }
+}
+
+impl Maps for Dataplane {
+    fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
+        Ok(self.maps.config.set(0, cfg, 0)?)
+    }
+
+    fn set_farm(&mut self, cfg: &FarmConfig) -> Result<()> {
+        Ok(self.maps.farm.set(0, cfg, 0)?)
+    }
+
+    fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()> {
+        Ok(self.maps.services.insert(key, info, 0)?)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        Ok(self.maps.services.remove(key)?)
+    }
+
+    fn set_vip_addr(&mut self, addr: &Addr) -> Result<()> {
+        Ok(self.maps.vip_addrs.insert(addr, 1, 0)?)
+    }
+
+    fn remove_vip_addr(&mut self, addr: &Addr) -> Result<()> {
+        Ok(self.maps.vip_addrs.remove(addr)?)
+    }
+
+    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
+        Ok(self.maps.backends.set(id, b, 0)?)
+    }
+
+    fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> Result<()> {
+        for &(slot, id) in slots {
+            self.maps
+                .ring
+                .set(offset + slot, id, 0)
+                .with_context(|| format!("writing ring slot {}", offset + slot))?;
+        }
+        Ok(())
+    }
+
+    fn reset_counter(&mut self, kind: CounterKind, id: u32) -> Result<()> {
+        let a = match kind {
+            CounterKind::Service => &mut self.maps.svc_stats,
+            CounterKind::Backend => &mut self.maps.backend_stats,
+        };
+        let zero = aya::maps::PerCpuValues::try_from(vec![Counter::default(); self.cpus])?;
+        Ok(a.set(id, zero, 0)?)
     }
 }
 

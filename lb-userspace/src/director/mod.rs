@@ -1,125 +1,27 @@
-//! Director mode: turns the configured services and backends into map contents (service
-//! entries, backend slots, Maglev rings) and applies later changes as differences, so an
-//! update only rewrites the ring slots that move and never disturbs established flows.
+//! Desired state → map writes: turns the configured services and backends (and, in farm
+//! mode, the alive members) into map contents (service entries, backend slots, Maglev rings)
+//! and applies later changes as differences, so an update only rewrites the ring slots that
+//! move and never disturbs established flows. It is the only writer of the rings: a farm
+//! service's ring holds member slots, built here from the membership the farm role reports.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use lb_common::{
-    v4_mapped, Addr, Backend, GlobalConfig, ServiceInfo, ServiceKey, BACKEND_F_VALID, MAX_BACKENDS,
-    MAX_SERVICES,
+    member_slot, v4_mapped, Addr, Backend, FarmConfig, GlobalConfig, ServiceInfo, ServiceKey,
+    BACKEND_F_VALID, FWD_FARM, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND,
 };
 
 use crate::config::{AdminState, BackendCfg, Config, ServiceCfg};
+use crate::dataplane::{CounterKind, Maps};
 use crate::maglev::{self, MaglevEntry};
+use crate::neigh::MacResolver;
 
-/// Write access to the data plane's maps; implemented by the real `Dataplane` and by the
-/// reference `Model`, so tests can program both identically.
-pub trait Maps {
-    fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()>;
-    fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()>;
-    fn remove_service(&mut self, key: &ServiceKey) -> Result<()>;
-    fn set_vip_addr(&mut self, addr: &Addr) -> Result<()>;
-    fn remove_vip_addr(&mut self, addr: &Addr) -> Result<()>;
-    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()>;
-    fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> Result<()>;
-    /// Zero a backend id's packet/byte counters (the id is handed to a new backend).
-    fn reset_backend_counter(&mut self, _id: u32) -> Result<()> {
-        Ok(())
-    }
-    /// Zero a service id's packet/byte counters (the id is handed to a new service).
-    fn reset_service_counter(&mut self, _id: u32) -> Result<()> {
-        Ok(())
-    }
-}
+mod ids;
+use ids::Ids;
 
-impl Maps for crate::dataplane::Dataplane {
-    fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
-        Self::set_config(self, cfg)
-    }
-    fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()> {
-        Self::set_service(self, key, info)
-    }
-    fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        Self::remove_service(self, key)
-    }
-    fn set_vip_addr(&mut self, addr: &Addr) -> Result<()> {
-        Self::set_vip_addr(self, addr)
-    }
-    fn remove_vip_addr(&mut self, addr: &Addr) -> Result<()> {
-        Self::remove_vip_addr(self, addr)
-    }
-    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
-        Self::set_backend(self, id, b)
-    }
-    fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> Result<()> {
-        Self::write_ring(self, offset, slots)
-    }
-    fn reset_backend_counter(&mut self, id: u32) -> Result<()> {
-        Self::reset_backend_counter(self, id)
-    }
-    fn reset_service_counter(&mut self, id: u32) -> Result<()> {
-        Self::reset_service_counter(self, id)
-    }
-}
-
-/// Writes every update to two map sets: datapath tests program the kernel and the reference
-/// model in one `apply` so both hold exactly the same state.
-pub struct Tee<'a, A, B>(pub &'a mut A, pub &'a mut B);
-
-impl<A: Maps, B: Maps> Maps for Tee<'_, A, B> {
-    fn set_config(&mut self, c: &GlobalConfig) -> Result<()> {
-        self.0.set_config(c)?;
-        self.1.set_config(c)
-    }
-    fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> Result<()> {
-        self.0.set_service(k, i)?;
-        self.1.set_service(k, i)
-    }
-    fn remove_service(&mut self, k: &ServiceKey) -> Result<()> {
-        self.0.remove_service(k)?;
-        self.1.remove_service(k)
-    }
-    fn set_vip_addr(&mut self, a: &Addr) -> Result<()> {
-        self.0.set_vip_addr(a)?;
-        self.1.set_vip_addr(a)
-    }
-    fn remove_vip_addr(&mut self, a: &Addr) -> Result<()> {
-        self.0.remove_vip_addr(a)?;
-        self.1.remove_vip_addr(a)
-    }
-    fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
-        self.0.set_backend(id, b)?;
-        self.1.set_backend(id, b)
-    }
-    fn write_ring(&mut self, o: u32, s: &[(u32, u32)]) -> Result<()> {
-        self.0.write_ring(o, s)?;
-        self.1.write_ring(o, s)
-    }
-    fn reset_backend_counter(&mut self, id: u32) -> Result<()> {
-        self.0.reset_backend_counter(id)?;
-        self.1.reset_backend_counter(id)
-    }
-    fn reset_service_counter(&mut self, id: u32) -> Result<()> {
-        self.0.reset_service_counter(id)?;
-        self.1.reset_service_counter(id)
-    }
-}
-
-/// Finds a backend's MAC address (DR rewrites the destination MAC only).
-pub trait MacResolver {
-    fn resolve(&mut self, ip: IpAddr) -> Result<[u8; 6]>;
-}
-
-/// Fixed MACs, for tests and the model.
-impl MacResolver for HashMap<IpAddr, [u8; 6]> {
-    fn resolve(&mut self, ip: IpAddr) -> Result<[u8; 6]> {
-        self.get(&ip)
-            .copied()
-            .with_context(|| format!("no MAC known for {ip}"))
-    }
-}
+pub use crate::health::Health;
 
 pub fn addr_of(ip: IpAddr) -> Addr {
     match ip {
@@ -134,22 +36,6 @@ pub fn service_key(s: &ServiceCfg) -> ServiceKey {
         port: s.port,
         proto: s.protocol.number(),
         _pad: 0,
-    }
-}
-
-/// Health verdict of a backend. Unchecked backends are always `Up`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Health {
-    Up,
-    Down,
-}
-
-impl Health {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Up => "up",
-            Health::Down => "down",
-        }
     }
 }
 
@@ -238,21 +124,40 @@ pub enum LookupError {
     NoBackend(String, IpAddr),
 }
 
-/// Bring one service's programmed state in line with its backends' effective weights:
-/// validate backends that become usable, rewrite only the ring slots that change, then
-/// invalidate backends whose established flows must re-hash.
-fn sync_service(st: &mut ServiceState, maps: &mut impl Maps) -> Result<()> {
+/// A farm member as the ownership rings see it: its node id and the power it announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member {
+    pub node: u32,
+    pub power: u32,
+}
+
+/// What a service's ring is built from: its backends, or for a farm service the members
+/// (keyed by node id, so every node builds the same table).
+fn ring_entries(st: &ServiceState, members: &[Member]) -> Vec<(Vec<u8>, u32, u32)> {
+    if st.info.fwd_mode == FWD_FARM {
+        members
+            .iter()
+            .map(|m| (m.node.to_be_bytes().to_vec(), member_slot(m.node), m.power))
+            .collect()
+    } else {
+        st.backends
+            .values()
+            .map(|b| (addr_of(b.address).to_vec(), b.id, b.effective_weight()))
+            .collect()
+    }
+}
+
+/// Bring one service's programmed state in line with its backends' effective weights (or
+/// the members' powers): validate backends that become usable, rewrite only the ring slots
+/// that change, then invalidate backends whose established flows must re-hash.
+fn sync_service(st: &mut ServiceState, members: &[Member], maps: &mut impl Maps) -> Result<()> {
     for b in st.backends.values_mut() {
         if b.wants_valid() && !b.valid {
             maps.set_backend(b.id, &backend_entry(b, BACKEND_F_VALID))?;
             b.valid = true;
         }
     }
-    let keys: Vec<(Vec<u8>, u32, u32)> = st
-        .backends
-        .values()
-        .map(|b| (addr_of(b.address).to_vec(), b.id, b.effective_weight()))
-        .collect();
+    let keys = ring_entries(st, members);
     let entries: Vec<MaglevEntry> = keys
         .iter()
         .map(|(k, id, w)| MaglevEntry {
@@ -307,37 +212,6 @@ fn backend_entry(b: &BackendState, flags: u8) -> Backend {
     }
 }
 
-/// Free-list allocator for small integer ids (service stats slots, backend slots).
-#[derive(Debug, Clone)]
-struct Ids {
-    next: u32,
-    max: u32,
-    free: Vec<u32>,
-}
-
-impl Ids {
-    fn new(first: u32, max: u32) -> Self {
-        Self {
-            next: first,
-            max,
-            free: Vec::new(),
-        }
-    }
-    fn alloc(&mut self, what: &str) -> Result<u32> {
-        if let Some(id) = self.free.pop() {
-            return Ok(id);
-        }
-        if self.next >= self.max {
-            bail!("too many {what} (limit {})", self.max);
-        }
-        self.next += 1;
-        Ok(self.next - 1)
-    }
-    fn release(&mut self, id: u32) {
-        self.free.push(id);
-    }
-}
-
 /// The director's view of what is programmed into the maps.
 #[derive(Debug, Clone)]
 pub struct Director {
@@ -348,6 +222,11 @@ pub struct Director {
     svc_ids: Ids,
     backend_ids: Ids,
     pub services: BTreeMap<String, ServiceState>,
+    /// Farm mode: this node's id (from `[farm]`), the alive members, and the member slots
+    /// programmed valid.
+    own_node: Option<u32>,
+    members: Vec<Member>,
+    valid_members: BTreeSet<u32>,
 }
 
 impl Director {
@@ -361,6 +240,9 @@ impl Director {
             // Backend id 0 is NO_BACKEND.
             backend_ids: Ids::new(1, MAX_BACKENDS),
             services: BTreeMap::new(),
+            own_node: None,
+            members: Vec::new(),
+            valid_members: BTreeSet::new(),
         }
     }
 
@@ -402,16 +284,26 @@ impl Director {
             own_mac: self.own_mac,
             _pad: [0; 2],
         })?;
+        self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
+        maps.set_farm(&FarmConfig {
+            own_member: self.own_node.map_or(0, member_slot),
+            _pad: 0,
+        })?;
         let wanted: BTreeMap<&str, &ServiceCfg> =
             cfg.services.iter().map(|s| (s.name.as_str(), s)).collect();
 
-        // Removed services, or ones whose identity (key, table size) changed.
+        // Removed services, or ones whose identity (key, table size, forwarding) changed.
         let stale: Vec<String> = self
             .services
             .iter()
             .filter(|(name, st)| match wanted.get(name.as_str()) {
                 None => true,
-                Some(c) => service_key(c) != st.key || c.table_size != st.cfg.table_size,
+                // A new forwarding mode means a different kind of ring: rebuild it whole.
+                Some(c) => {
+                    service_key(c) != st.key
+                        || c.table_size != st.cfg.table_size
+                        || c.forwarding != st.cfg.forwarding
+                }
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -446,11 +338,11 @@ impl Director {
             flags: 0,
             _pad: 0,
         };
-        let table = vec![lb_common::NO_BACKEND; s.table_size as usize];
+        let table = vec![NO_BACKEND; s.table_size as usize];
         // A reused ring range may hold an old service's ids: clear it before publishing.
         let clear: Vec<(u32, u32)> = (0..s.table_size).map(|i| (i, 0)).collect();
         maps.write_ring(ring_offset, &clear)?;
-        maps.reset_service_counter(id)?;
+        maps.reset_counter(CounterKind::Service, id)?;
         let key = service_key(s);
         maps.set_vip_addr(&key.addr)?;
         maps.set_service(&key, &info)?;
@@ -525,7 +417,7 @@ impl Director {
                 }
                 None => {
                     let id = self.backend_ids.alloc("backends")?;
-                    maps.reset_backend_counter(id)?;
+                    maps.reset_counter(CounterKind::Backend, id)?;
                     st.backends.entry(b.address).or_insert(BackendState {
                         id,
                         address: b.address,
@@ -562,7 +454,7 @@ impl Director {
             .into_iter()
             .filter_map(|a| st.backends.remove(&a))
             .collect();
-        sync_service(st, maps)?;
+        sync_service(st, &self.members, maps)?;
         for e in gone {
             maps.set_backend(e.id, &Backend::default())?;
             self.backend_ids.release(e.id);
@@ -641,7 +533,58 @@ impl Director {
             .services
             .get_mut(service)
             .ok_or_else(|| LookupError::NoService(service.to_string()))?;
-        sync_service(st, maps)
+        sync_service(st, &self.members, maps)
+    }
+
+    /// Farm mode: the alive members changed. Order keeps live traffic consistent: new
+    /// members are valid before a ring slot points at them; departed members are invalidated
+    /// after the rings moved away (their conntrack entries then re-hash).
+    pub fn set_members(&mut self, members: &[Member], maps: &mut impl Maps) -> Result<()> {
+        let wanted: BTreeSet<u32> = members.iter().map(|m| member_slot(m.node)).collect();
+        for &slot in wanted.difference(&self.valid_members) {
+            maps.set_backend(
+                slot,
+                &Backend {
+                    flags: BACKEND_F_VALID,
+                    ..Default::default()
+                },
+            )?;
+        }
+        self.members = members.to_vec();
+        for st in self.services.values_mut() {
+            if st.info.fwd_mode == FWD_FARM {
+                sync_service(st, &self.members, maps)?;
+            }
+        }
+        for &slot in self.valid_members.difference(&wanted) {
+            maps.set_backend(slot, &Backend::default())?;
+        }
+        self.valid_members = wanted;
+        Ok(())
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// Share of every member in the first farm table (for `farmlb status`).
+    pub fn shares(&self) -> BTreeMap<u32, f64> {
+        let mut out = BTreeMap::new();
+        if let Some(st) = self.services.values().find(|s| s.info.fwd_mode == FWD_FARM) {
+            for &v in &st.table {
+                if v != NO_BACKEND {
+                    *out.entry(v - member_slot(0)).or_insert(0.0) += 1.0 / st.table.len() as f64;
+                }
+            }
+        }
+        out
+    }
+
+    /// Fraction of the (first) farm table this node owns.
+    pub fn share(&self) -> f64 {
+        self.own_node
+            .and_then(|n| self.shares().get(&n).copied())
+            .unwrap_or(0.0)
     }
 
     /// Backends still waiting for a MAC (the daemon retries them).
@@ -657,8 +600,7 @@ impl Director {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Model;
-    use lb_common::NO_BACKEND;
+    use crate::dataplane::model::Model;
 
     /// The model, plus a log of what each change wrote.
     #[derive(Default)]
@@ -671,6 +613,12 @@ mod tests {
     impl Maps for Rec {
         fn set_config(&mut self, c: &GlobalConfig) -> Result<()> {
             self.model.set_config(c)
+        }
+        fn set_farm(&mut self, f: &FarmConfig) -> Result<()> {
+            self.model.set_farm(f)
+        }
+        fn reset_counter(&mut self, k: CounterKind, id: u32) -> Result<()> {
+            self.model.reset_counter(k, id)
         }
         fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> Result<()> {
             self.model.set_service(k, i)
@@ -971,5 +919,92 @@ mod tests {
         d.set_health("web", ip(A), Health::Up, Some(7), &mut rec)
             .unwrap();
         assert_eq!(d.backend("web", ip(A)).unwrap().effective_weight(), 2);
+    }
+
+    fn farm_config() -> Config {
+        farm_node_config("farm")
+    }
+
+    fn farm_node_config(forwarding: &str) -> Config {
+        Config::from_toml_str(&format!(
+            "interface = \"eth0\"\n[farm]\nnode_id = 1\naddress = \"10.0.0.1\"\n\
+             key_file = \"/k\"\n[[service]]\nname = \"web\"\nvip = \"10.0.100.1\"\nport = 80\n\
+             forwarding = \"{forwarding}\"\ntable_size = 1009\n",
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn tables_follow_membership_and_keep_survivor_slots() {
+        let cfg = farm_config();
+        let mut model = Model::default();
+        let mut director = Director::new(1 << 16, [2, 0, 0, 0, 0, 1]);
+        let mut macs: std::collections::HashMap<IpAddr, [u8; 6]> = Default::default();
+        director.apply(&cfg, &mut model, &mut macs).unwrap();
+        let three = [
+            Member { node: 1, power: 1 },
+            Member { node: 2, power: 1 },
+            Member { node: 3, power: 1 },
+        ];
+        director.set_members(&three, &mut model).unwrap();
+        assert_eq!(model.farm.own_member, member_slot(1));
+        let shares = director.shares();
+        for n in 1..=3 {
+            assert!((shares[&n] - 1.0 / 3.0).abs() < 0.02, "{shares:?}");
+        }
+        let ring_before: Vec<u32> = (0..1009).map(|i| model.ring[&i]).collect();
+        // Node 3 leaves: its slot is invalid, survivors keep (almost) every slot they had.
+        director.set_members(&three[..2], &mut model).unwrap();
+        assert_eq!(model.backends[&member_slot(3)].flags & BACKEND_F_VALID, 0);
+        let mut moved = 0;
+        for i in 0..1009u32 {
+            let b = ring_before[i as usize];
+            assert_ne!(model.ring[&i], member_slot(3));
+            if b != member_slot(3) && model.ring[&i] != b {
+                moved += 1;
+            }
+        }
+        assert!(moved < 1009 / 30, "{moved} survivor slots moved");
+        assert!((director.share() - 0.5).abs() < 0.02);
+        // Power 0: a member keeps its slot valid (its flows stay) but owns nothing new.
+        director
+            .set_members(
+                &[Member { node: 1, power: 0 }, Member { node: 2, power: 1 }],
+                &mut model,
+            )
+            .unwrap();
+        assert_eq!(director.share(), 0.0);
+        assert_ne!(model.backends[&member_slot(1)].flags & BACKEND_F_VALID, 0);
+    }
+
+    #[test]
+    fn a_reload_that_changes_forwarding_rebuilds_the_ring() {
+        let farm = farm_config();
+        let dr = farm_node_config("dr");
+        let mut model = Model::default();
+        let mut d = Director::new(1 << 16, [2, 0, 0, 0, 0, 1]);
+        let mut none: HashMap<IpAddr, [u8; 6]> = HashMap::new();
+        let members = [Member { node: 1, power: 1 }, Member { node: 2, power: 1 }];
+        d.apply(&farm, &mut model, &mut none).unwrap();
+        d.set_members(&members, &mut model).unwrap();
+        let farm_ring = d.services["web"].table.clone();
+        assert!(farm_ring
+            .iter()
+            .all(|&v| v == member_slot(1) || v == member_slot(2)));
+        // dr without backends: an empty ring, not the members' slots.
+        d.apply(&dr, &mut model, &mut none).unwrap();
+        assert_eq!(d.services["web"].info.fwd_mode, lb_common::FWD_DR);
+        assert!(d.services["web"].table.iter().all(|&v| v == NO_BACKEND));
+        // Back to farm: the members' table again, in full.
+        d.apply(&farm, &mut model, &mut none).unwrap();
+        assert_eq!(d.services["web"].info.fwd_mode, FWD_FARM);
+        assert_eq!(d.services["web"].table, farm_ring);
+        let st = &d.services["web"];
+        for i in 0..st.info.ring_size {
+            assert_eq!(
+                model.ring[&(st.info.ring_offset + i)],
+                farm_ring[i as usize]
+            );
+        }
     }
 }

@@ -1,0 +1,190 @@
+//! `farmlb run`: the one daemon, whatever the node's roles. It loads the program, programs
+//! the maps, attaches, then serves until told to stop.
+//!
+//! One owner loop ([`owner::Owner`]) holds the data plane (the typed map handles), the
+//! director and the running configuration, and applies every change in turn: API requests,
+//! health-check results, `SIGHUP` reloads, metrics snapshots, membership views and
+//! neighbour-resolution retries all arrive on channels. Roles are components of that loop:
+//! every node directs its `dr` services (health-checked by the same supervisor); a node with
+//! `[farm]` also runs the farm role (membership, ARP/ND, its own check, hooks). Every node
+//! serves the same API socket and `/metrics`, and follows the same reload rules. The API
+//! server, the metrics server and the probe tasks run on the runtime's worker threads.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{self, StatusView};
+use crate::config::Config;
+use crate::dataplane::{Dataplane, LoadOpts};
+use crate::director::Director;
+use crate::farm::FarmRole;
+use crate::health::{ProbeResult, Supervisor};
+use crate::metrics::{self, LiveMetrics};
+use crate::neigh::{iface_mac, NeighResolver};
+
+mod owner;
+mod status;
+
+use owner::Owner;
+pub use owner::ReloadError;
+
+/// How often backends whose MAC is still unknown are retried.
+const RESOLVE_RETRY: Duration = Duration::from_secs(2);
+/// How often the leader re-announces the VIPs, for switches that forget.
+const GARP_EVERY: Duration = Duration::from_secs(30);
+
+/// Bounds of the owner loop's queues: a flood of requests waits (or is refused by its
+/// server), it never grows memory.
+const API_QUEUE: usize = 64;
+const PROBE_QUEUE: usize = 4096;
+const SNAPSHOT_QUEUE: usize = 16;
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    let cfg = Config::load(config_path)?;
+    let own_mac = iface_mac(&cfg.interface)?;
+    let mut dp = Dataplane::load(LoadOpts {
+        ring_slots: Director::ring_slots_for(&cfg),
+        conntrack_size: cfg.conntrack_size,
+    })?;
+    let mut director = Director::new(dp.ring_slots(), own_mac);
+    let mut macs = NeighResolver::new(&cfg.interface);
+    // Program every map before attaching, so the first packet already sees the full config.
+    director.apply(&cfg, &mut dp, &mut macs)?;
+
+    let (node_probe_tx, mut node_probe_rx) = mpsc::channel::<ProbeResult>(64);
+    let (farm, mut view_rx) = match cfg.farm {
+        Some(_) => {
+            let (role, rx) = FarmRole::start(&cfg, own_mac, node_probe_tx).await?;
+            director.set_members(&role.members(), &mut dp)?;
+            (Some(role), Some(rx))
+        }
+        None => (None, None),
+    };
+
+    let (api_tx, mut api_rx) = mpsc::channel::<api::Call>(API_QUEUE);
+    let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(PROBE_QUEUE);
+    let (snap_tx, mut snap_rx) = mpsc::channel::<oneshot::Sender<StatusView>>(SNAPSHOT_QUEUE);
+    let listener = api::bind(&cfg.api_socket)?;
+    let api_task = tokio::spawn(api::serve(listener, api_tx));
+    let live = LiveMetrics::default();
+    let metrics_task = match cfg.metrics_address {
+        Some(addr) => {
+            let l = metrics::bind(addr).await?;
+            tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+            Some(tokio::spawn(metrics::serve(l, snap_tx, live.clone())))
+        }
+        None => None,
+    };
+
+    let mut owner = Owner {
+        path: config_path.to_path_buf(),
+        cfg,
+        dp,
+        director,
+        macs,
+        supervisor: Supervisor::new(probe_tx),
+        live,
+        farm,
+    };
+    owner.sync_checks();
+    let attached = owner
+        .dp
+        .attach(&owner.cfg.interface, owner.cfg.xdp_mode.into());
+    let res = match attached {
+        Ok(()) => {
+            tracing::info!(
+                interface = %owner.cfg.interface,
+                services = owner.cfg.services.len(),
+                checks = owner.supervisor.len(),
+                farm_node = owner.farm.as_ref().map(|f| f.node_id()),
+                members = owner.director.members().len(),
+                share = owner.director.share(),
+                api = %owner.cfg.api_socket.display(),
+                "XDP program attached"
+            );
+            owner.started();
+            serve(
+                &mut owner,
+                &mut api_rx,
+                &mut probe_rx,
+                &mut node_probe_rx,
+                &mut snap_rx,
+                &mut view_rx,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+
+    // Every way out, error or signal, leaves the same way: stop serving, leave the farm (its
+    // peers take our share at once), run `on_stop`, detach.
+    owner.supervisor.shutdown();
+    api_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&owner.cfg.api_socket);
+    if let Some(f) = owner.farm.take() {
+        f.stop(&owner.director).await;
+    }
+    owner.dp.detach().context("detaching XDP program")?;
+    tracing::info!("detached, exiting");
+    res
+}
+
+/// The owner loop, until SIGINT or SIGTERM. A failing change is logged and the loop goes on:
+/// the data plane keeps the last tables that were written.
+async fn serve(
+    owner: &mut Owner,
+    api_rx: &mut mpsc::Receiver<api::Call>,
+    probe_rx: &mut mpsc::Receiver<ProbeResult>,
+    node_probe_rx: &mut mpsc::Receiver<ProbeResult>,
+    snap_rx: &mut mpsc::Receiver<oneshot::Sender<StatusView>>,
+    view_rx: &mut Option<tokio::sync::watch::Receiver<crate::farm::membership::View>>,
+) -> Result<()> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut retry = tokio::time::interval(RESOLVE_RETRY);
+    let mut garp = tokio::time::interval(GARP_EVERY);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+            _ = sighup.recv() => match owner.reload() {
+                Ok(summary) => tracing::info!("SIGHUP: {summary}"),
+                Err(e) => tracing::error!("SIGHUP: {e}"),
+            },
+            Some((req, reply)) = api_rx.recv() => {
+                let _ = reply.send(owner.handle(req));
+            }
+            Some(p) = probe_rx.recv() => owner.on_probe(p),
+            Some(p) = node_probe_rx.recv() => owner.on_node_probe(&p),
+            Some(otx) = snap_rx.recv() => {
+                let _ = otx.send(owner.status());
+            }
+            changed = async {
+                match view_rx.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(rx) = view_rx.as_mut().filter(|_| changed.is_ok()) else {
+                    anyhow::bail!("the membership task stopped");
+                };
+                let view = rx.borrow_and_update().clone();
+                owner.on_view(view);
+            }
+            _ = retry.tick() => owner.tick(),
+            _ = garp.tick() => {
+                if let Some(f) = &owner.farm {
+                    f.gratuitous();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The owner of the running state: configuration, data plane, director, checks, farm role.
+//! Every change goes through [`Owner::apply`]: validate whole → rehearse → apply as a
+//! difference, or reject and keep running the old configuration.
+
+use std::path::PathBuf;
+
+use axum::http::StatusCode;
+use serde_json::json;
+
+use crate::api::{self, ApiError, ApiReply, ApiRequest};
+use crate::config::{Config, ConfigError};
+use crate::dataplane::{Dataplane, DryRun};
+use crate::director::Director;
+use crate::farm::membership::View;
+use crate::farm::FarmRole;
+use crate::health::{ProbeResult, Supervisor};
+use crate::metrics::LiveMetrics;
+use crate::neigh::{AssumeResolved, NeighResolver};
+
+/// Why a reload or an API change was refused; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new file does not parse or validate.
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    /// A field that only a restart can change.
+    #[error("{0}")]
+    RestartNeeded(String),
+    /// The change is valid but cannot be programmed (e.g. no room left in the ring); found
+    /// by the rehearsal, before anything reached the kernel.
+    #[error("{0}")]
+    Rejected(String),
+    /// The kernel refused a map update while applying (should not happen).
+    #[error("applying the change: {0:#}")]
+    Apply(anyhow::Error),
+}
+
+impl From<ReloadError> for ApiError {
+    fn from(e: ReloadError) -> Self {
+        match e {
+            ReloadError::Apply(_) => ApiError::internal(e.to_string()),
+            ReloadError::Invalid(_) | ReloadError::RestartNeeded(_) | ReloadError::Rejected(_) => {
+                ApiError::bad_request(e.to_string())
+            }
+        }
+    }
+}
+
+/// Everything the owner loop mutates.
+pub(super) struct Owner {
+    pub path: PathBuf,
+    pub cfg: Config,
+    pub dp: Dataplane,
+    pub director: Director,
+    pub macs: NeighResolver,
+    pub supervisor: Supervisor,
+    pub live: LiveMetrics,
+    pub farm: Option<FarmRole>,
+}
+
+impl Owner {
+    pub fn sync_checks(&mut self) {
+        let director = &self.director;
+        self.supervisor.sync(&self.cfg, |s, a| {
+            director.backend(s, a).ok().map(|b| b.health)
+        });
+        // A service rebuilt by the change (new vip, port, protocol, table size or
+        // forwarding) starts its backends afresh: give them the verdicts their checks hold.
+        for (s, a, h) in self.supervisor.verdicts() {
+            if let Err(e) = self.director.set_health(&s, a, h, None, &mut self.dp) {
+                tracing::error!(service = %s, backend = %a, "restoring health: {e:#}");
+            }
+        }
+    }
+
+    /// The program is attached: roles announce themselves.
+    pub fn started(&mut self) {
+        if let Some(f) = &mut self.farm {
+            f.started(&self.cfg, &self.director);
+        }
+    }
+
+    /// Bring everything to `new` (already validated): rehearse on a copy first so a change
+    /// that cannot be applied is refused before anything reaches the kernel.
+    pub fn apply(&mut self, new: Config) -> Result<(), ReloadError> {
+        restart_only(&self.cfg, &new)?;
+        let mut trial = self.director.clone();
+        trial
+            .apply(
+                &new,
+                &mut DryRun {
+                    ring_slots: self.dp.ring_slots(),
+                },
+                &mut AssumeResolved,
+            )
+            .map_err(|e| ReloadError::Rejected(format!("{e:#}")))?;
+        self.director
+            .apply(&new, &mut self.dp, &mut self.macs)
+            .map_err(ReloadError::Apply)?;
+        // Forget the check series of backends that are gone or no longer checked.
+        for s in &self.cfg.services {
+            for b in &s.backends {
+                let still = new
+                    .services
+                    .iter()
+                    .find(|n| n.name == s.name)
+                    .and_then(|n| n.backends.iter().find(|x| x.address == b.address))
+                    .is_some_and(|x| x.check.is_some());
+                if b.check.is_some() && !still {
+                    self.live.forget(&s.name, &b.address.to_string());
+                }
+            }
+        }
+        self.cfg = new;
+        self.sync_checks();
+        if let Some(f) = &mut self.farm {
+            f.reloaded(&self.cfg, &self.director);
+        }
+        Ok(())
+    }
+
+    pub fn reload(&mut self) -> Result<String, String> {
+        let res = Config::load(&self.path)
+            .map_err(ReloadError::from)
+            .and_then(|new| self.apply(new));
+        if let Err(e) = res {
+            return Err(format!(
+                "reload rejected, the running configuration stays: {e}"
+            ));
+        }
+        let backends: usize = self.cfg.services.iter().map(|s| s.backends.len()).sum();
+        Ok(format!(
+            "configuration reloaded from {}: {} services, {backends} backends",
+            self.path.display(),
+            self.cfg.services.len()
+        ))
+    }
+
+    pub fn on_probe(&mut self, p: ProbeResult) {
+        if !self.supervisor.is_current(&p) {
+            return;
+        }
+        self.live.observe_check(
+            &p.service,
+            &p.addr.to_string(),
+            p.outcome.is_up(),
+            p.latency,
+        );
+        let Some(v) = self.supervisor.record(&p) else {
+            return;
+        };
+        let before = self
+            .director
+            .backend(&p.service, p.addr)
+            .map(|b| b.dynamic_weight)
+            .ok()
+            .flatten();
+        match self
+            .director
+            .set_health(&p.service, p.addr, v.health, v.dynamic_weight, &mut self.dp)
+        {
+            Ok(_) => {
+                if v.dynamic_weight.is_some() && v.dynamic_weight != before {
+                    tracing::info!(
+                        service = %p.service, backend = %p.addr,
+                        "dynamic weight set to {} by its check", v.dynamic_weight.unwrap_or(0)
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
+                service = %p.service, backend = %p.addr,
+                "applying a health change failed: {e:#}"
+            ),
+        }
+    }
+
+    /// A result of the farm node's own check.
+    pub fn on_node_probe(&mut self, p: &ProbeResult) {
+        if let Some(f) = &mut self.farm {
+            f.on_probe(p, &self.cfg, &self.director);
+        }
+    }
+
+    /// A new membership view.
+    pub fn on_view(&mut self, view: View) {
+        if let Some(f) = &mut self.farm {
+            if let Err(e) = f.on_view(view, &self.cfg, &mut self.director, &mut self.dp) {
+                tracing::error!("installing the ownership tables failed: {e:#}");
+            }
+        }
+    }
+
+    /// Periodic work: retry unresolved backends, refresh the farm status.
+    pub fn tick(&mut self) {
+        if self.director.unresolved() > 0 {
+            if let Err(e) = self.director.apply(&self.cfg, &mut self.dp, &mut self.macs) {
+                tracing::error!("retrying unresolved backends: {e:#}");
+            }
+        }
+        if let Some(f) = &mut self.farm {
+            f.publish(&self.cfg, &self.director);
+        }
+    }
+
+    pub fn handle(&mut self, req: ApiRequest) -> Result<ApiReply, ApiError> {
+        match req {
+            ApiRequest::Status => Ok((StatusCode::OK, to_json(&self.status()))),
+            ApiRequest::Config => Ok((StatusCode::OK, json!({ "config": self.cfg.to_toml() }))),
+            ApiRequest::Service(name) => {
+                let v = self.service_view(&name)?;
+                Ok((StatusCode::OK, to_json(&v)))
+            }
+            ApiRequest::AddService(obj) => {
+                let new = api::with_service(&self.cfg, &obj)?;
+                let name = new
+                    .services
+                    .last()
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default();
+                self.apply(new)?;
+                tracing::info!(service = %name, "API: service added");
+                Ok((StatusCode::CREATED, to_json(&self.service_view(&name)?)))
+            }
+            ApiRequest::DelService(name) => {
+                let new = api::without_service(&self.cfg, &name)?;
+                self.apply(new)?;
+                tracing::info!(service = %name, "API: service removed");
+                Ok((StatusCode::OK, json!({ "removed": name })))
+            }
+            ApiRequest::AddBackend(name, obj) => {
+                let new = api::with_backend(&self.cfg, &name, &obj)?;
+                let addr = new
+                    .services
+                    .iter()
+                    .find(|s| s.name == name)
+                    .and_then(|s| s.backends.last())
+                    .map(|b| b.address);
+                self.apply(new)?;
+                tracing::info!(service = %name, backend = ?addr, "API: backend added");
+                Ok((
+                    StatusCode::CREATED,
+                    to_json(&self.backend_view(&name, addr)?),
+                ))
+            }
+            ApiRequest::DelBackend(name, addr) => {
+                let new = api::without_backend(&self.cfg, &name, addr)?;
+                self.apply(new)?;
+                tracing::info!(service = %name, backend = %addr, "API: backend removed");
+                Ok((
+                    StatusCode::OK,
+                    json!({ "removed": addr.to_string(), "service": name }),
+                ))
+            }
+            ApiRequest::SetBackend {
+                service,
+                addr,
+                weight,
+                state,
+            } => {
+                self.director.backend(&service, addr)?;
+                self.director
+                    .set_admin(&service, addr, weight, state, &mut self.dp)
+                    .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+                tracing::info!(
+                    service = %service, backend = %addr,
+                    weight = ?weight, state = ?state.map(|s| s.as_str()),
+                    "API: backend set"
+                );
+                Ok((
+                    StatusCode::OK,
+                    to_json(&self.backend_view(&service, Some(addr))?),
+                ))
+            }
+            ApiRequest::Reload => {
+                let summary = self.reload().map_err(ApiError::bad_request)?;
+                tracing::info!("API: {summary}");
+                Ok((StatusCode::OK, json!({ "reloaded": summary })))
+            }
+        }
+    }
+}
+
+/// Fields only a restart can change.
+fn restart_only(running: &Config, new: &Config) -> Result<(), ReloadError> {
+    crate::config::restart_needed(running, new)
+        .map_err(|e| ReloadError::RestartNeeded(e.to_string()))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("views serialize")
+}

@@ -1,0 +1,128 @@
+//! The views the API, the CLI and `/metrics` read, built from the owner's state and the
+//! data plane's counters.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use lb_common::Stat;
+
+use super::owner::Owner;
+use crate::api::{ApiError, BackendView, CheckView, ServiceView, StatusView};
+use crate::config::hash_mode_name;
+use crate::dataplane::CounterKind;
+use crate::director::Health;
+use crate::health::Outcome;
+
+impl Owner {
+    pub fn service_view(&self, name: &str) -> Result<ServiceView, ApiError> {
+        let cfg = self
+            .cfg
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ApiError::not_found(format!("service: no service named {name:?}")))?;
+        let st = self
+            .director
+            .services
+            .get(name)
+            .ok_or_else(|| ApiError::internal(format!("service {name:?} is not programmed")))?;
+        let counter = |kind, id| self.dp.counter(kind, id).unwrap_or_default();
+        let svc_counter = counter(CounterKind::Service, st.info.id);
+        let now = SystemTime::now();
+        let counters: HashMap<u32, lb_common::Counter> = st
+            .backends
+            .values()
+            .map(|b| (b.id, counter(CounterKind::Backend, b.id)))
+            .collect();
+        let backends: Vec<BackendView> = cfg
+            .backends
+            .iter()
+            .filter_map(|bc| st.backends.get(&bc.address))
+            .map(|b| {
+                let c = counters[&b.id];
+                let last_check = self.supervisor.last(name, b.address).map(|l| CheckView {
+                    ok: l.outcome.is_up(),
+                    detail: match &l.outcome {
+                        Outcome::Up { weight: None } => "ok".into(),
+                        Outcome::Up { weight: Some(w) } => format!("ok, weight {w}"),
+                        Outcome::Down { reason } => reason.clone(),
+                    },
+                    latency_ms: l.latency.as_secs_f64() * 1000.0,
+                    age_ms: now.duration_since(l.at).unwrap_or_default().as_millis() as u64,
+                });
+                BackendView {
+                    address: b.address,
+                    health: b.health.as_str().into(),
+                    checked: b.cfg.check.is_some(),
+                    state: b.state().as_str().into(),
+                    state_runtime: b.state_override.is_some(),
+                    weight: b.cfg.weight,
+                    weight_runtime: b.weight_override,
+                    weight_dynamic: b.dynamic_weight,
+                    effective_weight: b.effective_weight(),
+                    slots: b.slots,
+                    resolved: b.mac.is_some(),
+                    last_check,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect();
+        Ok(ServiceView {
+            name: cfg.name.clone(),
+            vip: cfg.vip,
+            port: cfg.port,
+            protocol: cfg.protocol.as_str().into(),
+            hash: hash_mode_name(cfg.hash).into(),
+            forwarding: cfg.forwarding.as_str().into(),
+            table_size: cfg.table_size,
+            check: cfg.default_check().as_ref().map(|c| c.summary()),
+            backends_up: backends
+                .iter()
+                .filter(|b| b.health == Health::Up.as_str())
+                .count(),
+            backends_usable: backends.iter().filter(|b| b.effective_weight > 0).count(),
+            packets: svc_counter.packets,
+            bytes: svc_counter.bytes,
+            backends,
+        })
+    }
+
+    /// One backend of a service.
+    pub fn backend_view(
+        &self,
+        service: &str,
+        addr: Option<IpAddr>,
+    ) -> Result<BackendView, ApiError> {
+        self.service_view(service)?
+            .backends
+            .into_iter()
+            .find(|b| Some(b.address) == addr)
+            .ok_or_else(|| ApiError::internal("backend missing from its service"))
+    }
+
+    pub fn status(&self) -> StatusView {
+        let services = self
+            .cfg
+            .services
+            .iter()
+            .filter_map(|s| self.service_view(&s.name).ok())
+            .collect();
+        let stats = match self.dp.stats() {
+            Ok(s) => Stat::ALL
+                .iter()
+                .map(|st| (st.name().to_string(), s[*st as usize]))
+                .collect(),
+            Err(e) => {
+                tracing::warn!("reading data-plane counters: {e:#}");
+                Default::default()
+            }
+        };
+        StatusView {
+            services,
+            stats,
+            farm: self.farm.as_ref().map(|f| f.status(&self.director)),
+        }
+    }
+}

@@ -3,6 +3,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use lb_common::FlowKey;
+
+use crate::director::addr_of;
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -23,6 +27,26 @@ pub struct PacketBuilder {
     pub ip_option_words: u8,
     /// IPv4 fragment field (flags + offset), or an IPv6 fragment header when non-zero.
     pub frag: u16,
+}
+
+/// Builder methods that set one field.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident($field:ident: $ty:ty);)*) => {
+        impl PacketBuilder {
+            $($(#[$doc])* pub fn $name(mut self, v: $ty) -> Self {
+                self.$field = v;
+                self
+            })*
+        }
+    };
+}
+
+setters! {
+    flags(tcp_flags: u8);
+    payload(payload: usize);
+    ip_options(ip_option_words: u8);
+    /// IPv4: raw flags/offset field (0x2000 = MF). IPv6: adds a fragment header.
+    fragment(frag: u16);
 }
 
 impl PacketBuilder {
@@ -55,34 +79,12 @@ impl PacketBuilder {
         Self::new(proto, src, dst)
     }
 
-    pub fn syn(mut self) -> Self {
-        self.tcp_flags = TCP_SYN;
-        self
-    }
-
-    pub fn flags(mut self, f: u8) -> Self {
-        self.tcp_flags = f;
-        self
+    pub fn syn(self) -> Self {
+        self.flags(TCP_SYN)
     }
 
     pub fn vlan(mut self, id: u16) -> Self {
         self.vlan = Some(id);
-        self
-    }
-
-    pub fn payload(mut self, n: usize) -> Self {
-        self.payload = n;
-        self
-    }
-
-    pub fn ip_options(mut self, words: u8) -> Self {
-        self.ip_option_words = words;
-        self
-    }
-
-    /// IPv4: raw flags/offset field (0x2000 = MF). IPv6: adds a fragment header.
-    pub fn fragment(mut self, field: u16) -> Self {
-        self.frag = field;
         self
     }
 
@@ -194,4 +196,55 @@ pub fn arp_request(src_mac: [u8; 6], sender: [u8; 4], target: [u8; 4]) -> Vec<u8
     p.extend_from_slice(&[0; 6]);
     p.extend_from_slice(&target);
     p
+}
+
+/// The `i`-th test client address (2001:db8::/32 or 198.51.0.0/16) with `port`.
+pub fn client(i: u32, port: u16, v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(
+            format!("2001:db8::{:x}", i + 1).parse().expect("literal"),
+            port,
+        )
+    } else {
+        SocketAddr::new(IpAddr::from([198, 51, (i >> 8) as u8, i as u8]), port)
+    }
+}
+
+/// The conntrack key of a client's flow to `dst`.
+pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
+    FlowKey {
+        src: addr_of(src.ip()),
+        dst: addr_of(dst.ip()),
+        sport: src.port(),
+        dport: dst.port(),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A `[[service]]` table with its backends, for fixture configs.
+pub fn service_toml(
+    name: &str,
+    vip: &str,
+    port: u16,
+    protocol: &str,
+    table_size: Option<u32>,
+    backends: &[&str],
+) -> String {
+    let mut t = format!(
+        "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"{protocol}\"\n"
+    );
+    if let Some(n) = table_size {
+        t += &format!("table_size = {n}\n");
+    }
+    for b in backends {
+        t += &format!("  [[service.backend]]\n  address = \"{b}\"\n");
+    }
+    t
+}
+
+/// The MAC fixtures give the backend at `ip`.
+pub fn fixture_mac(ip: IpAddr) -> [u8; 6] {
+    let a = addr_of(ip);
+    [0x02, 0xbb, a[12], a[13], a[14], a[15]]
 }

@@ -7,114 +7,63 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use farmlb::config::Config;
-use farmlb::dataplane::model::{run_both, Action, Model};
-use farmlb::dataplane::{CounterKind, Tee};
-use farmlb::dataplane::{Dataplane, LoadOpts};
-use farmlb::director::{addr_of, Director};
-use farmlb::packet::{arp_request, PacketBuilder, TCP_ACK, TCP_SYN};
-use lb_common::{FlowKey, ServiceInfo, Stat, PROTO_TCP, PROTO_UDP};
+use farmlb::dataplane::model::{Action, Twin};
+use farmlb::dataplane::{CounterKind, LoadOpts};
+use farmlb::director::Director;
+use farmlb::packet::{
+    arp_request, client, fixture_mac, flow_key, service_toml, PacketBuilder, TCP_ACK, TCP_SYN,
+};
+use lb_common::{ServiceInfo, Stat, PROTO_TCP, PROTO_UDP};
 
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
 
-fn mac_for(ip: IpAddr) -> [u8; 6] {
-    let a = addr_of(ip);
-    [0x02, 0xbb, a[12], a[13], a[14], a[15]]
-}
-
 struct Fixture {
-    dp: Dataplane,
-    model: Model,
+    k: Twin,
     director: Director,
     macs: HashMap<IpAddr, [u8; 6]>,
 }
 
-const BASE: &str = r#"
-interface = "eth0"
-udp_timeout = "UDP_TIMEOUT"
+/// `cfg` with a fourth backend, 10.99.0.14, added to its `i`-th service.
+fn with_fourth_backend(cfg: &Config, i: usize) -> Config {
+    let mut c = cfg.clone();
+    let mut extra = c.services[i].backends[0].clone();
+    extra.address = "10.99.0.14".parse().unwrap();
+    c.services[i].backends.push(extra);
+    c
+}
 
-[[service]]
-name = "web4"
-vip = "10.99.100.1"
-port = 80
-protocol = "tcp"
-table_size = 1009
-  [[service.backend]]
-  address = "10.99.0.11"
-  [[service.backend]]
-  address = "10.99.0.12"
-  [[service.backend]]
-  address = "10.99.0.13"
-
-[[service]]
-name = "dns4"
-vip = "10.99.100.1"
-port = 53
-protocol = "udp"
-table_size = 1009
-  [[service.backend]]
-  address = "10.99.0.11"
-  [[service.backend]]
-  address = "10.99.0.12"
-  [[service.backend]]
-  address = "10.99.0.13"
-
-[[service]]
-name = "web6"
-vip = "fd99:100::1"
-port = 80
-protocol = "tcp"
-table_size = 1009
-  [[service.backend]]
-  address = "fd99::11"
-  [[service.backend]]
-  address = "fd99::12"
-  [[service.backend]]
-  address = "fd99::13"
-
-[[service]]
-name = "dns6"
-vip = "fd99:100::1"
-port = 53
-protocol = "udp"
-table_size = 1009
-  [[service.backend]]
-  address = "fd99::11"
-  [[service.backend]]
-  address = "fd99::12"
-
-[[service]]
-name = "any-port"
-vip = "10.99.100.2"
-port = 0
-protocol = "tcp"
-table_size = 211
-  [[service.backend]]
-  address = "10.99.0.11"
-  [[service.backend]]
-  address = "10.99.0.12"
-
-[[service]]
-name = "empty"
-vip = "10.99.100.3"
-port = 80
-table_size = 211
-"#;
-
+/// Services on two VIPs, both families and protocols, a port-wildcard service and one
+/// without backends; 1009/211-slot tables keep the fixtures fast.
 fn base_config(udp_timeout: &str) -> Config {
-    Config::from_toml_str(&BASE.replace("UDP_TIMEOUT", udp_timeout)).expect("fixture config")
+    let (v4, v6) = (
+        ["10.99.0.11", "10.99.0.12", "10.99.0.13"],
+        ["fd99::11", "fd99::12", "fd99::13"],
+    );
+    let services = [
+        service_toml("web4", "10.99.100.1", 80, "tcp", Some(1009), &v4),
+        service_toml("dns4", "10.99.100.1", 53, "udp", Some(1009), &v4),
+        service_toml("web6", "fd99:100::1", 80, "tcp", Some(1009), &v6),
+        service_toml("dns6", "fd99:100::1", 53, "udp", Some(1009), &v6[..2]),
+        service_toml("any-port", "10.99.100.2", 0, "tcp", Some(211), &v4[..2]),
+        service_toml("empty", "10.99.100.3", 80, "tcp", Some(211), &[]),
+    ];
+    let toml = format!(
+        "interface = \"eth0\"\nudp_timeout = \"{udp_timeout}\"\n{}",
+        services.concat()
+    );
+    Config::from_toml_str(&toml).expect("fixture config")
 }
 
 impl Fixture {
     fn new(cfg: &Config) -> Self {
-        let dp = Dataplane::load(LoadOpts {
+        let k = Twin::load(LoadOpts {
             ring_slots: Director::ring_slots_for(cfg),
             conntrack_size: 4096,
         })
         .expect("load XDP program (are we root?)");
         let mut f = Fixture {
-            director: Director::new(dp.ring_slots(), OWN_MAC),
-            dp,
-            model: Model::default(),
+            director: Director::new(k.dp.ring_slots(), OWN_MAC),
+            k,
             macs: HashMap::new(),
         };
         f.apply(cfg);
@@ -124,20 +73,44 @@ impl Fixture {
     fn apply(&mut self, cfg: &Config) {
         for s in &cfg.services {
             for b in &s.backends {
-                self.macs.insert(b.address, mac_for(b.address));
+                self.macs.insert(b.address, fixture_mac(b.address));
             }
         }
         self.director
-            .apply(cfg, &mut Tee(&mut self.dp, &mut self.model), &mut self.macs)
+            .apply(cfg, &mut self.k.maps(), &mut self.macs)
             .expect("apply config");
     }
 
     /// Run one packet through kernel and model; assert they agree on verdict, bytes and
     /// counters; return the action, output frame and chosen backend id.
     fn run(&mut self, pkt: &[u8]) -> (Action, Vec<u8>, u32) {
-        let (d, out) = run_both(&mut self.dp, &mut self.model, pkt, monotonic_ns())
+        let (d, out) = self
+            .k
+            .run(pkt)
             .unwrap_or_else(|e| panic!("kernel and model disagree: {e:#}"));
         (d.action, out, d.backend)
+    }
+
+    /// The flows (by client address) the current table sends elsewhere than `first` says.
+    fn moved(
+        &self,
+        svc: &ServiceInfo,
+        first: &HashMap<SocketAddr, u32>,
+        vip: SocketAddr,
+        proto: u8,
+    ) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = first
+            .iter()
+            .filter(|&(&src, &b)| {
+                self.k
+                    .model
+                    .expected_backend(svc, &flow_key(src, vip, proto))
+                    != b
+            })
+            .map(|(&src, _)| src)
+            .collect();
+        v.sort();
+        v
     }
 
     fn backend_ip(&self, id: u32) -> IpAddr {
@@ -156,40 +129,8 @@ impl Fixture {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer. bpf_ktime_get_ns reads the same clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn client(i: u32, port: u16, v6: bool) -> SocketAddr {
-    if v6 {
-        SocketAddr::new(format!("2001:db8::{:x}", i + 1).parse().unwrap(), port)
-    } else {
-        SocketAddr::new(
-            IpAddr::from([198, 51, (i >> 8) as u8, (i & 0xff) as u8]),
-            port,
-        )
-    }
-}
-
-fn flow(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
-    FlowKey {
-        src: addr_of(src.ip()),
-        dst: addr_of(dst.ip()),
-        sport: src.port(),
-        dport: dst.port(),
-        proto,
-        _pad: [0; 3],
-    }
 }
 
 /// Many flows to `vip`: each is forwarded to the backend the model predicts, with the MACs
@@ -209,7 +150,11 @@ fn balances(vip: &str, udp: bool, v6: bool, backends: usize) {
         let (action, out, id) = f.run(&pkt);
         assert_eq!(action, Action::Tx);
         let ip = f.backend_ip(id);
-        assert_eq!(out[0..6], mac_for(ip), "destination MAC is the backend's");
+        assert_eq!(
+            out[0..6],
+            fixture_mac(ip),
+            "destination MAC is the backend's"
+        );
         assert_eq!(out[6..12], OWN_MAC, "source MAC is the director's");
         assert_eq!(out[12..], pkt[12..], "IP packet untouched (DR)");
         assert_eq!(ip.is_ipv6(), v6);
@@ -256,7 +201,7 @@ fn non_vip_traffic_passes_untouched() {
         assert_eq!(action, Action::Pass);
         assert_eq!(out, pkt, "passed packets are not modified");
     }
-    assert_eq!(f.dp.stats().unwrap()[Stat::PassNotVip as usize], 5);
+    assert_eq!(f.k.dp.stats().unwrap()[Stat::PassNotVip as usize], 5);
 }
 
 #[test]
@@ -266,7 +211,7 @@ fn arp_passes() {
     let (action, out, _) = f.run(&pkt);
     assert_eq!(action, Action::Pass);
     assert_eq!(out, pkt);
-    assert_eq!(f.dp.stats().unwrap()[Stat::PassNotIp as usize], 1);
+    assert_eq!(f.k.dp.stats().unwrap()[Stat::PassNotIp as usize], 1);
 }
 
 #[test]
@@ -310,7 +255,7 @@ fn service_without_backends_drops_and_counts() {
         .syn()
         .build();
     assert_eq!(f.run(&pkt).0, Action::Drop);
-    assert_eq!(f.dp.stats().unwrap()[Stat::DropNoBackend as usize], 1);
+    assert_eq!(f.k.dp.stats().unwrap()[Stat::DropNoBackend as usize], 1);
 }
 
 #[test]
@@ -355,7 +300,7 @@ fn fragments_options_and_truncation_are_counted() {
     vlan_short.extend_from_slice(&[0, 1]);
     assert_eq!(f.run(&vlan_short).0, Action::Pass);
 
-    let s = f.dp.stats().unwrap();
+    let s = f.k.dp.stats().unwrap();
     assert_eq!(s[Stat::DropFragment as usize], 3);
     assert_eq!(s[Stat::DropIpOptions as usize], 1);
     assert_eq!(s[Stat::DropMalformed as usize], 2);
@@ -381,23 +326,15 @@ fn established_flow_keeps_backend_after_table_change() {
     }
 
     // Add a fourth backend: roughly a quarter of the flows now hash to it.
-    let mut cfg2 = cfg.clone();
-    let mut extra = cfg2.services[0].backends[0].clone();
-    extra.address = "10.99.0.14".parse().unwrap();
-    cfg2.services[0].backends.push(extra);
+    let cfg2 = with_fourth_backend(&cfg, 0);
     f.apply(&cfg2);
-
-    let moved: Vec<SocketAddr> = flows
-        .iter()
-        .copied()
-        .filter(|&src| f.model.expected_backend(&web, &flow(src, vip, PROTO_TCP)) != first[&src])
-        .collect();
+    let moved = f.moved(&web, &first, vip, PROTO_TCP);
     assert!(
         moved.len() > 40 && moved.len() < 200,
         "adding 1 backend to 3 should move ~25% of 400 flows, moved {}",
         moved.len()
     );
-    let hits_before = f.dp.stats().unwrap()[Stat::CtHit as usize];
+    let hits_before = f.k.dp.stats().unwrap()[Stat::CtHit as usize];
     for &src in &moved {
         let (a, _, id) = f.run(
             &PacketBuilder::tcp(src, vip)
@@ -409,7 +346,7 @@ fn established_flow_keeps_backend_after_table_change() {
         assert_eq!(id, first[&src], "established flow kept its backend");
     }
     assert_eq!(
-        f.dp.stats().unwrap()[Stat::CtHit as usize] - hits_before,
+        f.k.dp.stats().unwrap()[Stat::CtHit as usize] - hits_before,
         moved.len() as u64
     );
     // A new SYN on the same tuple re-hashes onto the new table (mostly the new backend;
@@ -420,14 +357,16 @@ fn established_flow_keeps_backend_after_table_change() {
         assert_ne!(id, first[&src]);
         assert_eq!(
             id,
-            f.model.expected_backend(&web, &flow(src, vip, PROTO_TCP))
+            f.k.model
+                .expected_backend(&web, &flow_key(src, vip, PROTO_TCP))
         );
         if f.backend_ip(id) == "10.99.0.14".parse::<IpAddr>().unwrap() {
             to_new += 1;
         }
         // ...and the conntrack entry now points at the new backend.
         let ct =
-            f.dp.conntrack_get(&flow(src, vip, PROTO_TCP))
+            f.k.dp
+                .conntrack_get(&flow_key(src, vip, PROTO_TCP))
                 .unwrap()
                 .unwrap();
         assert_eq!(ct.backend, id);
@@ -459,14 +398,14 @@ fn removed_backend_flows_rehash() {
     let mut cfg2 = cfg.clone();
     cfg2.services[0].backends.retain(|b| b.address != gone);
     f.apply(&cfg2);
-    let before = f.dp.stats().unwrap()[Stat::CtMissOther as usize];
+    let before = f.k.dp.stats().unwrap()[Stat::CtMissOther as usize];
     for &src in &on_gone {
         let (a, _, id) = f.run(&PacketBuilder::tcp(src, vip).build());
         assert_eq!(a, Action::Tx);
         assert_ne!(f.backend_ip(id), gone);
     }
     assert_eq!(
-        f.dp.stats().unwrap()[Stat::CtMissOther as usize] - before,
+        f.k.dp.stats().unwrap()[Stat::CtMissOther as usize] - before,
         on_gone.len() as u64
     );
 }
@@ -482,29 +421,22 @@ fn udp_conntrack_entries_expire_after_idle_timeout() {
     for &src in &flows {
         first.insert(src, f.run(&PacketBuilder::udp(src, vip).build()).2);
     }
-    let mut cfg2 = cfg.clone();
-    let mut extra = cfg2.services[1].backends[0].clone();
-    extra.address = "10.99.0.14".parse().unwrap();
-    cfg2.services[1].backends.push(extra);
+    let cfg2 = with_fourth_backend(&cfg, 1);
     f.apply(&cfg2);
-    let moved: Vec<SocketAddr> = flows
-        .iter()
-        .copied()
-        .filter(|&s| f.model.expected_backend(&dns, &flow(s, vip, PROTO_UDP)) != first[&s])
-        .collect();
+    let moved = f.moved(&dns, &first, vip, PROTO_UDP);
     assert!(!moved.is_empty());
     // Within the timeout: conntrack keeps them.
     for &src in &moved {
         assert_eq!(f.run(&PacketBuilder::udp(src, vip).build()).2, first[&src]);
     }
     std::thread::sleep(Duration::from_millis(450));
-    let before = f.dp.stats().unwrap()[Stat::CtMissOther as usize];
+    let before = f.k.dp.stats().unwrap()[Stat::CtMissOther as usize];
     for &src in &moved {
         let id = f.run(&PacketBuilder::udp(src, vip).build()).2;
         assert_ne!(id, first[&src], "idle UDP entry expired and re-hashed");
     }
     assert_eq!(
-        f.dp.stats().unwrap()[Stat::CtMissOther as usize] - before,
+        f.k.dp.stats().unwrap()[Stat::CtMissOther as usize] - before,
         moved.len() as u64
     );
 }
@@ -527,15 +459,17 @@ fn per_service_and_backend_counters() {
         total_bytes += pkt.len() as u64;
     }
     let svc =
-        f.dp.counter(CounterKind::Service, f.service("web4").id)
+        f.k.dp
+            .counter(CounterKind::Service, f.service("web4").id)
             .unwrap();
     assert_eq!((svc.packets, svc.bytes), (50, total_bytes));
     for (id, (p, b)) in per_backend {
-        let c = f.dp.counter(CounterKind::Backend, id).unwrap();
+        let c = f.k.dp.counter(CounterKind::Backend, id).unwrap();
         assert_eq!((c.packets, c.bytes), (p, b));
     }
     assert_eq!(
-        f.dp.counter(CounterKind::Service, f.service("dns4").id)
+        f.k.dp
+            .counter(CounterKind::Service, f.service("dns4").id)
             .unwrap()
             .packets,
         0

@@ -7,14 +7,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 
 use farmlb::config::Config;
-use farmlb::dataplane::model::{run_both, Action, Model};
-use farmlb::dataplane::{Dataplane, LoadOpts};
-use farmlb::dataplane::{Maps, Tee};
+use farmlb::dataplane::model::{Action, Twin};
+use farmlb::dataplane::{LoadOpts, Maps};
 use farmlb::director::{addr_of, Director, Member};
-use farmlb::packet::{PacketBuilder, TCP_ACK, TCP_PSH};
-use lb_common::{
-    member_slot, FlowKey, ServiceInfo, ServiceKey, Stat, FWD_FARM, PROTO_TCP, PROTO_UDP,
-};
+use farmlb::packet::{client, flow_key, PacketBuilder, TCP_ACK, TCP_PSH};
+use lb_common::{member_slot, ServiceInfo, ServiceKey, Stat, FWD_FARM, PROTO_TCP, PROTO_UDP};
 
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x21];
 const VMAC: [u8; 6] = [0x02, 0xfa, 0x4c, 0x42, 0, 1];
@@ -54,9 +51,15 @@ table_size = 1009
 "#;
 
 struct Fixture {
-    dp: Dataplane,
-    model: Model,
+    k: Twin,
     director: Director,
+}
+
+const VIP4: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 99, 100, 1)), 80);
+
+/// A TCP SYN from `src`.
+fn syn(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    PacketBuilder::tcp(src, dst).syn().build()
 }
 
 fn members(nodes: &[(u32, u32)]) -> Vec<Member> {
@@ -69,66 +72,34 @@ fn members(nodes: &[(u32, u32)]) -> Vec<Member> {
 impl Fixture {
     fn new() -> Self {
         let cfg = Config::from_toml_str(CONFIG).expect("fixture config");
-        let mut dp = Dataplane::load(LoadOpts {
+        let mut k = Twin::load(LoadOpts {
             ring_slots: Director::ring_slots_for(&cfg),
             conntrack_size: 4096,
         })
         .expect("load XDP program (are we root?)");
-        let mut model = Model::default();
-        let mut director = Director::new(dp.ring_slots(), OWN_MAC);
+        let mut director = Director::new(k.dp.ring_slots(), OWN_MAC);
         let mut macs: HashMap<IpAddr, [u8; 6]> = HashMap::new();
         director
-            .apply(&cfg, &mut Tee(&mut dp, &mut model), &mut macs)
+            .apply(&cfg, &mut k.maps(), &mut macs)
             .expect("apply config");
-        let mut f = Fixture {
-            dp,
-            model,
-            director,
-        };
+        let mut f = Fixture { k, director };
         f.members(&[(1, 1), (2, 1), (3, 1)]);
         f
     }
 
     fn members(&mut self, nodes: &[(u32, u32)]) {
         self.director
-            .set_members(&members(nodes), &mut Tee(&mut self.dp, &mut self.model))
+            .set_members(&members(nodes), &mut self.k.maps())
             .expect("farm tables");
     }
 
     /// One packet through kernel and model; they must agree on verdict, bytes and counters.
     fn run(&mut self, pkt: &[u8]) -> (Action, Stat, Vec<u8>) {
-        let (d, out) = run_both(&mut self.dp, &mut self.model, pkt, monotonic_ns())
+        let (d, out) = self
+            .k
+            .run(pkt)
             .unwrap_or_else(|e| panic!("kernel and model disagree: {e:#}"));
         (d.action, d.reason, out)
-    }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn client(i: u32, port: u16, v6: bool) -> SocketAddr {
-    if v6 {
-        SocketAddr::new(format!("2001:db8::{:x}", i + 1).parse().unwrap(), port)
-    } else {
-        SocketAddr::new(IpAddr::from([198, 51, (i >> 8) as u8, i as u8]), port)
-    }
-}
-
-fn flow(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
-    FlowKey {
-        src: addr_of(src.ip()),
-        dst: addr_of(dst.ip()),
-        sport: src.port(),
-        dport: dst.port(),
-        proto,
-        _pad: [0; 3],
     }
 }
 
@@ -175,7 +146,7 @@ fn ipv6_syns_pass_on_owner_and_drop_elsewhere() {
 #[test]
 fn non_syn_without_socket_is_dropped_even_when_owned() {
     let mut f = Fixture::new();
-    let vip: SocketAddr = "10.99.100.1:80".parse().unwrap();
+    let vip = VIP4;
     for i in 0..60 {
         let pkt = PacketBuilder::tcp(client(i, 30_000 + i as u16, false), vip)
             .flags(TCP_ACK | TCP_PSH)
@@ -191,10 +162,8 @@ fn non_syn_without_socket_is_dropped_even_when_owned() {
 fn no_member_alive_drops_as_no_backend() {
     let mut f = Fixture::new();
     f.members(&[]);
-    let vip: SocketAddr = "10.99.100.1:80".parse().unwrap();
-    let pkt = PacketBuilder::tcp(client(1, 40_000, false), vip)
-        .syn()
-        .build();
+    let vip = VIP4;
+    let pkt = syn(client(1, 40_000, false), vip);
     let (action, reason, _) = f.run(&pkt);
     assert_eq!((action, reason), (Action::Drop, Stat::DropNoBackend));
 }
@@ -203,11 +172,9 @@ fn no_member_alive_drops_as_no_backend() {
 fn power_zero_node_owns_no_new_flows() {
     let mut f = Fixture::new();
     f.members(&[(1, 0), (2, 1), (3, 1)]);
-    let vip: SocketAddr = "10.99.100.1:80".parse().unwrap();
+    let vip = VIP4;
     for i in 0..200 {
-        let pkt = PacketBuilder::tcp(client(i, 41_000 + i as u16, false), vip)
-            .syn()
-            .build();
+        let pkt = syn(client(i, 41_000 + i as u16, false), vip);
         let (action, reason, _) = f.run(&pkt);
         assert_eq!((action, reason), (Action::Drop, Stat::FarmDropNotOwner));
     }
@@ -237,12 +204,10 @@ fn established_socket_keeps_its_flow_but_a_listener_does_not() {
         fwd_mode: FWD_FARM,
         ..web
     };
-    Tee(&mut f.dp, &mut f.model)
-        .set_service(&key, &info)
-        .unwrap();
+    f.k.maps().set_service(&key, &info).unwrap();
     // Make sure another node owns everything: only the socket can keep the flow here.
     f.members(&[(1, 0), (2, 1)]);
-    f.model.sockets.insert(flow(local, server, PROTO_TCP));
+    f.k.model.sockets.insert(flow_key(local, server, PROTO_TCP));
 
     // The client's segments towards the server socket (the server's side is the "VIP").
     let pkt = PacketBuilder::tcp(local, server)
@@ -279,7 +244,7 @@ fn udp_flows_keep_their_owner_until_it_leaves() {
         let src = client(i, 50_000 + i as u16, false);
         let pkt = PacketBuilder::udp(src, vip).payload(8).build();
         let (action, reason, _) = f.run(&pkt);
-        let owner = f.model.conntrack[&flow(src, vip, PROTO_UDP)].backend;
+        let owner = f.k.model.conntrack[&flow_key(src, vip, PROTO_UDP)].backend;
         match action {
             Action::Pass => {
                 assert_eq!(reason, Stat::FarmPassOwner);

@@ -354,6 +354,44 @@ impl Model {
     }
 }
 
+/// The kernel program and the model side by side, programmed identically through
+/// [`Twin::maps`]: datapath tests and fuzzers send packets through both with [`Twin::run`].
+pub struct Twin {
+    pub dp: crate::dataplane::Dataplane,
+    pub model: Model,
+}
+
+impl Twin {
+    /// Load the program (verified, not attached) with an empty model beside it.
+    pub fn load(opts: crate::dataplane::LoadOpts) -> anyhow::Result<Twin> {
+        Ok(Twin {
+            dp: crate::dataplane::Dataplane::load(opts)?,
+            model: Model::default(),
+        })
+    }
+
+    /// Map writes that reach both.
+    pub fn maps(&mut self) -> crate::dataplane::Tee<'_, crate::dataplane::Dataplane, Model> {
+        crate::dataplane::Tee(&mut self.dp, &mut self.model)
+    }
+
+    /// `pkt` through both at the current monotonic time (see [`run_both`]).
+    pub fn run(&mut self, pkt: &[u8]) -> anyhow::Result<(Decision, Vec<u8>)> {
+        run_both(&mut self.dp, &mut self.model, pkt, monotonic_ns())
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Run `pkt` through the loaded program (BPF_PROG_TEST_RUN) and through `model` at `now_ns`,
 /// and check they agree on verdict, output bytes and exactly which counters moved. Datapath
 /// tests and fuzzers call this; an `Err` says what differed.

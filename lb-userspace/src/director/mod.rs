@@ -467,22 +467,20 @@ impl Director {
         service: &str,
         addr: IpAddr,
     ) -> Result<&mut BackendState, LookupError> {
-        self.services
-            .get_mut(service)
-            .ok_or_else(|| LookupError::NoService(service.to_string()))?
-            .backends
+        let st = self.services.get_mut(service);
+        let st = st.ok_or_else(|| LookupError::NoService(service.into()))?;
+        st.backends
             .get_mut(&addr)
-            .ok_or_else(|| LookupError::NoBackend(service.to_string(), addr))
+            .ok_or_else(|| LookupError::NoBackend(service.into(), addr))
     }
 
     /// Look a backend up (for the API: 404 on unknown names).
     pub fn backend(&self, service: &str, addr: IpAddr) -> Result<&BackendState, LookupError> {
-        self.services
-            .get(service)
-            .ok_or_else(|| LookupError::NoService(service.to_string()))?
-            .backends
+        let st = self.services.get(service);
+        let st = st.ok_or_else(|| LookupError::NoService(service.into()))?;
+        st.backends
             .get(&addr)
-            .ok_or_else(|| LookupError::NoBackend(service.to_string(), addr))
+            .ok_or_else(|| LookupError::NoBackend(service.into(), addr))
     }
 
     /// Runtime weight and/or state of one backend (`farmlb backend set`). Only the ring slots

@@ -21,6 +21,9 @@
 //! | `farmlb_passed_total` | reason (`not_ip`, `not_vip`, `malformed`, ...) |
 //! | `farmlb_forwarded_packets_total` | |
 //! | `farmlb_datapath_events_total` (any other data-plane counter) | event |
+//! | `farmlb_farm_member_up`, `farmlb_farm_member_power` (farm role) | node |
+//! | `farmlb_farm_members`, `farmlb_farm_share`, `farmlb_farm_active` (farm role) | |
+//! | `farmlb_farm_membership_rejected_total` (farm role) | reason (`auth`, `replay`) |
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -42,6 +45,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::StatusView;
+use crate::farm::FarmStatus;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
@@ -314,12 +318,13 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(r, n)| (vec![("reason", *r)], counter(*n))),
         )?;
-        counter(stat("tx")).encode(enc.encode_descriptor(
+        scalar(
+            &mut enc,
             "farmlb_forwarded_packets",
             "Packets forwarded to a backend (XDP_TX)",
-            None,
             MetricType::Counter,
-        )?)?;
+            counter(stat("tx")),
+        )?;
         family(
             &mut enc,
             "farmlb_datapath_events",
@@ -329,8 +334,81 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(r, n)| (vec![("event", *r)], counter(*n))),
         )?;
+        if let Some(f) = &v.farm {
+            encode_farm(&mut enc, f)?;
+        }
         Ok(())
     }
+}
+
+/// A metric without labels.
+fn scalar(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    m: impl EncodeMetric,
+) -> std::fmt::Result {
+    m.encode(enc.encode_descriptor(name, help, None, kind)?)
+}
+
+/// The farm role's families: membership as this node sees it, and its own share.
+fn encode_farm(enc: &mut DescriptorEncoder, f: &FarmStatus) -> std::fmt::Result {
+    let nodes: Vec<String> = f.members.iter().map(|m| m.node.to_string()).collect();
+    let alive = |m: &crate::farm::MemberStatus| m.state == "alive";
+    family(
+        enc,
+        "farmlb_farm_member_up",
+        "1 while the member is alive in this node's view, 0 while suspect or down",
+        MetricType::Gauge,
+        f.members
+            .iter()
+            .zip(&nodes)
+            .map(|(m, n)| (vec![("node", n.as_str())], ConstGauge::new(alive(m) as i64))),
+    )?;
+    family(
+        enc,
+        "farmlb_farm_member_power",
+        "Power the member announces (0: it takes no new flows)",
+        MetricType::Gauge,
+        f.members
+            .iter()
+            .zip(&nodes)
+            .map(|(m, n)| (vec![("node", n.as_str())], ConstGauge::new(m.power as i64))),
+    )?;
+    let alive_count = f.members.iter().filter(|m| alive(m)).count() as i64;
+    let gauge = MetricType::Gauge;
+    let (members, share) = (
+        "Members alive in this node's view",
+        "Fraction of the farm's flows this node owns",
+    );
+    scalar(
+        enc,
+        "farmlb_farm_members",
+        members,
+        gauge,
+        ConstGauge::new(alive_count),
+    )?;
+    scalar(
+        enc,
+        "farmlb_farm_share",
+        share,
+        gauge,
+        ConstGauge::new(f.share),
+    )?;
+    let active = ConstGauge::new((f.role == "active") as i64);
+    let help = "1 while this node answers ARP/ND for the VIPs (leader / active director)";
+    scalar(enc, "farmlb_farm_active", help, gauge, active)?;
+    family(
+        enc,
+        "farmlb_farm_membership_rejected",
+        "Membership datagrams dropped, by reason",
+        MetricType::Counter,
+        [
+            (vec![("reason", "auth")], ConstCounter::new(f.auth_failures)),
+            (vec![("reason", "replay")], ConstCounter::new(f.replays)),
+        ],
+    )
 }
 
 /// The exposition text for one scrape.
@@ -448,6 +526,49 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
         }
+    }
+
+    #[test]
+    fn a_farm_node_exports_membership_and_share() {
+        let member = |node, state: &str, power| crate::farm::MemberStatus {
+            node,
+            address: format!("10.0.0.{node}:4800").parse().unwrap(),
+            state: state.into(),
+            power,
+            share: 0.5,
+        };
+        let mut v = view();
+        v.farm = Some(FarmStatus {
+            node: 1,
+            interface: "eth0".into(),
+            healthy: true,
+            power: 1,
+            share: 0.5,
+            leader: Some(1),
+            role: "active".into(),
+            check: None,
+            last_check: None,
+            members: vec![member(1, "alive", 1), member(2, "suspect", 0)],
+            auth_failures: 4,
+            replays: 1,
+            arp_answered: 0,
+        });
+        let text = render(v, &LiveMetrics::default());
+        for line in [
+            "farmlb_farm_member_up{node=\"1\"} 1",
+            "farmlb_farm_member_up{node=\"2\"} 0",
+            "farmlb_farm_member_power{node=\"2\"} 0",
+            "farmlb_farm_members 1",
+            "farmlb_farm_share 0.5",
+            "farmlb_farm_active 1",
+            "farmlb_farm_membership_rejected_total{reason=\"auth\"} 4",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(!render(view(), &LiveMetrics::default()).contains("farmlb_farm_"));
     }
 
     #[test]

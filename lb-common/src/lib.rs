@@ -124,7 +124,19 @@ pub struct Backend {
     pub mac: [u8; 6],
     pub flags: u8,
     pub _pad: u8,
+    /// Id of the service the backend belongs to ([`MEMBER_OWNER`] for farm members). The
+    /// program ignores it; a restarted control plane rebuilds its id map from it, so a
+    /// backend keeps its id (and its established flows) across restarts.
+    pub service: u32,
 }
+
+/// `Backend::service` of a farm member slot.
+pub const MEMBER_OWNER: u32 = u32::MAX;
+
+/// Version of the maps' layout and meaning. A control plane adopts a pinned data plane only
+/// if the version matches (and every map's key, value and size does); bump it whenever a map
+/// type or the meaning of a field changes.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Conntrack key: the client-to-VIP direction of a flow.
 #[repr(C)]
@@ -156,7 +168,9 @@ pub struct GlobalConfig {
     pub udp_timeout_ns: u64,
     /// Source MAC written on forwarded frames (the interface the program is attached to).
     pub own_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// [`LAYOUT_VERSION`] of the control plane that programmed the maps (0: never
+    /// programmed). The program ignores it.
+    pub layout_version: u16,
 }
 
 /// Single entry of the `FARM` array: this node's identity in farm mode.
@@ -265,7 +279,7 @@ impl Stat {
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceInfo>() == 16);
-    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<Backend>() == 28);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<CtEntry>() == 16);
     assert!(core::mem::size_of::<GlobalConfig>() == 16);

@@ -130,6 +130,10 @@ pub enum ApiRequest {
     },
     Reload,
     Config,
+    /// Exit the daemon; with `detach`, remove the data plane too.
+    Stop {
+        detach: bool,
+    },
 }
 
 /// A successful reply: status code and JSON body.
@@ -492,6 +496,7 @@ pub fn router(tx: Tx) -> Router {
             patch(set_backend).delete(del_backend),
         )
         .route("/v1/reload", post(reload))
+        .route("/v1/stop", post(stop))
         .route("/v1/config", get(config))
         .fallback(|method: Method, uri: Uri| async move {
             ApiError::not_found(format!("no such endpoint: {method} {uri}"))
@@ -570,6 +575,29 @@ async fn set_backend(
 
 async fn reload(State(tx): State<Tx>) -> Response {
     call(&tx, ApiRequest::Reload).await
+}
+
+async fn stop(State(tx): State<Tx>, body: Bytes) -> Response {
+    let parsed = if body.is_empty() {
+        Ok(serde_json::Map::new())
+    } else {
+        json_object(&body)
+    };
+    let detach = match parsed {
+        Ok(o) => match o.get("detach") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return ApiError::bad_request(format!(
+                    "detach: expected true or false, got {}",
+                    kind(v)
+                ))
+                .into_response()
+            }
+        },
+        Err(e) => return e.into_response(),
+    };
+    call(&tx, ApiRequest::Stop { detach }).await
 }
 
 async fn config(State(tx): State<Tx>) -> Response {

@@ -57,6 +57,17 @@ pub enum CtlCmd {
     Backend(BackendCmd),
     /// Re-read the config file and apply the difference (like SIGHUP); established flows stay.
     Reload,
+    /// Stop the daemon. The data plane keeps forwarding with the last tables (as on SIGTERM)
+    /// unless `--detach` is given, which removes it (and its connection table) too, also when
+    /// no daemon runs.
+    Stop {
+        /// Detach the XDP program and remove its pins.
+        #[arg(long)]
+        detach: bool,
+        /// The configuration naming the interface / pin_path (when no daemon answers).
+        #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
+        config: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,6 +211,37 @@ pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
     };
     let c = Client::new(&socket);
     match cmd {
+        CtlCmd::Stop { detach, config } => {
+            let body = json!({ "detach": detach });
+            match c.call("POST", "/v1/stop", Some(&body)).await {
+                Ok(v) => {
+                    // The daemon removes its socket last: wait for it, so a script that
+                    // stops and then starts farmlb never races the old one.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+                    while socket.exists() && std::time::Instant::now() < deadline {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    let msg = if *detach {
+                        "daemon stopped, data plane detached"
+                    } else {
+                        "daemon stopped; the data plane keeps forwarding"
+                    };
+                    done(opts, &v, msg)?
+                }
+                // No daemon: the pins are all that is left to remove.
+                Err(e) if *detach && !socket.exists() => {
+                    let dir = crate::config::Config::load(config)
+                        .map(|c| c.pin_dir())
+                        .map_err(|ce| anyhow::anyhow!("{e:#}; and reading {}: {ce}", config.display()))?;
+                    if crate::dataplane::pin::remove(&dir)? {
+                        println!("removed the data plane pinned at {}", dir.display());
+                    } else {
+                        println!("nothing pinned at {}", dir.display());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
         CtlCmd::Status { .. } => {
             let v = c.call("GET", "/v1/status", None).await?;
             if opts.json {

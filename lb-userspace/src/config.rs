@@ -2327,6 +2327,13 @@ mod control_tests {
 }
 
 // --- TEMPORARY shims until the config split lands -------------------------------------
+impl Config {
+    /// Where the data plane is pinned.
+    pub fn pin_dir(&self) -> PathBuf {
+        crate::dataplane::pin::default_dir(&self.interface)
+    }
+}
+
 pub use crate::farm_config::{FarmCfg, HooksCfg, MAX_POWER};
 
 impl CheckCfg {

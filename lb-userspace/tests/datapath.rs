@@ -59,6 +59,7 @@ impl Fixture {
         let k = Twin::load(LoadOpts {
             ring_slots: Director::ring_slots_for(cfg),
             conntrack_size: 4096,
+            ..Default::default()
         })
         .expect("load XDP program (are we root?)");
         let mut f = Fixture {

@@ -75,6 +75,7 @@ impl Fixture {
         let mut k = Twin::load(LoadOpts {
             ring_slots: Director::ring_slots_for(&cfg),
             conntrack_size: 4096,
+            ..Default::default()
         })
         .expect("load XDP program (are we root?)");
         let mut director = Director::new(k.dp.ring_slots(), OWN_MAC);

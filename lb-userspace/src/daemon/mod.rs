@@ -46,11 +46,25 @@ const SNAPSHOT_QUEUE: usize = 16;
 pub async fn run(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path)?;
     let own_mac = iface_mac(&cfg.interface)?;
+    let pin_dir = cfg.pin_dir();
     let mut dp = Dataplane::load(LoadOpts {
         ring_slots: Director::ring_slots_for(&cfg),
         conntrack_size: cfg.conntrack_size,
+        pin_dir: Some(pin_dir.clone()),
     })?;
     let mut director = Director::new(dp.ring_slots(), own_mac);
+    if dp.adopted() {
+        // A data plane is running (the previous daemon died, stopped or is being upgraded):
+        // take over its ids and tables, so established flows keep their backends.
+        let snap = dp.snapshot()?;
+        director.adopt(&cfg, &snap, &mut dp)?;
+        tracing::info!(
+            pin_path = %pin_dir.display(),
+            services = director.services.len(),
+            backends = director.services.values().map(|s| s.backends.len()).sum::<usize>(),
+            "adopted the running data plane"
+        );
+    }
     let mut macs = NeighResolver::new(&cfg.interface);
     // Program every map before attaching, so the first packet already sees the full config.
     director.apply(&cfg, &mut dp, &mut macs)?;
@@ -127,17 +141,45 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(t) = metrics_task {
         t.abort();
     }
-    let _ = std::fs::remove_file(&owner.cfg.api_socket);
     if let Some(f) = owner.farm.take() {
         f.stop(&owner.director).await;
     }
-    owner.dp.detach().context("detaching XDP program")?;
-    tracing::info!("detached, exiting");
-    res
+    // The socket goes last: `farmlb stop` waits for it to know the daemon is gone.
+    let _socket = RemoveOnDrop(owner.cfg.api_socket.clone());
+    match res {
+        Ok(Exit { detach: true }) => {
+            owner.dp.detach().context("detaching XDP program")?;
+            tracing::info!("detached and unpinned, exiting");
+            Ok(())
+        }
+        Ok(Exit { detach: false }) => {
+            tracing::info!(
+                pin_path = %pin_dir.display(),
+                "exiting; the data plane keeps forwarding with the last tables \
+                 (`farmlb stop --detach` removes it)"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
-/// The owner loop, until SIGINT or SIGTERM. A failing change is logged and the loop goes on:
-/// the data plane keeps the last tables that were written.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// How the owner loop ended.
+pub struct Exit {
+    /// Remove the data plane too (`farmlb stop --detach`).
+    pub detach: bool,
+}
+
+/// The owner loop, until SIGINT, SIGTERM or `farmlb stop`. A failing change is logged and the
+/// loop goes on: the data plane keeps the last tables that were written.
 async fn serve(
     owner: &mut Owner,
     api_rx: &mut mpsc::Receiver<api::Call>,
@@ -145,7 +187,7 @@ async fn serve(
     node_probe_rx: &mut mpsc::Receiver<ProbeResult>,
     snap_rx: &mut mpsc::Receiver<oneshot::Sender<StatusView>>,
     view_rx: &mut Option<tokio::sync::watch::Receiver<crate::farm::membership::View>>,
-) -> Result<()> {
+) -> Result<Exit> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -153,13 +195,20 @@ async fn serve(
     let mut garp = tokio::time::interval(GARP_EVERY);
     loop {
         tokio::select! {
-            _ = sigint.recv() => return Ok(()),
-            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(Exit { detach: false }),
+            _ = sigterm.recv() => return Ok(Exit { detach: false }),
             _ = sighup.recv() => match owner.reload() {
                 Ok(summary) => tracing::info!("SIGHUP: {summary}"),
                 Err(e) => tracing::error!("SIGHUP: {e}"),
             },
             Some((req, reply)) = api_rx.recv() => {
+                if let api::ApiRequest::Stop { detach } = req {
+                    let _ = reply.send(Ok((
+                        axum::http::StatusCode::OK,
+                        serde_json::json!({ "stopping": true, "detach": detach }),
+                    )));
+                    return Ok(Exit { detach });
+                }
                 let _ = reply.send(owner.handle(req));
             }
             Some(p) = probe_rx.recv() => owner.on_probe(p),

@@ -271,6 +271,7 @@ impl Owner {
                     to_json(&self.backend_view(&service, Some(addr))?),
                 ))
             }
+            ApiRequest::Stop { .. } => unreachable!("the owner loop handles stop"),
             ApiRequest::Reload => {
                 let summary = self.reload().map_err(ApiError::bad_request)?;
                 tracing::info!("API: {summary}");

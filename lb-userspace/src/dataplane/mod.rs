@@ -1,12 +1,18 @@
 //! Owns the loaded XDP program and its maps: the only place that talks to the kernel side.
-//! Every map is taken from the object once, as a typed handle, when the program loads.
+//! Every map is taken from the object once, as a typed handle, when the program loads. With
+//! a pin directory the data plane outlives the process (see [`pin`]).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -16,15 +22,19 @@ use lb_common::{
 
 mod maps;
 pub mod model;
+pub mod pin;
 
 pub use maps::{CounterKind, DryRun, Maps, Tee};
 
 /// Sizes chosen by the control plane at load time.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOpts {
     /// Slots of the shared Maglev ring array (sum of all services' tables plus headroom).
     pub ring_slots: u32,
     pub conntrack_size: u32,
+    /// Pin program, link and maps here (adopting a data plane already pinned there);
+    /// `None`: the data plane lives and dies with this process (datapath tests).
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOpts {
@@ -32,6 +42,7 @@ impl Default for LoadOpts {
         Self {
             ring_slots: lb_common::DEFAULT_RING_SLOTS,
             conntrack_size: 65536,
+            pin_dir: None,
         }
     }
 }
@@ -100,16 +111,41 @@ pub struct Dataplane {
     maps: KernelMaps,
     link: Option<XdpLinkId>,
     ring_slots: u32,
+    pin_dir: Option<PathBuf>,
+    /// The maps were already pinned: they hold a running data plane's state.
+    adopted: bool,
     /// Possible CPUs: the length of every per-CPU value.
     cpus: usize,
 }
 
 impl Dataplane {
     /// Load and verify the program without attaching it (datapath tests run it this way).
+    /// With a pin directory, maps already pinned there are adopted (after checking that
+    /// their layout is this build's) and the others are created and pinned.
     pub fn load(opts: LoadOpts) -> Result<Self> {
         bump_memlock_rlimit();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::RING, opts.ring_slots)
+        let mut ring_slots = opts.ring_slots;
+        let mut adopted = false;
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = &opts.pin_dir {
+            if pin::ensure_bpffs(dir)? && pin::private_mount_namespace() {
+                tracing::warn!(
+                    "mounted bpffs at /sys/fs/bpf in a private mount namespace (as `ip netns \
+                     exec` makes): the pins at {} vanish when this process exits; set pin_path \
+                     to a bpffs the host keeps mounted",
+                    dir.display()
+                );
+            }
+            if let Some(found) = pin::inspect(dir, opts.ring_slots, opts.conntrack_size)? {
+                ring_slots = found.ring_slots;
+                adopted = true;
+            }
+            for name in pin::MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
+            .map_max_entries(names::RING, ring_slots)
             .map_max_entries(names::CONNTRACK, opts.conntrack_size)
             .load(crate::EBPF_OBJECT)
             .context("loading the XDP object")?;
@@ -118,14 +154,31 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("program {} missing from object", names::PROGRAM))?
             .try_into()?;
         prog.load().context("verifier rejected the XDP program")?;
+        if let Some(dir) = &opts.pin_dir {
+            let path = dir.join(pin::PROGRAM);
+            let _ = std::fs::remove_file(&path);
+            prog.pin(&path)
+                .with_context(|| format!("pinning the program at {}", path.display()))?;
+        }
         let maps = KernelMaps::take(&mut ebpf)?;
         Ok(Self {
             ebpf,
             maps,
             link: None,
-            ring_slots: opts.ring_slots,
+            ring_slots,
+            pin_dir: opts.pin_dir,
+            adopted,
             cpus: aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?,
         })
+    }
+
+    /// Whether the maps came from a data plane that was already pinned (and running).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     pub fn ring_slots(&self) -> u32 {
@@ -140,8 +193,24 @@ impl Dataplane {
             .expect("checked at load")
     }
 
-    /// Attach to `iface`. The link lives as long as `self`: dropping it detaches.
+    /// Attach to `iface`. Without a pin directory the link lives as long as `self`. With one,
+    /// the link is pinned; a link already pinned there (a running data plane) is switched to
+    /// this program atomically (`bpf_link_update`): no packet meets a gap.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        let link_pin = self.pin_dir.as_ref().map(|d| d.join(pin::LINK));
+        if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
+            let fd: FdLink = PinnedLink::from_pin(path)
+                .with_context(|| format!("opening the pinned link {}", path.display()))?
+                .into();
+            let link = XdpLink::try_from(fd)
+                .with_context(|| format!("{} is not an XDP link", path.display()))?;
+            let id = self
+                .prog()
+                .attach_to_link(link)
+                .context("replacing the running program (bpf_link_update)")?;
+            self.link = Some(id);
+            return Ok(());
+        }
         let id = self
             .prog()
             .attach(iface, mode.into())
@@ -151,15 +220,46 @@ impl Dataplane {
                 }
                 e => anyhow!("attaching XDP to {iface} in {mode:?} mode: {e}"),
             })?;
+        if let Some(path) = link_pin {
+            // A pinned link holds the attachment when this process is gone.
+            let link = self.prog().take_link(id)?;
+            let fd = FdLink::try_from(link).map_err(|_| {
+                anyhow!("this kernel attached XDP without a bpf_link: it cannot be pinned")
+            })?;
+            fd.pin(&path)
+                .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
+            return Ok(());
+        }
         self.link = Some(id);
         Ok(())
     }
 
+    /// Stop forwarding: detach the program and remove every pin.
     pub fn detach(&mut self) -> Result<()> {
         if let Some(id) = self.link.take() {
             self.prog().detach(id)?;
         }
+        if let Some(dir) = &self.pin_dir {
+            pin::remove(dir)?;
+        }
         Ok(())
+    }
+
+    /// Everything a restarted director needs to keep its ids, rings and backends: the
+    /// services, every backend slot, and each service's ring.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut services = Vec::new();
+        for kv in self.maps.services.iter() {
+            let (key, info) = kv?;
+            let table = (0..info.ring_size)
+                .map(|i| self.maps.ring.get(&(info.ring_offset + i), 0))
+                .collect::<Result<Vec<u32>, _>>()?;
+            services.push((key, info, table));
+        }
+        let backends = (0..lb_common::BACKEND_SLOTS)
+            .map(|id| Ok((id, self.maps.backends.get(&id, 0)?)))
+            .collect::<Result<Vec<(u32, Backend)>>>()?;
+        Ok(Snapshot { services, backends })
     }
 
     /// Global reason counters summed over CPUs, indexed by `Stat as usize`.
@@ -262,6 +362,15 @@ impl Maps for Dataplane {
     }
 }
 
+/// The programmed state of a pinned data plane, read back at adoption.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every service with its ring table.
+    pub services: Vec<(ServiceKey, ServiceInfo, Vec<u32>)>,
+    /// Every `BACKENDS` slot by id.
+    pub backends: Vec<(u32, Backend)>,
+}
+
 /// BPF_PROG_TEST_RUN of a loaded XDP program, `repeat` times in one call: returns the last
 /// XDP action and the kernel's mean time per run. Without live frames the packet is not reset
 /// between repeats, so each run sees the previous run's output. The benchmark times farmlb and
@@ -301,24 +410,10 @@ pub fn attach_pass_pinned(iface: &str, pin: &std::path::Path) -> Result<()> {
         .with_context(|| format!("attaching XDP pass program to {iface}"))?;
     let link: FdLink = prog.take_link(id)?.try_into()?;
     if let Some(dir) = pin.parent() {
-        ensure_bpffs(dir)?;
+        self::pin::ensure_bpffs(dir)?;
     }
     let _ = std::fs::remove_file(pin);
     link.pin(pin)
         .with_context(|| format!("pinning XDP link at {}", pin.display()))?;
-    Ok(())
-}
-
-/// Mount bpffs at /sys/fs/bpf if nothing is mounted there, and create `dir`.
-fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if !mounts.lines().any(|l| l.split(' ').nth(2) == Some("bpf")) {
-        let st = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .context("mounting bpffs")?;
-        anyhow::ensure!(st.success(), "mount -t bpf bpf /sys/fs/bpf failed");
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(())
 }

@@ -31,4 +31,28 @@ impl Ids {
     pub fn release(&mut self, id: u32) {
         self.free.push(id);
     }
+    /// Take `id` out of the pool (it is in use by an adopted data plane).
+    pub fn reserve(&mut self, id: u32) {
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+        } else {
+            self.free.retain(|&f| f != id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_ids_are_never_handed_out() {
+        let mut ids = Ids::new(1, 10);
+        ids.reserve(3);
+        ids.reserve(1);
+        let got: Vec<u32> = (0..8).map(|_| ids.alloc("x").unwrap()).collect();
+        assert!(!got.contains(&1) && !got.contains(&3), "{got:?}");
+        assert!(ids.alloc("x").is_err(), "9 ids in 1..10, all taken");
+    }
 }

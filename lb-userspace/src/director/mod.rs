@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use anyhow::{bail, Result};
 use lb_common::{
     member_slot, v4_mapped, Addr, Backend, FarmConfig, GlobalConfig, ServiceInfo, ServiceKey,
-    BACKEND_F_VALID, FWD_FARM, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND,
+    BACKEND_F_VALID, FWD_FARM, MAX_BACKENDS, MAX_SERVICES, MEMBER_OWNER, NO_BACKEND,
 };
 
 use crate::config::{AdminState, BackendCfg, Config, ServiceCfg};
@@ -153,7 +153,7 @@ fn ring_entries(st: &ServiceState, members: &[Member]) -> Vec<(Vec<u8>, u32, u32
 fn sync_service(st: &mut ServiceState, members: &[Member], maps: &mut impl Maps) -> Result<()> {
     for b in st.backends.values_mut() {
         if b.wants_valid() && !b.valid {
-            maps.set_backend(b.id, &backend_entry(b, BACKEND_F_VALID))?;
+            maps.set_backend(b.id, &backend_entry(st.info.id, b, BACKEND_F_VALID))?;
             b.valid = true;
         }
     }
@@ -177,7 +177,7 @@ fn sync_service(st: &mut ServiceState, members: &[Member], maps: &mut impl Maps)
     for b in st.backends.values_mut() {
         b.slots = slots.get(&b.id).copied().unwrap_or(0);
         if !b.wants_valid() && b.valid {
-            maps.set_backend(b.id, &backend_entry(b, 0))?;
+            maps.set_backend(b.id, &backend_entry(st.info.id, b, 0))?;
             b.valid = false;
         }
     }
@@ -203,12 +203,13 @@ fn sync_service(st: &mut ServiceState, members: &[Member], maps: &mut impl Maps)
     Ok(())
 }
 
-fn backend_entry(b: &BackendState, flags: u8) -> Backend {
+fn backend_entry(service: u32, b: &BackendState, flags: u8) -> Backend {
     Backend {
         addr: addr_of(b.address),
         mac: b.mac.unwrap_or_default(),
         flags,
         _pad: 0,
+        service,
     }
 }
 
@@ -227,6 +228,9 @@ pub struct Director {
     own_node: Option<u32>,
     members: Vec<Member>,
     valid_members: BTreeSet<u32>,
+    /// Backend slots of an adopted data plane that no service claims: cleared by the next
+    /// `apply`, once the rings point elsewhere.
+    stale: Vec<u32>,
 }
 
 impl Director {
@@ -243,6 +247,7 @@ impl Director {
             own_node: None,
             members: Vec::new(),
             valid_members: BTreeSet::new(),
+            stale: Vec::new(),
         }
     }
 
@@ -270,6 +275,86 @@ impl Director {
         Ok(start)
     }
 
+    /// Take over a pinned data plane's state (`snap`) for `cfg`: services whose key, table
+    /// size and forwarding are unchanged keep their ids, ring ranges and tables, and their
+    /// backends keep their ids, MACs and validity, so established flows keep their backend
+    /// and the following [`Director::apply`] writes only what differs. A checked backend that
+    /// was invalid (down) restarts down, to rise again by its checks. Everything else pinned
+    /// is removed from the maps.
+    pub fn adopt(
+        &mut self,
+        cfg: &Config,
+        snap: &crate::dataplane::Snapshot,
+        maps: &mut impl Maps,
+    ) -> Result<()> {
+        for (key, info, table) in &snap.services {
+            let wanted = cfg.services.iter().find(|s| {
+                service_key(s) == *key
+                    && s.table_size == info.ring_size
+                    && s.forwarding.mode() == info.fwd_mode
+                    && !self.services.contains_key(&s.name)
+            });
+            let Some(s) = wanted else {
+                maps.remove_service(key)?;
+                if !cfg.services.iter().any(|c| service_key(c).addr == key.addr) {
+                    maps.remove_vip_addr(&key.addr)?;
+                }
+                continue;
+            };
+            self.svc_ids.reserve(info.id);
+            self.ring_used.insert(info.ring_offset, info.ring_size);
+            let mut st = ServiceState {
+                cfg: s.clone(),
+                key: *key,
+                info: *info,
+                table: table.clone(),
+                backends: BTreeMap::new(),
+                no_backend: false,
+            };
+            for (id, b) in snap.backends.iter().filter(|(_, b)| b.service == info.id) {
+                let Some(bc) = s.backends.iter().find(|c| addr_of(c.address) == b.addr) else {
+                    continue;
+                };
+                let valid = b.flags & BACKEND_F_VALID != 0;
+                self.backend_ids.reserve(*id);
+                st.backends.insert(
+                    bc.address,
+                    BackendState {
+                        id: *id,
+                        address: bc.address,
+                        mac: Some(b.mac),
+                        cfg: bc.clone(),
+                        weight_override: None,
+                        state_override: None,
+                        health: if valid || bc.check.is_none() {
+                            Health::Up
+                        } else {
+                            Health::Down
+                        },
+                        dynamic_weight: None,
+                        valid,
+                        slots: 0,
+                    },
+                );
+            }
+            self.services.insert(s.name.clone(), st);
+        }
+        // Backend slots no adopted service claims are stale.
+        let kept: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.values().map(|b| b.id))
+            .collect();
+        for (id, b) in &snap.backends {
+            if b.service == MEMBER_OWNER && b.flags & BACKEND_F_VALID != 0 {
+                self.valid_members.insert(*id);
+            } else if *b != Backend::default() && !kept.contains(id) {
+                self.stale.push(*id);
+            }
+        }
+        Ok(())
+    }
+
     /// Bring the maps from the current state to `cfg`. Order matters for live traffic:
     /// backends are written before ring slots point at them, and ring slots are moved away
     /// before a backend is invalidated.
@@ -282,7 +367,7 @@ impl Director {
         maps.set_config(&GlobalConfig {
             udp_timeout_ns: cfg.udp_timeout.as_nanos().min(u64::MAX as u128) as u64,
             own_mac: self.own_mac,
-            _pad: [0; 2],
+            layout_version: lb_common::LAYOUT_VERSION as u16,
         })?;
         self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
         maps.set_farm(&FarmConfig {
@@ -316,6 +401,9 @@ impl Director {
                 self.add_service(s, maps)?;
             }
             self.update_service(s, maps, macs)?;
+        }
+        for id in std::mem::take(&mut self.stale) {
+            maps.set_backend(id, &Backend::default())?;
         }
         Ok(())
     }
@@ -544,6 +632,7 @@ impl Director {
                 slot,
                 &Backend {
                     flags: BACKEND_F_VALID,
+                    service: MEMBER_OWNER,
                     ..Default::default()
                 },
             )?;

@@ -168,6 +168,7 @@ impl Programs {
         let mut dp = Dataplane::load(LoadOpts {
             ring_slots: Director::ring_slots_for(&cfg),
             conntrack_size: 65536,
+            ..Default::default()
         })
         .context("loading farmlb's XDP program (needs root)")?;
         let mut director = Director::new(dp.ring_slots(), OWN_MAC);

@@ -2332,6 +2332,10 @@ impl Config {
     pub fn pin_dir(&self) -> PathBuf {
         crate::dataplane::pin::default_dir(&self.interface)
     }
+    /// Where the runtime state is saved.
+    pub fn state_file(&self) -> PathBuf {
+        PathBuf::from(format!("/var/lib/farmlb/state-{}.json", self.interface))
+    }
 }
 
 pub use crate::farm_config::{FarmCfg, HooksCfg, MAX_POWER};

@@ -1,12 +1,13 @@
 //! Backend MAC resolution from the kernel's neighbour table. Operators configure backend IPs
-//! only; DR needs their MACs, so we ask the kernel (ARP / NDP) like any other host would.
+//! only; DR needs their MACs, so we ask the kernel (ARP / NDP) like any other host would,
+//! in a background task so an unresolvable backend never stalls the owner loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use tokio::sync::mpsc;
 
 /// Finds a backend's MAC address (DR rewrites the destination MAC only).
 pub trait MacResolver {
@@ -32,88 +33,147 @@ impl MacResolver for AssumeResolved {
     }
 }
 
-/// Resolves through the neighbour table of one interface.
-pub struct NeighResolver {
-    pub iface: String,
-    /// How long to wait for the kernel to resolve an unknown neighbour.
-    pub timeout: Duration,
+/// Bound of the queue of addresses waiting to be resolved.
+const QUEUE: usize = 4096;
+/// Resolutions in flight at once.
+const CONCURRENCY: usize = 32;
+/// How long one resolution waits for the kernel.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A resolution result: the address and its MAC, or why not.
+pub type Resolved = (IpAddr, Result<[u8; 6], String>);
+
+/// The owner loop's view of the neighbour table: what is known is answered at once; what is
+/// not is handed to a background task (never a wait on the owner loop), whose results arrive
+/// on the receiver that [`Neighbours::start`] returns; the owner then applies again.
+pub struct Neighbours {
+    iface: String,
+    known: HashMap<IpAddr, [u8; 6]>,
+    pending: HashSet<IpAddr>,
+    tx: mpsc::Sender<IpAddr>,
 }
 
-impl NeighResolver {
-    pub fn new(iface: &str) -> Self {
-        Self {
+impl Neighbours {
+    /// Start the resolver task for `iface` (inside a tokio runtime).
+    pub fn start(iface: &str) -> (Neighbours, mpsc::Receiver<Resolved>) {
+        let (tx, rx) = mpsc::channel::<IpAddr>(QUEUE);
+        let (done_tx, done_rx) = mpsc::channel::<Resolved>(QUEUE);
+        tokio::spawn(resolver(iface.to_string(), rx, done_tx));
+        let n = Neighbours {
             iface: iface.to_string(),
-            timeout: Duration::from_secs(1),
-        }
+            known: HashMap::new(),
+            pending: HashSet::new(),
+            tx,
+        };
+        (n, done_rx)
     }
 
-    /// Current entry, if the kernel has a usable one (not FAILED/INCOMPLETE).
-    fn lookup(&self, ip: IpAddr) -> Result<Option<[u8; 6]>> {
-        // `ip -j` rather than a netlink crate: one stable, documented JSON interface for both
-        // address families; this runs only on configuration changes.
-        let out = Command::new("ip")
-            .args([
-                "-j",
-                "neigh",
-                "show",
-                "to",
-                &ip.to_string(),
-                "dev",
-                &self.iface,
-            ])
-            .output()
-            .context("running `ip neigh` (is iproute2 installed?)")?;
-        if !out.status.success() {
-            bail!(
-                "`ip neigh show dev {}` failed: {}",
-                self.iface,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let entries: Vec<serde_json::Value> =
-            serde_json::from_slice(&out.stdout).context("parsing `ip -j neigh` output")?;
-        for e in entries {
-            let state_ok = e["state"].as_array().is_none_or(|s| {
-                !s.iter()
-                    .any(|v| matches!(v.as_str(), Some("FAILED" | "INCOMPLETE")))
-            });
-            if let (Some(mac), true) = (e["lladdr"].as_str(), state_ok) {
-                return Ok(Some(parse_mac(mac)?));
+    /// Record a result of the task. Returns whether a MAC was learned.
+    pub fn learned(&mut self, (ip, res): Resolved) -> bool {
+        self.pending.remove(&ip);
+        match res {
+            Ok(mac) => {
+                self.known.insert(ip, mac);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(backend = %ip, "{e}");
+                false
             }
         }
-        Ok(None)
     }
 
-    /// Make the kernel resolve `ip`: a datagram to the discard port triggers ARP/NDP.
-    fn provoke(&self, ip: IpAddr) {
-        let bind: SocketAddr = match ip {
-            IpAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
-            IpAddr::V6(_) => "[::]:0".parse().expect("literal"),
-        };
-        if let Ok(s) = UdpSocket::bind(bind) {
-            let _ = s.send_to(&[], SocketAddr::new(ip, 9));
-        }
+    /// Addresses being resolved.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
     }
 }
 
-impl MacResolver for NeighResolver {
+impl MacResolver for Neighbours {
     fn resolve(&mut self, ip: IpAddr) -> Result<[u8; 6]> {
-        if let Some(mac) = self.lookup(ip)? {
+        if let Some(mac) = self.known.get(&ip) {
+            return Ok(*mac);
+        }
+        if !self.pending.contains(&ip) && self.tx.try_send(ip).is_ok() {
+            self.pending.insert(ip);
+        }
+        Err(anyhow!("{ip} is being resolved on {} (ARP/ND)", self.iface))
+    }
+}
+
+/// Resolve every address sent on `rx`, up to [`CONCURRENCY`] at once.
+async fn resolver(iface: String, mut rx: mpsc::Receiver<IpAddr>, done: mpsc::Sender<Resolved>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    while let Some(ip) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (iface, done) = (iface.clone(), done.clone());
+        tokio::spawn(async move {
+            let res = resolve_one(&iface, ip).await.map_err(|e| format!("{e:#}"));
+            let _ = done.send((ip, res)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn resolve_one(iface: &str, ip: IpAddr) -> Result<[u8; 6]> {
+    if let Some(mac) = lookup(iface, ip).await? {
+        return Ok(mac);
+    }
+    provoke(ip);
+    let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(mac) = lookup(iface, ip).await? {
             return Ok(mac);
         }
-        self.provoke(ip);
-        let deadline = Instant::now() + self.timeout;
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            if let Some(mac) = self.lookup(ip)? {
-                return Ok(mac);
-            }
+    }
+    Err(anyhow!(
+        "backend kept out of the table: {ip} did not resolve on {iface} within {:?} (is it on \
+         the same L2 segment?); retrying",
+        RESOLVE_TIMEOUT
+    ))
+}
+
+/// Current entry, if the kernel has a usable one (not FAILED/INCOMPLETE).
+async fn lookup(iface: &str, ip: IpAddr) -> Result<Option<[u8; 6]>> {
+    // `ip -j` rather than a netlink crate: one stable, documented JSON interface for both
+    // address families, run off the owner loop.
+    let out = tokio::process::Command::new("ip")
+        .args(["-j", "neigh", "show", "to", &ip.to_string(), "dev", iface])
+        .output()
+        .await
+        .context("running `ip neigh` (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip neigh show dev {iface}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j neigh` output")?;
+    for e in entries {
+        let state_ok = e["state"].as_array().is_none_or(|s| {
+            !s.iter()
+                .any(|v| matches!(v.as_str(), Some("FAILED" | "INCOMPLETE")))
+        });
+        if let (Some(mac), true) = (e["lladdr"].as_str(), state_ok) {
+            return Ok(Some(parse_mac(mac)?));
         }
-        Err(anyhow!(
-            "{ip} did not resolve on {} within {:?} (is it on the same L2 segment?)",
-            self.iface,
-            self.timeout
-        ))
+    }
+    Ok(None)
+}
+
+/// Make the kernel resolve `ip`: a datagram to the discard port triggers ARP/NDP.
+fn provoke(ip: IpAddr) {
+    let bind: SocketAddr = match ip {
+        IpAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
+        IpAddr::V6(_) => "[::]:0".parse().expect("literal"),
+    };
+    if let Ok(s) = UdpSocket::bind(bind) {
+        let _ = s.set_nonblocking(true);
+        let _ = s.send_to(&[], SocketAddr::new(ip, 9));
     }
 }
 

@@ -24,9 +24,10 @@ use crate::director::Director;
 use crate::farm::FarmRole;
 use crate::health::{ProbeResult, Supervisor};
 use crate::metrics::{self, LiveMetrics};
-use crate::neigh::{iface_mac, NeighResolver};
+use crate::neigh::{iface_mac, Neighbours, Resolved, RESOLVE_TIMEOUT};
 
 mod owner;
+mod state;
 mod status;
 
 use owner::Owner;
@@ -44,7 +45,11 @@ const PROBE_QUEUE: usize = 4096;
 const SNAPSHOT_QUEUE: usize = 16;
 
 pub async fn run(config_path: &Path) -> Result<()> {
-    let cfg = Config::load(config_path)?;
+    let file_cfg = Config::load(config_path)?;
+    // API edits and runtime overrides of the previous daemon, if any.
+    let state_path = file_cfg.state_file();
+    let mut saved = state::RuntimeState::load(&state_path);
+    let cfg = owner::replay(file_cfg, &mut saved.edits);
     let own_mac = iface_mac(&cfg.interface)?;
     let pin_dir = cfg.pin_dir();
     let mut dp = Dataplane::load(LoadOpts {
@@ -65,8 +70,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
             "adopted the running data plane"
         );
     }
-    let mut macs = NeighResolver::new(&cfg.interface);
-    // Program every map before attaching, so the first packet already sees the full config.
+    let (mut macs, mut resolved_rx) = Neighbours::start(&cfg.interface);
+    director.apply(&cfg, &mut dp, &mut macs)?;
+    // Give the backends' MACs one resolution timeout (all in parallel) before attaching, so
+    // the first packet already sees the full config; later ones join as they resolve.
+    let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT + Duration::from_millis(200);
+    while macs.pending() > 0 {
+        match tokio::time::timeout_at(deadline, resolved_rx.recv()).await {
+            Ok(Some(r)) => {
+                macs.learned(r);
+            }
+            _ => break,
+        }
+    }
     director.apply(&cfg, &mut dp, &mut macs)?;
 
     let (node_probe_tx, mut node_probe_rx) = mpsc::channel::<ProbeResult>(64);
@@ -103,7 +119,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
         supervisor: Supervisor::new(probe_tx),
         live,
         farm,
+        state: state::RuntimeState {
+            edits: std::mem::take(&mut saved.edits),
+            ..Default::default()
+        },
+        state_path,
     };
+    owner.restore_overrides(&saved.overrides);
+    owner.persist();
     owner.sync_checks();
     let attached = owner
         .dp
@@ -128,6 +151,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 &mut node_probe_rx,
                 &mut snap_rx,
                 &mut view_rx,
+                &mut resolved_rx,
             )
             .await
         }
@@ -187,6 +211,7 @@ async fn serve(
     node_probe_rx: &mut mpsc::Receiver<ProbeResult>,
     snap_rx: &mut mpsc::Receiver<oneshot::Sender<StatusView>>,
     view_rx: &mut Option<tokio::sync::watch::Receiver<crate::farm::membership::View>>,
+    resolved_rx: &mut mpsc::Receiver<Resolved>,
 ) -> Result<Exit> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -228,6 +253,7 @@ async fn serve(
                 let view = rx.borrow_and_update().clone();
                 owner.on_view(view);
             }
+            Some(r) = resolved_rx.recv() => owner.on_resolved(r),
             _ = retry.tick() => owner.tick(),
             _ = garp.tick() => {
                 if let Some(f) = &owner.farm {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use axum::http::StatusCode;
 use serde_json::json;
 
+use super::state::{Edit, Override, RuntimeState};
 use crate::api::{self, ApiError, ApiReply, ApiRequest};
 use crate::config::{Config, ConfigError};
 use crate::dataplane::{Dataplane, DryRun};
@@ -15,7 +16,7 @@ use crate::farm::membership::View;
 use crate::farm::FarmRole;
 use crate::health::{ProbeResult, Supervisor};
 use crate::metrics::LiveMetrics;
-use crate::neigh::{AssumeResolved, NeighResolver};
+use crate::neigh::{AssumeResolved, Neighbours, Resolved};
 
 /// Why a reload or an API change was refused; the running configuration stays.
 #[derive(Debug, thiserror::Error)]
@@ -52,10 +53,39 @@ pub(super) struct Owner {
     pub cfg: Config,
     pub dp: Dataplane,
     pub director: Director,
-    pub macs: NeighResolver,
+    pub macs: Neighbours,
     pub supervisor: Supervisor,
     pub live: LiveMetrics,
     pub farm: Option<FarmRole>,
+    /// Runtime state saved to `state_path` after every change.
+    pub state: RuntimeState,
+    pub state_path: PathBuf,
+}
+
+/// `cfg` with one API edit applied (validated whole, as the API does).
+pub fn apply_edit(cfg: &Config, e: &Edit) -> Result<Config, ApiError> {
+    match e {
+        Edit::AddService { body } => api::with_service(cfg, body),
+        Edit::DelService { service } => api::without_service(cfg, service),
+        Edit::AddBackend { service, body } => api::with_backend(cfg, service, body),
+        Edit::DelBackend { service, backend } => api::without_backend(cfg, service, *backend),
+    }
+}
+
+/// The file's configuration with the saved API edits replayed; an edit that no longer
+/// applies (the file changed meanwhile) is dropped, with a warning.
+pub fn replay(mut cfg: Config, edits: &mut Vec<Edit>) -> Config {
+    edits.retain(|e| match apply_edit(&cfg, e) {
+        Ok(next) => {
+            cfg = next;
+            true
+        }
+        Err(err) => {
+            tracing::warn!("state_file: dropping the saved API edit {e:?}: {}", err.message);
+            false
+        }
+    });
+    cfg
 }
 
 impl Owner {
@@ -70,6 +100,61 @@ impl Owner {
             if let Err(e) = self.director.set_health(&s, a, h, None, &mut self.dp) {
                 tracing::error!(service = %s, backend = %a, "restoring health: {e:#}");
             }
+        }
+    }
+
+    /// Restore saved runtime weights/states whose file value is still the one they were set
+    /// over (the same rule as a reload).
+    pub fn restore_overrides(&mut self, saved: &[Override]) {
+        for o in saved {
+            let Ok(b) = self.director.backend(&o.service, o.backend) else {
+                continue;
+            };
+            let weight = o
+                .weight
+                .filter(|(file, _)| *file == b.cfg.weight)
+                .map(|(_, w)| w);
+            let state = o
+                .state
+                .as_ref()
+                .filter(|(file, _)| file == b.cfg.state.as_str())
+                .and_then(|(_, st)| st.parse().ok());
+            if weight.is_none() && state.is_none() {
+                continue;
+            }
+            match self
+                .director
+                .set_admin(&o.service, o.backend, weight, state, &mut self.dp)
+            {
+                Ok(()) => tracing::info!(
+                    service = %o.service, backend = %o.backend, ?weight,
+                    state = ?state.map(|s: crate::config::AdminState| s.as_str()),
+                    "restored a runtime override"
+                ),
+                Err(e) => tracing::warn!("restoring an override of {}: {e:#}", o.backend),
+            }
+        }
+    }
+
+    /// Save the runtime state (the director holds the overrides).
+    pub fn persist(&mut self) {
+        self.state.overrides = self
+            .director
+            .services
+            .values()
+            .flat_map(|s| s.backends.values().map(move |b| (s, b)))
+            .filter(|(_, b)| b.weight_override.is_some() || b.state_override.is_some())
+            .map(|(s, b)| Override {
+                service: s.cfg.name.clone(),
+                backend: b.address,
+                weight: b.weight_override.map(|w| (b.cfg.weight, w)),
+                state: b
+                    .state_override
+                    .map(|st| (b.cfg.state.as_str().into(), st.as_str().into())),
+            })
+            .collect();
+        if let Err(e) = self.state.save(&self.state_path) {
+            tracing::warn!("saving the runtime state: {e:#}");
         }
     }
 
@@ -128,6 +213,9 @@ impl Owner {
                 "reload rejected, the running configuration stays: {e}"
             ));
         }
+        // The running set matches the file again.
+        self.state.edits.clear();
+        self.persist();
         let backends: usize = self.cfg.services.iter().map(|s| s.backends.len()).sum();
         Ok(format!(
             "configuration reloaded from {}: {} services, {backends} backends",
@@ -190,6 +278,15 @@ impl Owner {
         }
     }
 
+    /// A neighbour resolution finished: a backend with a new MAC joins its table.
+    pub fn on_resolved(&mut self, r: Resolved) {
+        if self.macs.learned(r) {
+            if let Err(e) = self.director.apply(&self.cfg, &mut self.dp, &mut self.macs) {
+                tracing::error!("adding resolved backends: {e:#}");
+            }
+        }
+    }
+
     /// Periodic work: retry unresolved backends, refresh the farm status.
     pub fn tick(&mut self) {
         if self.director.unresolved() > 0 {
@@ -210,45 +307,42 @@ impl Owner {
                 let v = self.service_view(&name)?;
                 Ok((StatusCode::OK, to_json(&v)))
             }
-            ApiRequest::AddService(obj) => {
-                let new = api::with_service(&self.cfg, &obj)?;
-                let name = new
-                    .services
-                    .last()
-                    .map(|s| s.name.clone())
-                    .unwrap_or_default();
-                self.apply(new)?;
+            ApiRequest::AddService(body) => {
+                let name = body
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                self.edit(Edit::AddService { body })?;
                 tracing::info!(service = %name, "API: service added");
                 Ok((StatusCode::CREATED, to_json(&self.service_view(&name)?)))
             }
-            ApiRequest::DelService(name) => {
-                let new = api::without_service(&self.cfg, &name)?;
-                self.apply(new)?;
-                tracing::info!(service = %name, "API: service removed");
-                Ok((StatusCode::OK, json!({ "removed": name })))
+            ApiRequest::DelService(service) => {
+                self.edit(Edit::DelService {
+                    service: service.clone(),
+                })?;
+                tracing::info!(service = %service, "API: service removed");
+                Ok((StatusCode::OK, json!({ "removed": service })))
             }
-            ApiRequest::AddBackend(name, obj) => {
-                let new = api::with_backend(&self.cfg, &name, &obj)?;
-                let addr = new
-                    .services
-                    .iter()
-                    .find(|s| s.name == name)
-                    .and_then(|s| s.backends.last())
-                    .map(|b| b.address);
-                self.apply(new)?;
-                tracing::info!(service = %name, backend = ?addr, "API: backend added");
-                Ok((
-                    StatusCode::CREATED,
-                    to_json(&self.backend_view(&name, addr)?),
-                ))
+            ApiRequest::AddBackend(service, body) => {
+                let before = self.cfg.clone();
+                self.edit(Edit::AddBackend {
+                    service: service.clone(),
+                    body,
+                })?;
+                let addr = added_backend(&before, &self.cfg, &service);
+                tracing::info!(service = %service, backend = ?addr, "API: backend added");
+                Ok((StatusCode::CREATED, to_json(&self.backend_view(&service, addr)?)))
             }
-            ApiRequest::DelBackend(name, addr) => {
-                let new = api::without_backend(&self.cfg, &name, addr)?;
-                self.apply(new)?;
-                tracing::info!(service = %name, backend = %addr, "API: backend removed");
+            ApiRequest::DelBackend(service, backend) => {
+                self.edit(Edit::DelBackend {
+                    service: service.clone(),
+                    backend,
+                })?;
+                tracing::info!(service = %service, backend = %backend, "API: backend removed");
                 Ok((
                     StatusCode::OK,
-                    json!({ "removed": addr.to_string(), "service": name }),
+                    json!({ "removed": backend.to_string(), "service": service }),
                 ))
             }
             ApiRequest::SetBackend {
@@ -266,6 +360,7 @@ impl Owner {
                     weight = ?weight, state = ?state.map(|s| s.as_str()),
                     "API: backend set"
                 );
+                self.persist();
                 Ok((
                     StatusCode::OK,
                     to_json(&self.backend_view(&service, Some(addr))?),
@@ -279,6 +374,30 @@ impl Owner {
             }
         }
     }
+}
+
+impl Owner {
+    /// Apply an API edit to the running configuration and remember it in the state file.
+    fn edit(&mut self, e: Edit) -> Result<(), ApiError> {
+        let new = apply_edit(&self.cfg, &e)?;
+        self.apply(new)?;
+        self.state.edits.push(e);
+        self.persist();
+        Ok(())
+    }
+}
+
+/// The backend `service` has in `after` but not in `before`.
+fn added_backend(before: &Config, after: &Config, service: &str) -> Option<std::net::IpAddr> {
+    let of = |c: &Config| -> Vec<std::net::IpAddr> {
+        c.services
+            .iter()
+            .find(|s| s.name == service)
+            .map(|s| s.backends.iter().map(|b| b.address).collect())
+            .unwrap_or_default()
+    };
+    let old = of(before);
+    of(after).into_iter().find(|a| !old.contains(a))
 }
 
 /// Fields only a restart can change.

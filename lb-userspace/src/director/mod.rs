@@ -523,7 +523,8 @@ impl Director {
             if entry.mac.is_none() {
                 match macs.resolve(b.address) {
                     Ok(mac) => entry.mac = Some(mac),
-                    Err(e) => tracing::warn!(
+                    // The resolver reports failures; `farmlb status` shows it unresolved.
+                    Err(e) => tracing::debug!(
                         service = %s.name, backend = %b.address,
                         "backend kept out of the table until its MAC resolves: {e:#}"
                     ),

@@ -604,11 +604,10 @@ async fn config(State(tx): State<Tx>) -> Response {
     call(&tx, ApiRequest::Config).await
 }
 
-/// Serve the API until the task is aborted.
+/// Serve the API until the task is aborted, within [`crate::http::LIMITS`].
 pub async fn serve(listener: UnixListener, tx: Tx) {
-    if let Err(e) = axum::serve(listener, router(tx)).await {
-        tracing::error!("API server stopped: {e}");
-    }
+    let accept = || async { listener.accept().await.map(|(s, _)| s) };
+    crate::http::serve("API", accept, router(tx), crate::http::LIMITS).await
 }
 
 #[cfg(test)]

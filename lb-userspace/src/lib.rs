@@ -9,6 +9,7 @@ pub mod director;
 pub mod farm;
 pub mod farm_config;
 pub mod health;
+pub mod http;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;

@@ -464,14 +464,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding metrics_address {addr}"))
 }
 
-/// Serve `/metrics` until the task is aborted.
+/// Serve `/metrics` until the task is aborted, within [`crate::http::LIMITS`].
 pub async fn serve(listener: TcpListener, tx: SnapshotTx, live: LiveMetrics) {
     let app = Router::new()
         .route("/metrics", get(scrape))
         .with_state(Ctx { tx, live });
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("metrics server stopped: {e}");
-    }
+    let accept = || async { listener.accept().await.map(|(s, _)| s) };
+    crate::http::serve("metrics", accept, app, crate::http::LIMITS).await
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ const SNAPSHOT_QUEUE: usize = 16;
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let file_cfg = Config::load(config_path)?;
+    raise_nofile_limit();
     // API edits and runtime overrides of the previous daemon, if any.
     let state_path = file_cfg.state_file();
     let mut saved = state::RuntimeState::load(&state_path);
@@ -185,6 +186,25 @@ pub async fn run(config_path: &Path) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit: the default 1024 is what a flood of
+/// connections would exhaust first (the servers are capped too, see `crate::http`).
+fn raise_nofile_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer / in-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &want);
+        }
     }
 }
 

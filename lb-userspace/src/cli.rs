@@ -232,7 +232,9 @@ pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
                 Err(e) if *detach && !socket.exists() => {
                     let dir = crate::config::Config::load(config)
                         .map(|c| c.pin_dir())
-                        .map_err(|ce| anyhow::anyhow!("{e:#}; and reading {}: {ce}", config.display()))?;
+                        .map_err(|ce| {
+                            anyhow::anyhow!("{e:#}; and reading {}: {ce}", config.display())
+                        })?;
                     if crate::dataplane::pin::remove(&dir)? {
                         println!("removed the data plane pinned at {}", dir.display());
                     } else {

@@ -23,7 +23,7 @@
 //! | `farmlb_datapath_events_total` (any other data-plane counter) | event |
 //! | `farmlb_farm_member_up`, `farmlb_farm_member_power` (farm role) | node |
 //! | `farmlb_farm_members`, `farmlb_farm_share`, `farmlb_farm_active` (farm role) | |
-//! | `farmlb_farm_membership_rejected_total` (farm role) | reason (`auth`, `replay`) |
+//! | `farmlb_farm_membership_rejected_total` (farm role) | reason (`auth`, `replay`, `unknown_source`) |
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -407,6 +407,10 @@ fn encode_farm(enc: &mut DescriptorEncoder, f: &FarmStatus) -> std::fmt::Result 
         [
             (vec![("reason", "auth")], ConstCounter::new(f.auth_failures)),
             (vec![("reason", "replay")], ConstCounter::new(f.replays)),
+            (
+                vec![("reason", "unknown_source")],
+                ConstCounter::new(f.unknown_dropped),
+            ),
         ],
     )
 }
@@ -550,6 +554,7 @@ mod tests {
             members: vec![member(1, "alive", 1), member(2, "suspect", 0)],
             auth_failures: 4,
             replays: 1,
+            unknown_dropped: 0,
             arp_answered: 0,
         });
         let text = render(v, &LiveMetrics::default());

@@ -81,7 +81,10 @@ pub fn replay(mut cfg: Config, edits: &mut Vec<Edit>) -> Config {
             true
         }
         Err(err) => {
-            tracing::warn!("state_file: dropping the saved API edit {e:?}: {}", err.message);
+            tracing::warn!(
+                "state_file: dropping the saved API edit {e:?}: {}",
+                err.message
+            );
             false
         }
     });
@@ -332,7 +335,10 @@ impl Owner {
                 })?;
                 let addr = added_backend(&before, &self.cfg, &service);
                 tracing::info!(service = %service, backend = ?addr, "API: backend added");
-                Ok((StatusCode::CREATED, to_json(&self.backend_view(&service, addr)?)))
+                Ok((
+                    StatusCode::CREATED,
+                    to_json(&self.backend_view(&service, addr)?),
+                ))
             }
             ApiRequest::DelBackend(service, backend) => {
                 self.edit(Edit::DelBackend {

@@ -62,7 +62,10 @@ impl RuntimeState {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::default(),
             Err(e) => {
-                tracing::warn!("state_file {}: {e}; starting from the file alone", path.display());
+                tracing::warn!(
+                    "state_file {}: {e}; starting from the file alone",
+                    path.display()
+                );
                 return Self::default();
             }
         };

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
-    maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig,
-    ServiceInfo, ServiceKey, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS, Stat,
+    maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo,
+    ServiceKey, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
 };
 
 /// `statfs` magic of bpffs.
@@ -104,11 +104,21 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 10] {
         max,
     };
     [
-        s(names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceInfo>(), MAX_SERVICES),
+        s(
+            names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceInfo>(),
+            MAX_SERVICES,
+        ),
         s(names::VIP_ADDRS, size_of::<Addr>(), 4, MAX_VIP_ADDRS),
         s(names::RING, 4, 4, ring_slots),
         s(names::BACKENDS, 4, size_of::<Backend>(), BACKEND_SLOTS),
-        s(names::CONNTRACK, size_of::<FlowKey>(), size_of::<CtEntry>(), conntrack_size),
+        s(
+            names::CONNTRACK,
+            size_of::<FlowKey>(),
+            size_of::<CtEntry>(),
+            conntrack_size,
+        ),
         s(names::CONFIG, 4, size_of::<GlobalConfig>(), 1),
         s(names::FARM, 4, size_of::<FarmConfig>(), 1),
         s(names::STATS, 4, 8, Stat::COUNT),
@@ -144,7 +154,11 @@ pub fn inspect(dir: &Path, ring_slots: u32, conntrack_size: u32) -> Result<Optio
         )
     };
     if present.len() != MAPS.len() {
-        let missing: Vec<&str> = MAPS.iter().copied().filter(|m| !present.contains(m)).collect();
+        let missing: Vec<&str> = MAPS
+            .iter()
+            .copied()
+            .filter(|m| !present.contains(m))
+            .collect();
         return Err(refuse(format!("map {} missing", missing.join(", "))));
     }
     let ring = MapInfo::from_pin(dir.join(names::RING))
@@ -158,7 +172,11 @@ pub fn inspect(dir: &Path, ring_slots: u32, conntrack_size: u32) -> Result<Optio
     for s in specs(ring, conntrack_size) {
         let info = MapInfo::from_pin(dir.join(s.name))
             .with_context(|| format!("opening the pinned map {}", s.name))?;
-        let (k, v, m) = (info.key_size() as usize, info.value_size() as usize, info.max_entries());
+        let (k, v, m) = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
         if (k, v) != (s.key, s.value) {
             return Err(refuse(format!(
                 "map {} has {k}-byte keys and {v}-byte values, this build uses {} and {}",
@@ -167,15 +185,19 @@ pub fn inspect(dir: &Path, ring_slots: u32, conntrack_size: u32) -> Result<Optio
         }
         if m != s.max {
             let what = if s.name == names::CONNTRACK {
-                format!("conntrack_size is {m} there, the configuration says {}", s.max)
+                format!(
+                    "conntrack_size is {m} there, the configuration says {}",
+                    s.max
+                )
             } else {
                 format!("map {} holds {m} entries, this build {}", s.name, s.max)
             };
             return Err(refuse(what));
         }
     }
-    let config: Array<MapData, GlobalConfig> =
-        Array::try_from(aya::maps::Map::Array(MapData::from_pin(dir.join(names::CONFIG))?))?;
+    let config: Array<MapData, GlobalConfig> = Array::try_from(aya::maps::Map::Array(
+        MapData::from_pin(dir.join(names::CONFIG))?,
+    ))?;
     let version = config.get(&0, 0)?.layout_version;
     if version != 0 && u32::from(version) != LAYOUT_VERSION {
         return Err(refuse(format!(
@@ -193,7 +215,9 @@ pub fn remove(dir: &Path) -> Result<bool> {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => any = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.join(name).display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing {}", dir.join(name).display()))
+            }
         }
     }
     let _ = std::fs::remove_dir(dir);

@@ -53,6 +53,9 @@ mod tests {
         ids.reserve(1);
         let got: Vec<u32> = (0..7).map(|_| ids.alloc("x").unwrap()).collect();
         assert!(!got.contains(&1) && !got.contains(&3), "{got:?}");
-        assert!(ids.alloc("x").is_err(), "9 ids in 1..10: 2 reserved, 7 handed out");
+        assert!(
+            ids.alloc("x").is_err(),
+            "9 ids in 1..10: 2 reserved, 7 handed out"
+        );
     }
 }

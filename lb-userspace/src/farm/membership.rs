@@ -34,6 +34,13 @@ const TAG_LEN: usize = 32;
 const REPLAY_WINDOW: u64 = 64;
 /// How often configured peers that are not (yet) members are announced to.
 const ANNOUNCE_EVERY: Duration = Duration::from_millis(500);
+/// Datagrams per second read from addresses that are neither peers nor members (a node
+/// joining that is not in our `peers` list needs a few).
+const UNKNOWN_PER_SEC: u32 = 50;
+/// Datagrams read per wake-up before timers and commands get their turn.
+const BATCH: usize = 256;
+/// Receive buffer: room for the legitimate datagrams while a flood is being drained.
+const RCVBUF: libc::c_int = 4 << 20;
 
 /// A farm node as SWIM sees it. `addr` (the membership address) is the stable part; a node
 /// that restarts or changes its power comes back with a higher `gen`, which wins.
@@ -179,6 +186,9 @@ pub struct View {
     pub auth_failures: u64,
     /// Authentic datagrams dropped as replays.
     pub replays: u64,
+    /// Datagrams from addresses that are neither configured peers nor members, dropped
+    /// unread beyond a small budget (a flood never reaches the HMAC or SWIM).
+    pub unknown_dropped: u64,
 }
 
 enum Cmd {
@@ -198,6 +208,7 @@ impl Membership {
         let sock = UdpSocket::bind(cfg.address)
             .await
             .with_context(|| format!("binding the membership socket {}", cfg.address))?;
+        set_rcvbuf(&sock);
         let gen = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -227,6 +238,7 @@ impl Membership {
             timers: BinaryHeap::new(),
             view_tx,
             view: View::default(),
+            unknown_budget: (Instant::now(), 0),
         };
         tokio::spawn(task.run(cmd_rx));
         Ok(Membership { cmd, view })
@@ -283,54 +295,83 @@ struct Task {
     timers: BinaryHeap<Reverse<(Instant, Timer<NodeIdentity>)>>,
     view_tx: watch::Sender<View>,
     view: View,
+    /// Budget of datagrams from unknown addresses in the current second.
+    unknown_budget: (Instant, u32),
 }
 
 impl Task {
+    /// Whether a datagram from `from` may be read: peers and members always; anyone else
+    /// within [`UNKNOWN_PER_SEC`].
+    fn admit(&mut self, from: SocketAddr) -> bool {
+        if self.peers.contains(&from) || self.view.members.iter().any(|m| m.addr == from) {
+            return true;
+        }
+        let now = Instant::now();
+        if now.duration_since(self.unknown_budget.0) >= Duration::from_secs(1) {
+            self.unknown_budget = (now, 0);
+        }
+        self.unknown_budget.1 += 1;
+        if self.unknown_budget.1 > UNKNOWN_PER_SEC {
+            self.view.unknown_dropped += 1;
+            return false;
+        }
+        true
+    }
+
+    /// One datagram: dropped at once unless admitted and authentic. Returns whether SWIM
+    /// got something (only then is there anything to flush).
+    fn receive(
+        &mut self,
+        pkt: &[u8],
+        from: SocketAddr,
+        rt: &mut AccumulatingRuntime<NodeIdentity>,
+    ) -> bool {
+        if !self.admit(from) {
+            return false;
+        }
+        match self.auth.open(pkt) {
+            Ok(payload) => {
+                if let Err(e) = self.foca.handle_data(payload, &mut *rt) {
+                    tracing::debug!("membership datagram ignored: {e}");
+                }
+                true
+            }
+            Err(Reject::Auth) => {
+                self.view.auth_failures += 1;
+                false
+            }
+            Err(Reject::Replay) => {
+                self.view.replays += 1;
+                false
+            }
+        }
+    }
+
+    /// Due SWIM timers.
+    fn fire_timers(&mut self, rt: &mut AccumulatingRuntime<NodeIdentity>) {
+        let now = Instant::now();
+        while let Some(Reverse((t, _))) = self.timers.peek() {
+            if *t > now {
+                break;
+            }
+            let Reverse((_, timer)) = self.timers.pop().expect("peeked");
+            if let Err(e) = self.foca.handle_timer(timer, &mut *rt) {
+                tracing::debug!("membership timer: {e}");
+            }
+        }
+    }
+
     async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
         let mut rt = AccumulatingRuntime::new();
         let mut buf = vec![0u8; 65536];
         let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
         loop {
             let next = self.timers.peek().map(|Reverse((t, _))| *t);
+            // Biased: due timers, commands and announcements first, so a receive path kept busy
+            // by a flood never delays SWIM's probes and acks.
             tokio::select! {
-                r = self.sock.recv_from(&mut buf) => {
-                    if let Ok((n, _from)) = r {
-                        match self.auth.open(&buf[..n]) {
-                            Ok(payload) => {
-                                if let Err(e) = self.foca.handle_data(payload, &mut rt) {
-                                    tracing::debug!("membership datagram ignored: {e}");
-                                }
-                            }
-                            Err(Reject::Auth) => {
-                                self.view.auth_failures += 1;
-                                tracing::debug!("membership datagram failed authentication");
-                            }
-                            Err(Reject::Replay) => self.view.replays += 1,
-                        }
-                    }
-                }
-                _ = sleep_until_opt(next) => {
-                    let now = Instant::now();
-                    while let Some(Reverse((t, _))) = self.timers.peek() {
-                        if *t > now {
-                            break;
-                        }
-                        let Reverse((_, timer)) = self.timers.pop().expect("peeked");
-                        if let Err(e) = self.foca.handle_timer(timer, &mut rt) {
-                            tracing::debug!("membership timer: {e}");
-                        }
-                    }
-                }
-                _ = announce.tick() => {
-                    let known: Vec<SocketAddr> =
-                        self.foca.iter_members().map(|m| m.id().addr).collect();
-                    for p in self.peers.clone() {
-                        if !known.contains(&p) {
-                            let dst = NodeIdentity { node: 0, addr: p, power: 0, gen: 0 };
-                            let _ = self.foca.announce(dst, &mut rt);
-                        }
-                    }
-                }
+                biased;
+                _ = sleep_until_opt(next) => self.fire_timers(&mut rt),
                 c = cmd_rx.recv() => match c {
                     Some(Cmd::SetPower(p)) => {
                         let cur = self.foca.identity().clone();
@@ -348,6 +389,33 @@ impl Task {
                         return;
                     }
                     None => return,
+                },
+                _ = announce.tick() => {
+                    let known: Vec<SocketAddr> =
+                        self.foca.iter_members().map(|m| m.id().addr).collect();
+                    for p in self.peers.clone() {
+                        if !known.contains(&p) {
+                            let dst = NodeIdentity { node: 0, addr: p, power: 0, gen: 0 };
+                            let _ = self.foca.announce(dst, &mut rt);
+                        }
+                    }
+                }
+                r = self.sock.readable() => {
+                    if r.is_err() {
+                        continue;
+                    }
+                    let mut got = false;
+                    for _ in 0..BATCH {
+                        match self.sock.try_recv_from(&mut buf) {
+                            Ok((n, from)) => got |= self.receive(&buf[..n], from, &mut rt),
+                            Err(_) => break,
+                        }
+                    }
+                    // Garbage changes nothing but counters: publish those at most with the
+                    // next real event.
+                    if !got {
+                        continue;
+                    }
                 }
             }
             self.flush(&mut rt).await;
@@ -377,6 +445,21 @@ impl Task {
         if *self.view_tx.borrow() != self.view {
             let _ = self.view_tx.send(self.view.clone());
         }
+    }
+}
+
+/// Best effort: a larger buffer only widens the margin under a flood.
+fn set_rcvbuf(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid fd and option pointer/length.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&RCVBUF as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 

@@ -334,6 +334,7 @@ impl FarmRole {
                 .collect(),
             auth_failures: self.view.auth_failures,
             replays: self.view.replays,
+            unknown_dropped: self.view.unknown_dropped,
             arp_answered: self.arp.answered.load(Ordering::Relaxed),
         }
     }

@@ -30,6 +30,9 @@ pub struct FarmStatus {
     pub members: Vec<MemberStatus>,
     pub auth_failures: u64,
     pub replays: u64,
+    /// Datagrams from unknown addresses dropped unread (flood guard).
+    #[serde(default)]
+    pub unknown_dropped: u64,
     pub arp_answered: u64,
 }
 
@@ -47,7 +50,8 @@ impl FarmStatus {
         let mut s = format!(
             "farm node {} on {}: {} ({}), power {}, share {:.1}%, leader {}\n\
              check: {}{}\n\
-             membership: {} auth failures, {} replays; ARP/ND answered {}\n\
+             membership: {} auth failures, {} replays, {} from unknown addresses dropped; \
+             ARP/ND answered {}\n\
              {:<6} {:<22} {:<8} {:>6} {:>7}\n",
             self.node,
             self.interface,
@@ -62,6 +66,7 @@ impl FarmStatus {
                 .map_or(String::new(), |l| format!("; last: {l}")),
             self.auth_failures,
             self.replays,
+            self.unknown_dropped,
             self.arp_answered,
             "NODE",
             "ADDRESS",

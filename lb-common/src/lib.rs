@@ -180,86 +180,65 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Indices of the global per-CPU `STATS` array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    /// Not IPv4/IPv6 (ARP, LLDP, ...).
-    PassNotIp = 0,
-    /// IP but not addressed to a configured service.
-    PassNotVip,
-    /// Truncated Ethernet/IP header or bad IHL, not for a VIP (or not identifiable).
-    PassMalformed,
-    /// Addressed to a VIP but the L4 header is truncated.
-    DropMalformed,
-    /// IPv4/IPv6 fragment addressed to a VIP.
-    DropFragment,
-    /// IPv4 with options addressed to a VIP.
-    DropIpOptions,
-    /// Service has no usable backend.
-    DropNoBackend,
-    /// Forwarded with XDP_TX.
-    Tx,
-    /// Flow found in conntrack.
-    CtHit,
-    /// TCP SYN: always re-hashed.
-    CtMissSyn,
-    /// Non-SYN packet without a (live) conntrack entry: hashed on the current table.
-    CtMissOther,
-    /// Conntrack insert failed (map full beyond LRU eviction, should not happen).
-    CtInsertFail,
-    /// Farm: this node owns the flow (TCP SYN or UDP): passed to the local stack.
-    FarmPassOwner,
-    /// Farm: non-SYN TCP packet of a connection with a local socket: passed to the local stack.
-    FarmPassSocket,
-    /// Farm: another member owns the flow.
-    FarmDropNotOwner,
-    /// Farm: non-SYN TCP packet without a local socket (the connection lives elsewhere).
-    FarmDropNoSocket,
+/// Declares `Stat` from one table of `Variant = "snake_name"` rows, so the enum, `COUNT`,
+/// `ALL` and `name()` cannot drift apart. Rows are in index order: the discriminants are the
+/// `STATS` array indices the kernel and userspace share.
+macro_rules! stats {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)*) => {
+        /// Indices of the global per-CPU `STATS` array.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Stat {
+            pub const COUNT: u32 = [$(Stat::$variant),*].len() as u32;
+            pub const ALL: [Stat; Self::COUNT as usize] = [$(Stat::$variant),*];
+
+            /// Stable snake_case name used in CLI output and metrics labels.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $name,)*
+                }
+            }
+        }
+    };
 }
 
-impl Stat {
-    pub const COUNT: u32 = 16;
-    pub const ALL: [Stat; Self::COUNT as usize] = [
-        Stat::PassNotIp,
-        Stat::PassNotVip,
-        Stat::PassMalformed,
-        Stat::DropMalformed,
-        Stat::DropFragment,
-        Stat::DropIpOptions,
-        Stat::DropNoBackend,
-        Stat::Tx,
-        Stat::CtHit,
-        Stat::CtMissSyn,
-        Stat::CtMissOther,
-        Stat::CtInsertFail,
-        Stat::FarmPassOwner,
-        Stat::FarmPassSocket,
-        Stat::FarmDropNotOwner,
-        Stat::FarmDropNoSocket,
-    ];
-
-    /// Stable snake_case name used in CLI output and metrics labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stat::PassNotIp => "pass_not_ip",
-            Stat::PassNotVip => "pass_not_vip",
-            Stat::PassMalformed => "pass_malformed",
-            Stat::DropMalformed => "drop_malformed",
-            Stat::DropFragment => "drop_fragment",
-            Stat::DropIpOptions => "drop_ip_options",
-            Stat::DropNoBackend => "drop_no_backend",
-            Stat::Tx => "tx",
-            Stat::CtHit => "ct_hit",
-            Stat::CtMissSyn => "ct_miss_syn",
-            Stat::CtMissOther => "ct_miss_other",
-            Stat::CtInsertFail => "ct_insert_fail",
-            Stat::FarmPassOwner => "farm_pass_owner",
-            Stat::FarmPassSocket => "farm_pass_socket",
-            Stat::FarmDropNotOwner => "farm_drop_not_owner",
-            Stat::FarmDropNoSocket => "farm_drop_no_socket",
-        }
-    }
+stats! {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...).
+    PassNotIp = "pass_not_ip",
+    /// IP but not addressed to a configured service.
+    PassNotVip = "pass_not_vip",
+    /// Truncated Ethernet/IP header or bad IHL, not for a VIP (or not identifiable).
+    PassMalformed = "pass_malformed",
+    /// Addressed to a VIP but the L4 header is truncated.
+    DropMalformed = "drop_malformed",
+    /// IPv4/IPv6 fragment addressed to a VIP.
+    DropFragment = "drop_fragment",
+    /// IPv4 with options addressed to a VIP.
+    DropIpOptions = "drop_ip_options",
+    /// Service has no usable backend.
+    DropNoBackend = "drop_no_backend",
+    /// Forwarded with XDP_TX.
+    Tx = "tx",
+    /// Flow found in conntrack.
+    CtHit = "ct_hit",
+    /// TCP SYN: always re-hashed.
+    CtMissSyn = "ct_miss_syn",
+    /// Non-SYN packet without a (live) conntrack entry: hashed on the current table.
+    CtMissOther = "ct_miss_other",
+    /// Conntrack insert failed (map full beyond LRU eviction, should not happen).
+    CtInsertFail = "ct_insert_fail",
+    /// Farm: this node owns the flow (TCP SYN or UDP): passed to the local stack.
+    FarmPassOwner = "farm_pass_owner",
+    /// Farm: non-SYN TCP packet of a connection with a local socket: passed to the local stack.
+    FarmPassSocket = "farm_pass_socket",
+    /// Farm: another member owns the flow.
+    FarmDropNotOwner = "farm_drop_not_owner",
+    /// Farm: non-SYN TCP packet without a local socket (the connection lives elsewhere).
+    FarmDropNoSocket = "farm_drop_no_socket",
 }
 
 const _: () = {
@@ -271,7 +250,12 @@ const _: () = {
     assert!(core::mem::size_of::<GlobalConfig>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<FarmConfig>() == 8);
-    assert!(Stat::ALL.len() == Stat::COUNT as usize);
+    // `ALL[i]` is the stat with index `i`.
+    let mut i = 0;
+    while i < Stat::ALL.len() {
+        assert!(Stat::ALL[i] as usize == i);
+        i += 1;
+    }
 };
 
 #[cfg(feature = "user")]
@@ -402,6 +386,18 @@ mod tests {
             flow_hash(HashMode::SrcIpPort, &a, 7, 80, PROTO_TCP),
             flow_hash(HashMode::SrcIpPort, &a, 8, 80, PROTO_TCP)
         );
+    }
+
+    #[test]
+    fn stat_names_are_unique_snake_case() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            let n = s.name();
+            assert!(
+                n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{n}"
+            );
+            assert!(Stat::ALL[..i].iter().all(|o| o.name() != n), "{n} twice");
+        }
     }
 
     #[test]

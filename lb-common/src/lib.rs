@@ -7,8 +7,14 @@
 #![cfg_attr(not(test), no_std)]
 
 /// Names of the program and of every map, shared by the kernel object and the loader.
+/// aya-ebpf names programs and maps after their functions and statics, so the kernel side
+/// checks each identifier against the constant of the same name here at compile time
+/// (`lb_ebpf::check_name!`): a rename on either side fails the build. Map roles are documented
+/// at the statics (`lb-ebpf/src/maps.rs`).
 pub mod maps {
     pub const PROGRAM: &str = "farmlb_xdp";
+    /// The test rigs' pass-everything program (`lb-ebpf/src/bin/pass.rs`).
+    pub const PASS_PROGRAM: &str = "farmlb_pass";
     pub const SERVICES: &str = "SERVICES";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const RING: &str = "RING";
@@ -97,6 +103,19 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+impl ServiceKey {
+    /// Key of the service at `addr:port/proto`; `port` 0 is the port-wildcard service.
+    #[inline(always)]
+    pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
 /// Value of the `SERVICES` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -137,6 +156,22 @@ pub struct FlowKey {
     pub dport: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// Key of the flow `src:sport -> dst:dport` (ports in host byte order), padding zeroed so
+    /// equal flows hash to the same conntrack slot.
+    #[inline(always)]
+    pub const fn new(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Conntrack value.

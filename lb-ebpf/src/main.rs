@@ -64,6 +64,7 @@ mod prog {
     pub fn farmlb_xdp(ctx: XdpContext) -> u32 {
         process(&ctx)
     }
+    lb_ebpf::check_name!(farmlb_xdp, lb_common::maps::PROGRAM);
 
     #[inline(always)]
     fn count(s: Stat) {
@@ -446,16 +447,6 @@ mod prog {
             None => false,
         }
     }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
 }
 
-#[cfg(not(target_arch = "bpf"))]
-fn main() {}
+lb_ebpf::bpf_boilerplate!();

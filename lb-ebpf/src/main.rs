@@ -7,6 +7,9 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod maps;
+
+#[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
         bindings::{bpf_sock_tuple, xdp_action},
@@ -14,42 +17,18 @@ mod prog {
             bpf_ktime_get_ns,
             generated::{bpf_sk_release, bpf_skc_lookup_tcp},
         },
-        macros::{map, xdp},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray},
+        macros::xdp,
         programs::XdpContext,
     };
     use lb_common::{
-        flow_hash, v4_mapped, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig,
-        HashMode, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, BACKEND_SLOTS,
-        BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS, FWD_FARM, MAX_SERVICES,
-        MAX_VIP_ADDRS, NO_BACKEND, PROTO_TCP, PROTO_UDP, TCP_STATE_LISTEN,
+        flow_hash, v4_mapped, Addr, CtEntry, FlowKey, GlobalConfig, HashMode, ServiceInfo,
+        ServiceKey, Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+        TCP_STATE_LISTEN,
     };
 
-    #[map]
-    static SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
-    /// VIP addresses, consulted only on rare paths (fragments, options, truncated L4) to
-    /// decide between "drop, it was for us" and "pass, not ours".
-    #[map]
-    static VIP_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
-    /// All services' Maglev tables back to back; `ServiceInfo::ring_offset` locates each.
-    #[map]
-    static RING: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
-    #[map]
-    static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_SLOTS, 0);
-    #[map]
-    static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
-        LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
-    #[map]
-    static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
-    #[map]
-    static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
-    #[map]
-    static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
-    #[map]
-    static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_SLOTS, 0);
-    /// Farm mode: this node's member slot (consulted only on the farm branch).
-    #[map]
-    static FARM: Array<FarmConfig> = Array::with_max_entries(1, 0);
+    use crate::maps::{
+        account, count, verdict, BACKENDS, CONFIG, CONNTRACK, FARM, RING, SERVICES, VIP_ADDRS,
+    };
 
     const ETH_HLEN: usize = 14;
     const ETH_P_IP: u16 = 0x0800;
@@ -65,31 +44,6 @@ mod prog {
         process(&ctx)
     }
     lb_ebpf::check_name!(farmlb_xdp, lb_common::maps::PROGRAM);
-
-    #[inline(always)]
-    fn count(s: Stat) {
-        if let Some(p) = STATS.get_ptr_mut(s as u32) {
-            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-            unsafe { *p += 1 };
-        }
-    }
-
-    #[inline(always)]
-    fn verdict(s: Stat, action: u32) -> u32 {
-        count(s);
-        action
-    }
-
-    #[inline(always)]
-    fn add(map: &PerCpuArray<Counter>, idx: u32, bytes: u64) {
-        if let Some(p) = map.get_ptr_mut(idx) {
-            // SAFETY: per-CPU slot.
-            unsafe {
-                (*p).packets += 1;
-                (*p).bytes += bytes;
-            }
-        }
-    }
 
     /// Pointer to `T` at `off` if the packet holds it entirely.
     #[inline(always)]
@@ -278,9 +232,7 @@ mod prog {
             *eth = be.mac;
             *eth.add(1) = cfg.own_mac;
         }
-        let bytes = (ctx.data_end() - ctx.data()) as u64;
-        add(&SVC_STATS, svc.id, bytes);
-        add(&BACKEND_STATS, backend_id, bytes);
+        account(ctx, svc.id, backend_id);
         verdict(Stat::Tx, xdp_action::XDP_TX)
     }
 
@@ -332,9 +284,7 @@ mod prog {
         };
         // SAFETY: 6 bytes bounds-checked above.
         unsafe { *(eth as *mut [u8; 6]) = cfg.own_mac };
-        let bytes = (ctx.data_end() - ctx.data()) as u64;
-        add(&SVC_STATS, svc.id, bytes);
-        add(&BACKEND_STATS, own, bytes);
+        account(ctx, svc.id, own);
         verdict(s, xdp_action::XDP_PASS)
     }
 

@@ -8,6 +8,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
@@ -21,50 +23,20 @@ mod prog {
         programs::XdpContext,
     };
     use lb_common::{
-        flow_hash, v4_mapped, Addr, CtEntry, FlowKey, GlobalConfig, HashMode, ServiceInfo,
-        ServiceKey, Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-        TCP_STATE_LISTEN,
+        flow_hash, Addr, CtEntry, FlowKey, GlobalConfig, HashMode, ServiceInfo, ServiceKey, Stat,
+        BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP, TCP_STATE_LISTEN,
     };
 
     use crate::maps::{
         account, count, verdict, BACKENDS, CONFIG, CONNTRACK, FARM, RING, SERVICES, VIP_ADDRS,
     };
-
-    const ETH_HLEN: usize = 14;
-    const ETH_P_IP: u16 = 0x0800;
-    const ETH_P_IPV6: u16 = 0x86dd;
-    const ETH_P_8021Q: u16 = 0x8100;
-    const IPV6_HLEN: usize = 40;
-    const NEXTHDR_FRAGMENT: u8 = 44;
-    const TCP_FLAG_SYN: u8 = 0x02;
-    const TCP_FLAG_ACK: u8 = 0x10;
+    use crate::parse::{self, Packet, Unparsed};
 
     #[xdp]
     pub fn farmlb_xdp(ctx: XdpContext) -> u32 {
         process(&ctx)
     }
     lb_ebpf::check_name!(farmlb_xdp, lb_common::maps::PROGRAM);
-
-    /// Pointer to `T` at `off` if the packet holds it entirely.
-    #[inline(always)]
-    fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
-        let start = ctx.data();
-        if start + off + core::mem::size_of::<T>() > ctx.data_end() {
-            return None;
-        }
-        Some((start + off) as *const T)
-    }
-
-    #[inline(always)]
-    fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
-        // SAFETY: bounds checked by ptr_at; packet data may be unaligned.
-        ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
-    }
-
-    #[inline(always)]
-    fn be16(b: [u8; 2]) -> u16 {
-        u16::from_be_bytes(b)
-    }
 
     /// Rare path: the packet cannot be balanced (fragment, options, truncated L4). Drop and
     /// count it if it was addressed to a VIP, otherwise leave it to the kernel.
@@ -80,114 +52,15 @@ mod prog {
 
     #[inline(always)]
     fn process(ctx: &XdpContext) -> u32 {
-        let Some(mut eth_type) = read::<[u8; 2]>(ctx, 12).map(be16) else {
-            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
+        let mut pkt = match parse::parse(ctx) {
+            Ok(p) => p,
+            Err(Unparsed::Pass(reason)) => return verdict(reason, xdp_action::XDP_PASS),
+            Err(Unparsed::DropIfVip { dst, reason }) => return for_vip_or_pass(&dst, reason),
         };
-        let mut l3 = ETH_HLEN;
-        if eth_type == ETH_P_8021Q {
-            let Some(t) = read::<[u8; 2]>(ctx, 16).map(be16) else {
-                return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-            };
-            eth_type = t;
-            l3 += 4;
-        }
+        let flow = pkt.flow;
+        let is_syn = pkt.is_syn;
 
-        let (src, dst, proto, l4) = match eth_type {
-            ETH_P_IP => {
-                let Some(h) = ptr_at::<[u8; 20]>(ctx, l3) else {
-                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-                };
-                let h = h as *const u8;
-                // SAFETY: 20 bytes bounds-checked above.
-                let (ver_ihl, frag, proto, s, d) = unsafe {
-                    (
-                        *h,
-                        be16([*h.add(6), *h.add(7)]),
-                        *h.add(9),
-                        core::ptr::read_unaligned(h.add(12) as *const [u8; 4]),
-                        core::ptr::read_unaligned(h.add(16) as *const [u8; 4]),
-                    )
-                };
-                let ihl = ver_ihl & 0x0f;
-                if ver_ihl >> 4 != 4 || ihl < 5 {
-                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-                }
-                let dst = v4_mapped(d);
-                // MF flag or a non-zero offset: any fragment.
-                if frag & 0x3fff != 0 {
-                    return for_vip_or_pass(&dst, Stat::DropFragment);
-                }
-                if ihl != 5 {
-                    return for_vip_or_pass(&dst, Stat::DropIpOptions);
-                }
-                (v4_mapped(s), dst, proto, l3 + 20)
-            }
-            ETH_P_IPV6 => {
-                let Some(h) = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3) else {
-                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-                };
-                let h = h as *const u8;
-                // SAFETY: 40 bytes bounds-checked above.
-                let (ver, next, src, dst) = unsafe {
-                    (
-                        *h >> 4,
-                        *h.add(6),
-                        core::ptr::read_unaligned(h.add(8) as *const Addr),
-                        core::ptr::read_unaligned(h.add(24) as *const Addr),
-                    )
-                };
-                if ver != 6 {
-                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-                }
-                if next == NEXTHDR_FRAGMENT {
-                    return for_vip_or_pass(&dst, Stat::DropFragment);
-                }
-                (src, dst, next, l3 + IPV6_HLEN)
-            }
-            _ => return verdict(Stat::PassNotIp, xdp_action::XDP_PASS),
-        };
-
-        // Ports (and TCP flags) of the flow.
-        let (sport, dport, is_syn) = match proto {
-            PROTO_TCP => {
-                let Some(th) = ptr_at::<[u8; 20]>(ctx, l4) else {
-                    return for_vip_or_pass(&dst, Stat::DropMalformed);
-                };
-                let th = th as *const u8;
-                // SAFETY: 20 bytes bounds-checked above.
-                let (sp, dp, flags) = unsafe {
-                    (
-                        be16([*th, *th.add(1)]),
-                        be16([*th.add(2), *th.add(3)]),
-                        *th.add(13),
-                    )
-                };
-                let syn = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
-                (sp, dp, syn)
-            }
-            PROTO_UDP => {
-                let Some(uh) = ptr_at::<[u8; 8]>(ctx, l4) else {
-                    return for_vip_or_pass(&dst, Stat::DropMalformed);
-                };
-                let uh = uh as *const u8;
-                // SAFETY: 8 bytes bounds-checked above.
-                unsafe {
-                    (
-                        be16([*uh, *uh.add(1)]),
-                        be16([*uh.add(2), *uh.add(3)]),
-                        false,
-                    )
-                }
-            }
-            _ => return verdict(Stat::PassNotVip, xdp_action::XDP_PASS),
-        };
-
-        let mut key = ServiceKey {
-            addr: dst,
-            port: dport,
-            proto,
-            _pad: 0,
-        };
+        let mut key = ServiceKey::new(flow.dst, flow.dport, flow.proto);
         // SAFETY: read-only lookups; the value is copied out immediately.
         let svc: ServiceInfo = match unsafe { SERVICES.get(&key) } {
             Some(s) => *s,
@@ -203,16 +76,8 @@ mod prog {
         let Some(cfg) = CONFIG.get(0) else {
             return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
         };
-        let flow = FlowKey {
-            src,
-            dst,
-            sport,
-            dport,
-            proto,
-            _pad: [0; 3],
-        };
         if svc.fwd_mode == FWD_FARM {
-            return farm(ctx, &svc, &flow, is_syn, cfg, eth_type == ETH_P_IPV6);
+            return farm(ctx, &mut pkt, &svc, cfg);
         }
         let backend_id = pick_backend(&svc, &flow, is_syn, cfg.udp_timeout_ns);
         let Some(be) = BACKENDS.get(backend_id) else {
@@ -223,15 +88,8 @@ mod prog {
         }
 
         // Direct routing: only the MACs change; the backend holds the VIP on `lo`.
-        let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
-            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-        };
-        let eth = eth as *mut [u8; 6];
-        // SAFETY: 12 bytes checked above; two 6-byte MAC fields.
-        unsafe {
-            *eth = be.mac;
-            *eth.add(1) = cfg.own_mac;
-        }
+        pkt.eth.dst = be.mac;
+        pkt.eth.src = cfg.own_mac;
         account(ctx, svc.id, backend_id);
         verdict(Stat::Tx, xdp_action::XDP_TX)
     }
@@ -243,14 +101,8 @@ mod prog {
     /// out or its owner leaves. Delivered frames get this node's MAC as destination, since
     /// they arrived addressed to the farm's virtual MAC.
     #[inline(always)]
-    fn farm(
-        ctx: &XdpContext,
-        svc: &ServiceInfo,
-        flow: &FlowKey,
-        is_syn: bool,
-        cfg: &GlobalConfig,
-        v6: bool,
-    ) -> u32 {
+    fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalConfig) -> u32 {
+        let (flow, is_syn, v6) = (&pkt.flow, pkt.is_syn, pkt.v6);
         let own = match FARM.get(0) {
             Some(f) => f.own_member,
             None => NO_BACKEND,
@@ -258,7 +110,7 @@ mod prog {
         let owner = if flow.proto == PROTO_TCP {
             if !is_syn {
                 return if has_socket(ctx, flow, v6) {
-                    deliver(ctx, svc, cfg, own, Stat::FarmPassSocket)
+                    deliver(ctx, pkt, svc, cfg, own, Stat::FarmPassSocket)
                 } else {
                     verdict(Stat::FarmDropNoSocket, xdp_action::XDP_DROP)
                 };
@@ -273,17 +125,20 @@ mod prog {
         if owner != own {
             return verdict(Stat::FarmDropNotOwner, xdp_action::XDP_DROP);
         }
-        deliver(ctx, svc, cfg, own, Stat::FarmPassOwner)
+        deliver(ctx, pkt, svc, cfg, own, Stat::FarmPassOwner)
     }
 
     /// Rewrite the destination MAC to our own and pass the frame to the local stack.
     #[inline(always)]
-    fn deliver(ctx: &XdpContext, svc: &ServiceInfo, cfg: &GlobalConfig, own: u32, s: Stat) -> u32 {
-        let Some(eth) = ptr_at::<[u8; 6]>(ctx, 0) else {
-            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-        };
-        // SAFETY: 6 bytes bounds-checked above.
-        unsafe { *(eth as *mut [u8; 6]) = cfg.own_mac };
+    fn deliver(
+        ctx: &XdpContext,
+        pkt: &mut Packet,
+        svc: &ServiceInfo,
+        cfg: &GlobalConfig,
+        own: u32,
+        s: Stat,
+    ) -> u32 {
+        pkt.eth.dst = cfg.own_mac;
         account(ctx, svc.id, own);
         verdict(s, xdp_action::XDP_PASS)
     }

@@ -1,6 +1,6 @@
 //! Frame -> [`Packet`]: Ethernet, at most one 802.1Q tag, IPv4 without options or IPv6, then
 //! the TCP or UDP ports. Headers are typed views handed out by a cursor that bounds-checks each
-//! one against the end of the frame, the only form of packet access the verifier accepts.
+//! one against the end of the frame, as the verifier requires before any packet access.
 
 use core::{marker::PhantomData, mem::size_of};
 
@@ -159,10 +159,11 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// A wire header: `#[repr(C)]` of bytes and byte arrays only, so packet data (unaligned, any
-/// content) is always a valid value.
+/// A wire header: packet data (unaligned, any content) is always a valid value of it.
 ///
-/// SAFETY: implement only for such types.
+/// # Safety
+///
+/// Implement only for `#[repr(C)]` structs of `u8` and `[u8; N]` fields.
 unsafe trait Header {}
 
 #[repr(C)]

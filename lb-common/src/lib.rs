@@ -132,6 +132,25 @@ pub struct ServiceInfo {
     pub _pad: u8,
 }
 
+impl ServiceInfo {
+    /// `RING` index of the slot `flow` hashes to on this service's current table, `None` if
+    /// the table is empty.
+    #[inline(always)]
+    pub const fn ring_index(&self, flow: &FlowKey) -> Option<u32> {
+        if self.ring_size == 0 {
+            return None;
+        }
+        let hash = flow_hash(
+            HashMode::from_u8(self.hash_mode),
+            &flow.src,
+            flow.sport,
+            flow.dport,
+            flow.proto,
+        );
+        Some(self.ring_offset + hash % self.ring_size)
+    }
+}
+
 /// Backend is usable: established flows may keep using it.
 pub const BACKEND_F_VALID: u8 = 1;
 
@@ -421,6 +440,20 @@ mod tests {
             flow_hash(HashMode::SrcIpPort, &a, 7, 80, PROTO_TCP),
             flow_hash(HashMode::SrcIpPort, &a, 8, 80, PROTO_TCP)
         );
+    }
+
+    #[test]
+    fn ring_index_stays_in_the_services_table() {
+        let mut svc = ServiceInfo {
+            ring_offset: 1009,
+            ring_size: 0,
+            ..Default::default()
+        };
+        let flow = FlowKey::new(v4_mapped([10, 0, 0, 1]), [0; 16], 1000, 80, PROTO_TCP);
+        assert_eq!(svc.ring_index(&flow), None);
+        svc.ring_size = 13;
+        let h = flow_hash(HashMode::FiveTuple, &flow.src, 1000, 80, PROTO_TCP);
+        assert_eq!(svc.ring_index(&flow), Some(1009 + h % 13));
     }
 
     #[test]

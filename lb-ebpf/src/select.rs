@@ -1,10 +1,7 @@
 //! Which service a packet is for, and which backend gets it. Whoever decides that a backend is
 //! valid looks its entry up, once, and hands it on in a [`Dst`] (as Katran's `get_packet_dst`).
 
-use lb_common::{
-    flow_hash, Backend, FlowKey, HashMode, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID,
-    NO_BACKEND,
-};
+use lb_common::{Backend, FlowKey, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, NO_BACKEND};
 
 use crate::{
     conntrack,
@@ -61,22 +58,13 @@ pub fn ring_owner(svc: &ServiceInfo, flow: &FlowKey) -> Option<Dst> {
     valid(ring_slot(svc, flow))
 }
 
-/// Ring slot of a flow on the service's current table, `NO_BACKEND` if it has none.
+/// Backend id in the flow's ring slot, `NO_BACKEND` if the service has none.
 #[inline(always)]
 fn ring_slot(svc: &ServiceInfo, flow: &FlowKey) -> u32 {
-    if svc.ring_size == 0 {
-        return NO_BACKEND;
+    match svc.ring_index(flow).and_then(|i| RING.get(i)) {
+        Some(id) => *id,
+        None => NO_BACKEND,
     }
-    let hash = flow_hash(
-        HashMode::from_u8(svc.hash_mode),
-        &flow.src,
-        flow.sport,
-        flow.dport,
-        flow.proto,
-    );
-    RING.get(svc.ring_offset + hash % svc.ring_size)
-        .copied()
-        .unwrap_or(NO_BACKEND)
 }
 
 /// Backend `id` with its entry, if it may take traffic.

@@ -7,8 +7,14 @@
 #![cfg_attr(not(test), no_std)]
 
 /// Names of the program and of every map, shared by the kernel object and the loader.
+/// aya-ebpf names programs and maps after their functions and statics, so the kernel side
+/// checks each identifier against the constant of the same name here at compile time
+/// (`lb_ebpf::check_name!`): a rename on either side fails the build. Map roles are documented
+/// at the statics (`lb-ebpf/src/maps.rs`).
 pub mod maps {
     pub const PROGRAM: &str = "farmlb_xdp";
+    /// The test rigs' pass-everything program (`lb-ebpf/src/bin/pass.rs`).
+    pub const PASS_PROGRAM: &str = "farmlb_pass";
     pub const SERVICES: &str = "SERVICES";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const RING: &str = "RING";
@@ -97,6 +103,19 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+impl ServiceKey {
+    /// Key of the service at `addr:port/proto`; `port` 0 is the port-wildcard service.
+    #[inline(always)]
+    pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
 /// Value of the `SERVICES` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -111,6 +130,25 @@ pub struct ServiceInfo {
     pub fwd_mode: u8,
     pub flags: u8,
     pub _pad: u8,
+}
+
+impl ServiceInfo {
+    /// `RING` index of the slot `flow` hashes to on this service's current table, `None` if
+    /// the table is empty.
+    #[inline(always)]
+    pub const fn ring_index(&self, flow: &FlowKey) -> Option<u32> {
+        if self.ring_size == 0 {
+            return None;
+        }
+        let hash = flow_hash(
+            HashMode::from_u8(self.hash_mode),
+            &flow.src,
+            flow.sport,
+            flow.dport,
+            flow.proto,
+        );
+        Some(self.ring_offset + hash % self.ring_size)
+    }
 }
 
 /// Backend is usable: established flows may keep using it.
@@ -149,6 +187,22 @@ pub struct FlowKey {
     pub dport: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// Key of the flow `src:sport -> dst:dport` (ports in host byte order), padding zeroed so
+    /// equal flows hash to the same conntrack slot.
+    #[inline(always)]
+    pub const fn new(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Conntrack value.
@@ -194,86 +248,65 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Indices of the global per-CPU `STATS` array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    /// Not IPv4/IPv6 (ARP, LLDP, ...).
-    PassNotIp = 0,
-    /// IP but not addressed to a configured service.
-    PassNotVip,
-    /// Truncated Ethernet/IP header or bad IHL, not for a VIP (or not identifiable).
-    PassMalformed,
-    /// Addressed to a VIP but the L4 header is truncated.
-    DropMalformed,
-    /// IPv4/IPv6 fragment addressed to a VIP.
-    DropFragment,
-    /// IPv4 with options addressed to a VIP.
-    DropIpOptions,
-    /// Service has no usable backend.
-    DropNoBackend,
-    /// Forwarded with XDP_TX.
-    Tx,
-    /// Flow found in conntrack.
-    CtHit,
-    /// TCP SYN: always re-hashed.
-    CtMissSyn,
-    /// Non-SYN packet without a (live) conntrack entry: hashed on the current table.
-    CtMissOther,
-    /// Conntrack insert failed (map full beyond LRU eviction, should not happen).
-    CtInsertFail,
-    /// Farm: this node owns the flow (TCP SYN or UDP): passed to the local stack.
-    FarmPassOwner,
-    /// Farm: non-SYN TCP packet of a connection with a local socket: passed to the local stack.
-    FarmPassSocket,
-    /// Farm: another member owns the flow.
-    FarmDropNotOwner,
-    /// Farm: non-SYN TCP packet without a local socket (the connection lives elsewhere).
-    FarmDropNoSocket,
+/// Declares `Stat` from one table of `Variant = "snake_name"` rows, so the enum, `COUNT`,
+/// `ALL` and `name()` cannot drift apart. Rows are in index order: the discriminants are the
+/// `STATS` array indices the kernel and userspace share.
+macro_rules! stats {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)*) => {
+        /// Indices of the global per-CPU `STATS` array.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Stat {
+            pub const COUNT: u32 = [$(Stat::$variant),*].len() as u32;
+            pub const ALL: [Stat; Self::COUNT as usize] = [$(Stat::$variant),*];
+
+            /// Stable snake_case name used in CLI output and metrics labels.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $name,)*
+                }
+            }
+        }
+    };
 }
 
-impl Stat {
-    pub const COUNT: u32 = 16;
-    pub const ALL: [Stat; Self::COUNT as usize] = [
-        Stat::PassNotIp,
-        Stat::PassNotVip,
-        Stat::PassMalformed,
-        Stat::DropMalformed,
-        Stat::DropFragment,
-        Stat::DropIpOptions,
-        Stat::DropNoBackend,
-        Stat::Tx,
-        Stat::CtHit,
-        Stat::CtMissSyn,
-        Stat::CtMissOther,
-        Stat::CtInsertFail,
-        Stat::FarmPassOwner,
-        Stat::FarmPassSocket,
-        Stat::FarmDropNotOwner,
-        Stat::FarmDropNoSocket,
-    ];
-
-    /// Stable snake_case name used in CLI output and metrics labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stat::PassNotIp => "pass_not_ip",
-            Stat::PassNotVip => "pass_not_vip",
-            Stat::PassMalformed => "pass_malformed",
-            Stat::DropMalformed => "drop_malformed",
-            Stat::DropFragment => "drop_fragment",
-            Stat::DropIpOptions => "drop_ip_options",
-            Stat::DropNoBackend => "drop_no_backend",
-            Stat::Tx => "tx",
-            Stat::CtHit => "ct_hit",
-            Stat::CtMissSyn => "ct_miss_syn",
-            Stat::CtMissOther => "ct_miss_other",
-            Stat::CtInsertFail => "ct_insert_fail",
-            Stat::FarmPassOwner => "farm_pass_owner",
-            Stat::FarmPassSocket => "farm_pass_socket",
-            Stat::FarmDropNotOwner => "farm_drop_not_owner",
-            Stat::FarmDropNoSocket => "farm_drop_no_socket",
-        }
-    }
+stats! {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...).
+    PassNotIp = "pass_not_ip",
+    /// IP but not addressed to a configured service.
+    PassNotVip = "pass_not_vip",
+    /// Truncated Ethernet/IP header or bad IHL, not for a VIP (or not identifiable).
+    PassMalformed = "pass_malformed",
+    /// Addressed to a VIP but the L4 header is truncated.
+    DropMalformed = "drop_malformed",
+    /// IPv4/IPv6 fragment addressed to a VIP.
+    DropFragment = "drop_fragment",
+    /// IPv4 with options addressed to a VIP.
+    DropIpOptions = "drop_ip_options",
+    /// Service has no usable backend.
+    DropNoBackend = "drop_no_backend",
+    /// Forwarded with XDP_TX.
+    Tx = "tx",
+    /// Flow found in conntrack.
+    CtHit = "ct_hit",
+    /// TCP SYN: always re-hashed.
+    CtMissSyn = "ct_miss_syn",
+    /// Non-SYN packet without a (live) conntrack entry: hashed on the current table.
+    CtMissOther = "ct_miss_other",
+    /// Conntrack insert failed (map full beyond LRU eviction, should not happen).
+    CtInsertFail = "ct_insert_fail",
+    /// Farm: this node owns the flow (TCP SYN or UDP): passed to the local stack.
+    FarmPassOwner = "farm_pass_owner",
+    /// Farm: non-SYN TCP packet of a connection with a local socket: passed to the local stack.
+    FarmPassSocket = "farm_pass_socket",
+    /// Farm: another member owns the flow.
+    FarmDropNotOwner = "farm_drop_not_owner",
+    /// Farm: non-SYN TCP packet without a local socket (the connection lives elsewhere).
+    FarmDropNoSocket = "farm_drop_no_socket",
 }
 
 const _: () = {
@@ -285,7 +318,12 @@ const _: () = {
     assert!(core::mem::size_of::<GlobalConfig>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<FarmConfig>() == 8);
-    assert!(Stat::ALL.len() == Stat::COUNT as usize);
+    // `ALL[i]` is the stat with index `i`.
+    let mut i = 0;
+    while i < Stat::ALL.len() {
+        assert!(Stat::ALL[i] as usize == i);
+        i += 1;
+    }
 };
 
 #[cfg(feature = "user")]
@@ -416,6 +454,32 @@ mod tests {
             flow_hash(HashMode::SrcIpPort, &a, 7, 80, PROTO_TCP),
             flow_hash(HashMode::SrcIpPort, &a, 8, 80, PROTO_TCP)
         );
+    }
+
+    #[test]
+    fn ring_index_stays_in_the_services_table() {
+        let mut svc = ServiceInfo {
+            ring_offset: 1009,
+            ring_size: 0,
+            ..Default::default()
+        };
+        let flow = FlowKey::new(v4_mapped([10, 0, 0, 1]), [0; 16], 1000, 80, PROTO_TCP);
+        assert_eq!(svc.ring_index(&flow), None);
+        svc.ring_size = 13;
+        let h = flow_hash(HashMode::FiveTuple, &flow.src, 1000, 80, PROTO_TCP);
+        assert_eq!(svc.ring_index(&flow), Some(1009 + h % 13));
+    }
+
+    #[test]
+    fn stat_names_are_unique_snake_case() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            let n = s.name();
+            assert!(
+                n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{n}"
+            );
+            assert!(Stat::ALL[..i].iter().all(|o| o.name() != n), "{n} twice");
+        }
     }
 
     #[test]

@@ -1,120 +1,65 @@
 //! farmlb XDP data plane: service lookup, conntrack, weighted Maglev, direct-routing forward,
 //! and farm mode (local delivery of the flows this node owns, socket-aware for TCP).
 //!
-//! Every exit path bumps exactly one reason counter in `STATS`, so packet accounting adds up
+//! The pipeline is `parse` -> `select::service` -> `select::backend` (conntrack, then the ring)
+//! -> `forward`, or `farm` for farm services. Every exit path bumps exactly one reason counter
+//! in `STATS` (through `maps::verdict`), so packet accounting adds up
 //! (`sum(STATS) == packets seen`), which the datapath tests rely on.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod farm;
+#[cfg(target_arch = "bpf")]
+mod forward;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod select;
+
+#[cfg(target_arch = "bpf")]
 mod prog {
-    use aya_ebpf::{
-        bindings::{bpf_sock_tuple, xdp_action},
-        helpers::{
-            bpf_ktime_get_ns,
-            generated::{bpf_sk_release, bpf_skc_lookup_tcp},
-        },
-        macros::{map, xdp},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray},
-        programs::XdpContext,
-    };
-    use lb_common::{
-        flow_hash, v4_mapped, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig,
-        HashMode, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, BACKEND_SLOTS,
-        BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS, FWD_FARM, MAX_SERVICES,
-        MAX_VIP_ADDRS, NO_BACKEND, PROTO_TCP, PROTO_UDP, TCP_STATE_LISTEN,
-    };
+    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+    use lb_common::{Addr, Stat, FWD_FARM};
 
-    #[map]
-    static SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
-    /// VIP addresses, consulted only on rare paths (fragments, options, truncated L4) to
-    /// decide between "drop, it was for us" and "pass, not ours".
-    #[map]
-    static VIP_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
-    /// All services' Maglev tables back to back; `ServiceInfo::ring_offset` locates each.
-    #[map]
-    static RING: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
-    #[map]
-    static BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_SLOTS, 0);
-    #[map]
-    static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
-        LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
-    #[map]
-    static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
-    #[map]
-    static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
-    #[map]
-    static SVC_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
-    #[map]
-    static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_SLOTS, 0);
-    /// Farm mode: this node's member slot (consulted only on the farm branch).
-    #[map]
-    static FARM: Array<FarmConfig> = Array::with_max_entries(1, 0);
-
-    const ETH_HLEN: usize = 14;
-    const ETH_P_IP: u16 = 0x0800;
-    const ETH_P_IPV6: u16 = 0x86dd;
-    const ETH_P_8021Q: u16 = 0x8100;
-    const IPV6_HLEN: usize = 40;
-    const NEXTHDR_FRAGMENT: u8 = 44;
-    const TCP_FLAG_SYN: u8 = 0x02;
-    const TCP_FLAG_ACK: u8 = 0x10;
+    use crate::{
+        farm, forward,
+        maps::{verdict, CONFIG, VIP_ADDRS},
+        parse::{self, Unparsed},
+        select,
+    };
 
     #[xdp]
     pub fn farmlb_xdp(ctx: XdpContext) -> u32 {
-        process(&ctx)
-    }
-
-    #[inline(always)]
-    fn count(s: Stat) {
-        if let Some(p) = STATS.get_ptr_mut(s as u32) {
-            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-            unsafe { *p += 1 };
+        let mut pkt = match parse::parse(&ctx) {
+            Ok(p) => p,
+            Err(Unparsed::Pass(reason)) => return verdict(reason, xdp_action::XDP_PASS),
+            Err(Unparsed::DropIfVip { dst, reason }) => return drop_if_vip(&dst, reason),
+        };
+        let Some(svc) = select::service(&pkt.flow) else {
+            return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
+        };
+        let Some(cfg) = CONFIG.get(0) else {
+            return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
+        };
+        if svc.fwd_mode == FWD_FARM {
+            return farm::farm(&ctx, &mut pkt, &svc, cfg);
+        }
+        match select::backend(&svc, &pkt.flow, pkt.is_syn, cfg.udp_timeout_ns) {
+            Some(dst) => forward::direct(&ctx, &mut pkt, &svc, cfg, &dst),
+            None => verdict(Stat::DropNoBackend, xdp_action::XDP_DROP),
         }
     }
+    lb_ebpf::check_name!(farmlb_xdp, lb_common::maps::PROGRAM);
 
+    /// Rare path (fragment, options, truncated L4): without the ports there is no service to
+    /// look up, so `VIP_ADDRS` tells "drop, it was for us" from "pass, not ours".
     #[inline(always)]
-    fn verdict(s: Stat, action: u32) -> u32 {
-        count(s);
-        action
-    }
-
-    #[inline(always)]
-    fn add(map: &PerCpuArray<Counter>, idx: u32, bytes: u64) {
-        if let Some(p) = map.get_ptr_mut(idx) {
-            // SAFETY: per-CPU slot.
-            unsafe {
-                (*p).packets += 1;
-                (*p).bytes += bytes;
-            }
-        }
-    }
-
-    /// Pointer to `T` at `off` if the packet holds it entirely.
-    #[inline(always)]
-    fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
-        let start = ctx.data();
-        if start + off + core::mem::size_of::<T>() > ctx.data_end() {
-            return None;
-        }
-        Some((start + off) as *const T)
-    }
-
-    #[inline(always)]
-    fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
-        // SAFETY: bounds checked by ptr_at; packet data may be unaligned.
-        ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
-    }
-
-    #[inline(always)]
-    fn be16(b: [u8; 2]) -> u16 {
-        u16::from_be_bytes(b)
-    }
-
-    /// Rare path: the packet cannot be balanced (fragment, options, truncated L4). Drop and
-    /// count it if it was addressed to a VIP, otherwise leave it to the kernel.
-    #[inline(always)]
-    fn for_vip_or_pass(dst: &Addr, reason: Stat) -> u32 {
+    fn drop_if_vip(dst: &Addr, reason: Stat) -> u32 {
         // SAFETY: read-only lookup of a plain value.
         if unsafe { VIP_ADDRS.get(dst) }.is_some() {
             verdict(reason, xdp_action::XDP_DROP)
@@ -122,340 +67,6 @@ mod prog {
             verdict(Stat::PassNotVip, xdp_action::XDP_PASS)
         }
     }
-
-    #[inline(always)]
-    fn process(ctx: &XdpContext) -> u32 {
-        let Some(mut eth_type) = read::<[u8; 2]>(ctx, 12).map(be16) else {
-            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-        };
-        let mut l3 = ETH_HLEN;
-        if eth_type == ETH_P_8021Q {
-            let Some(t) = read::<[u8; 2]>(ctx, 16).map(be16) else {
-                return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-            };
-            eth_type = t;
-            l3 += 4;
-        }
-
-        let (src, dst, proto, l4) = match eth_type {
-            ETH_P_IP => {
-                let Some(h) = ptr_at::<[u8; 20]>(ctx, l3) else {
-                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-                };
-                let h = h as *const u8;
-                // SAFETY: 20 bytes bounds-checked above.
-                let (ver_ihl, frag, proto, s, d) = unsafe {
-                    (
-                        *h,
-                        be16([*h.add(6), *h.add(7)]),
-                        *h.add(9),
-                        core::ptr::read_unaligned(h.add(12) as *const [u8; 4]),
-                        core::ptr::read_unaligned(h.add(16) as *const [u8; 4]),
-                    )
-                };
-                let ihl = ver_ihl & 0x0f;
-                if ver_ihl >> 4 != 4 || ihl < 5 {
-                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-                }
-                let dst = v4_mapped(d);
-                // MF flag or a non-zero offset: any fragment.
-                if frag & 0x3fff != 0 {
-                    return for_vip_or_pass(&dst, Stat::DropFragment);
-                }
-                if ihl != 5 {
-                    return for_vip_or_pass(&dst, Stat::DropIpOptions);
-                }
-                (v4_mapped(s), dst, proto, l3 + 20)
-            }
-            ETH_P_IPV6 => {
-                let Some(h) = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3) else {
-                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-                };
-                let h = h as *const u8;
-                // SAFETY: 40 bytes bounds-checked above.
-                let (ver, next, src, dst) = unsafe {
-                    (
-                        *h >> 4,
-                        *h.add(6),
-                        core::ptr::read_unaligned(h.add(8) as *const Addr),
-                        core::ptr::read_unaligned(h.add(24) as *const Addr),
-                    )
-                };
-                if ver != 6 {
-                    return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-                }
-                if next == NEXTHDR_FRAGMENT {
-                    return for_vip_or_pass(&dst, Stat::DropFragment);
-                }
-                (src, dst, next, l3 + IPV6_HLEN)
-            }
-            _ => return verdict(Stat::PassNotIp, xdp_action::XDP_PASS),
-        };
-
-        // Ports (and TCP flags) of the flow.
-        let (sport, dport, is_syn) = match proto {
-            PROTO_TCP => {
-                let Some(th) = ptr_at::<[u8; 20]>(ctx, l4) else {
-                    return for_vip_or_pass(&dst, Stat::DropMalformed);
-                };
-                let th = th as *const u8;
-                // SAFETY: 20 bytes bounds-checked above.
-                let (sp, dp, flags) = unsafe {
-                    (
-                        be16([*th, *th.add(1)]),
-                        be16([*th.add(2), *th.add(3)]),
-                        *th.add(13),
-                    )
-                };
-                let syn = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
-                (sp, dp, syn)
-            }
-            PROTO_UDP => {
-                let Some(uh) = ptr_at::<[u8; 8]>(ctx, l4) else {
-                    return for_vip_or_pass(&dst, Stat::DropMalformed);
-                };
-                let uh = uh as *const u8;
-                // SAFETY: 8 bytes bounds-checked above.
-                unsafe {
-                    (
-                        be16([*uh, *uh.add(1)]),
-                        be16([*uh.add(2), *uh.add(3)]),
-                        false,
-                    )
-                }
-            }
-            _ => return verdict(Stat::PassNotVip, xdp_action::XDP_PASS),
-        };
-
-        let mut key = ServiceKey {
-            addr: dst,
-            port: dport,
-            proto,
-            _pad: 0,
-        };
-        // SAFETY: read-only lookups; the value is copied out immediately.
-        let svc: ServiceInfo = match unsafe { SERVICES.get(&key) } {
-            Some(s) => *s,
-            None => {
-                key.port = 0;
-                match unsafe { SERVICES.get(&key) } {
-                    Some(s) => *s,
-                    None => return verdict(Stat::PassNotVip, xdp_action::XDP_PASS),
-                }
-            }
-        };
-
-        let Some(cfg) = CONFIG.get(0) else {
-            return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
-        };
-        let flow = FlowKey {
-            src,
-            dst,
-            sport,
-            dport,
-            proto,
-            _pad: [0; 3],
-        };
-        if svc.fwd_mode == FWD_FARM {
-            return farm(ctx, &svc, &flow, is_syn, cfg, eth_type == ETH_P_IPV6);
-        }
-        let backend_id = pick_backend(&svc, &flow, is_syn, cfg.udp_timeout_ns);
-        let Some(be) = BACKENDS.get(backend_id) else {
-            return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);
-        };
-        if backend_id == NO_BACKEND || be.flags & BACKEND_F_VALID == 0 {
-            return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);
-        }
-
-        // Direct routing: only the MACs change; the backend holds the VIP on `lo`.
-        let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else {
-            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-        };
-        let eth = eth as *mut [u8; 6];
-        // SAFETY: 12 bytes checked above; two 6-byte MAC fields.
-        unsafe {
-            *eth = be.mac;
-            *eth.add(1) = cfg.own_mac;
-        }
-        let bytes = (ctx.data_end() - ctx.data()) as u64;
-        add(&SVC_STATS, svc.id, bytes);
-        add(&BACKEND_STATS, backend_id, bytes);
-        verdict(Stat::Tx, xdp_action::XDP_TX)
-    }
-
-    /// Farm branch. TCP: a SYN goes to the ring's owner; any other segment is kept exactly
-    /// when this node has a socket for the connection (so rebalancing never moves a live
-    /// connection, and a new owner never answers a stranger's segment with a RST). UDP:
-    /// conntrack remembers each flow's owner (every node sees every packet) until it idles
-    /// out or its owner leaves. Delivered frames get this node's MAC as destination, since
-    /// they arrived addressed to the farm's virtual MAC.
-    #[inline(always)]
-    fn farm(
-        ctx: &XdpContext,
-        svc: &ServiceInfo,
-        flow: &FlowKey,
-        is_syn: bool,
-        cfg: &GlobalConfig,
-        v6: bool,
-    ) -> u32 {
-        let own = match FARM.get(0) {
-            Some(f) => f.own_member,
-            None => NO_BACKEND,
-        };
-        let owner = if flow.proto == PROTO_TCP {
-            if !is_syn {
-                return if has_socket(ctx, flow, v6) {
-                    deliver(ctx, svc, cfg, own, Stat::FarmPassSocket)
-                } else {
-                    verdict(Stat::FarmDropNoSocket, xdp_action::XDP_DROP)
-                };
-            }
-            ring_lookup(svc, flow)
-        } else {
-            pick_backend(svc, flow, false, cfg.udp_timeout_ns)
-        };
-        if owner == NO_BACKEND || !backend_valid(owner) {
-            return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);
-        }
-        if owner != own {
-            return verdict(Stat::FarmDropNotOwner, xdp_action::XDP_DROP);
-        }
-        deliver(ctx, svc, cfg, own, Stat::FarmPassOwner)
-    }
-
-    /// Rewrite the destination MAC to our own and pass the frame to the local stack.
-    #[inline(always)]
-    fn deliver(ctx: &XdpContext, svc: &ServiceInfo, cfg: &GlobalConfig, own: u32, s: Stat) -> u32 {
-        let Some(eth) = ptr_at::<[u8; 6]>(ctx, 0) else {
-            return verdict(Stat::PassMalformed, xdp_action::XDP_PASS);
-        };
-        // SAFETY: 6 bytes bounds-checked above.
-        unsafe { *(eth as *mut [u8; 6]) = cfg.own_mac };
-        let bytes = (ctx.data_end() - ctx.data()) as u64;
-        add(&SVC_STATS, svc.id, bytes);
-        add(&BACKEND_STATS, own, bytes);
-        verdict(s, xdp_action::XDP_PASS)
-    }
-
-    /// Whether the local stack has a TCP socket for this connection other than a listener:
-    /// an established (or closing / time-wait) socket, or a request sock mid-handshake.
-    #[inline(always)]
-    fn has_socket(ctx: &XdpContext, flow: &FlowKey, v6: bool) -> bool {
-        // SAFETY: all-zero is a valid bpf_sock_tuple.
-        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-        let size = if v6 {
-            // SAFETY: writing plain integers into the union's ipv6 member.
-            unsafe {
-                let t = &mut tuple.__bindgen_anon_1.ipv6;
-                t.saddr = core::ptr::read_unaligned(flow.src.as_ptr() as *const [u32; 4]);
-                t.daddr = core::ptr::read_unaligned(flow.dst.as_ptr() as *const [u32; 4]);
-                t.sport = flow.sport.to_be();
-                t.dport = flow.dport.to_be();
-            }
-            core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
-        } else {
-            // SAFETY: as above, ipv4 member; the v4 address is the last 4 bytes.
-            unsafe {
-                let t = &mut tuple.__bindgen_anon_1.ipv4;
-                t.saddr = core::ptr::read_unaligned(flow.src.as_ptr().add(12) as *const u32);
-                t.daddr = core::ptr::read_unaligned(flow.dst.as_ptr().add(12) as *const u32);
-                t.sport = flow.sport.to_be();
-                t.dport = flow.dport.to_be();
-            }
-            core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
-        };
-        // SAFETY: helper call with a stack tuple of the stated size; netns -1 = the device's.
-        let sk =
-            unsafe { bpf_skc_lookup_tcp(ctx.ctx as *mut _, &mut tuple, size as u32, u64::MAX, 0) };
-        if sk.is_null() {
-            return false;
-        }
-        // SAFETY: non-null socket from the lookup; `state` is readable on sock_common and the
-        // reference is released right after.
-        let state = unsafe { (*sk).state };
-        unsafe { bpf_sk_release(sk as *mut _) };
-        state != TCP_STATE_LISTEN
-    }
-
-    /// Ring slot of a flow on the service's current table.
-    #[inline(always)]
-    fn ring_lookup(svc: &ServiceInfo, flow: &FlowKey) -> u32 {
-        if svc.ring_size == 0 {
-            return NO_BACKEND;
-        }
-        let hash = flow_hash(
-            HashMode::from_u8(svc.hash_mode),
-            &flow.src,
-            flow.sport,
-            flow.dport,
-            flow.proto,
-        );
-        match RING.get(svc.ring_offset + hash % svc.ring_size) {
-            Some(b) => *b,
-            None => NO_BACKEND,
-        }
-    }
-
-    /// Conntrack first (except for SYNs, which always re-hash so a reused tuple follows the
-    /// current table), then the service's Maglev ring. Returns `NO_BACKEND` if none.
-    #[inline(always)]
-    fn pick_backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, udp_timeout: u64) -> u32 {
-        let udp = flow.proto == PROTO_UDP;
-        // SAFETY: helper without side effects.
-        let now = if udp {
-            unsafe { bpf_ktime_get_ns() }
-        } else {
-            0
-        };
-        if !is_syn {
-            if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
-                // SAFETY: the LRU value stays valid for the duration of this program run.
-                let ct = unsafe { &mut *ct };
-                let live = !udp || now.wrapping_sub(ct.last_seen_ns) <= udp_timeout;
-                if live && backend_valid(ct.backend) {
-                    if udp {
-                        ct.last_seen_ns = now;
-                    }
-                    count(Stat::CtHit);
-                    return ct.backend;
-                }
-            }
-            count(Stat::CtMissOther);
-        } else {
-            count(Stat::CtMissSyn);
-        }
-
-        let backend = ring_lookup(svc, flow);
-        if backend != NO_BACKEND {
-            let entry = CtEntry {
-                backend,
-                _pad: 0,
-                last_seen_ns: now,
-            };
-            if CONNTRACK.insert(flow, &entry, 0).is_err() {
-                count(Stat::CtInsertFail);
-            }
-        }
-        backend
-    }
-
-    #[inline(always)]
-    fn backend_valid(id: u32) -> bool {
-        match BACKENDS.get(id) {
-            Some(b) => id != NO_BACKEND && b.flags & BACKEND_F_VALID != 0,
-            None => false,
-        }
-    }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
 }
 
-#[cfg(not(target_arch = "bpf"))]
-fn main() {}
+lb_ebpf::bpf_boilerplate!();

@@ -11,16 +11,7 @@ mod prog {
     pub fn farmlb_pass(_ctx: XdpContext) -> u32 {
         xdp_action::XDP_PASS
     }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
+    lb_ebpf::check_name!(farmlb_pass, lb_common::maps::PASS_PROGRAM);
 }
 
-#[cfg(not(target_arch = "bpf"))]
-fn main() {}
+lb_ebpf::bpf_boilerplate!();

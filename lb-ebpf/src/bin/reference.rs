@@ -101,16 +101,6 @@ mod prog {
         // SAFETY: plain read-only global; helper call with valid arguments.
         unsafe { bpf_redirect(core::ptr::read_volatile(&REDIRECT_IFINDEX), 0) as u32 }
     }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
 }
 
-#[cfg(not(target_arch = "bpf"))]
-fn main() {}
+lb_ebpf::bpf_boilerplate!();

@@ -1,0 +1,87 @@
+//! Every map of the program, one role comment each, and the counter helpers that write the
+//! statistics maps. Userspace opens the maps by the names in `lb_common::maps`; each static
+//! is declared through `maps!`, which checks its name against that constant at compile time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo, ServiceKey,
+    Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS, MAX_SERVICES,
+    MAX_VIP_ADDRS,
+};
+
+/// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
+/// fails the build if an identifier is not the `lb_common::maps` constant of the same name.
+macro_rules! maps {
+    ($($(#[doc = $doc:literal])* $name:ident: $ty:ty = $init:expr;)*) => {$(
+        $(#[doc = $doc])*
+        #[map]
+        pub static $name: $ty = $init;
+        lb_ebpf::check_name!($name, lb_common::maps::$name);
+    )*};
+}
+
+maps! {
+    /// Services by VIP, port (0 = any port) and protocol: the first lookup of every IP packet.
+    SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
+    /// VIP addresses, consulted only on rare paths (fragments, options, truncated L4) to
+    /// decide between "drop, it was for us" and "pass, not ours".
+    VIP_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
+    /// All services' Maglev tables back to back; `ServiceInfo::ring_offset` locates each.
+    /// Slots hold backend ids (farm: member slots); the loader sizes it to the config.
+    RING: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
+    /// Backend id -> MAC and validity; farm members follow the director's backends.
+    BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_SLOTS, 0);
+    /// Flow -> the backend it was sent to, so established flows survive ring changes.
+    /// Per-CPU LRU lists; UDP entries also expire after `udp_timeout_ns` idle.
+    CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+        LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
+    /// Single entry: UDP idle timeout and the MAC of the interface the program runs on.
+    CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+    /// Per-CPU packet counts by `Stat`: one exit reason per packet plus conntrack events.
+    STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+    /// Per-CPU packets/bytes forwarded or delivered, by `ServiceInfo::id`.
+    SVC_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+    /// Per-CPU packets/bytes forwarded or delivered, by backend id (farm: member slot).
+    BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_SLOTS, 0);
+    /// Farm mode: this node's member slot (consulted only on the farm branch).
+    FARM: Array<FarmConfig> = Array::with_max_entries(1, 0);
+}
+
+/// Bump a `STATS` counter.
+#[inline(always)]
+pub fn count(s: Stat) {
+    if let Some(p) = STATS.get_ptr_mut(s as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Exit with `action`, counting `reason`: every exit path goes through here exactly once.
+#[inline(always)]
+pub fn verdict(reason: Stat, action: u32) -> u32 {
+    count(reason);
+    action
+}
+
+/// Count the frame, as it leaves for `backend`, in its service's and backend's counters.
+#[inline(always)]
+pub fn account(ctx: &XdpContext, svc: u32, backend: u32) {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    add(&SVC_STATS, svc, bytes);
+    add(&BACKEND_STATS, backend, bytes);
+}
+
+#[inline(always)]
+fn add(map: &PerCpuArray<Counter>, idx: u32, bytes: u64) {
+    if let Some(p) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Frame -> [`Packet`]: Ethernet, at most one 802.1Q tag, IPv4 without options or IPv6, then
+//! the TCP or UDP ports. Headers are typed views handed out by a cursor that bounds-checks each
+//! one against the end of the frame, as the verifier requires before any packet access.
+
+use core::{marker::PhantomData, mem::size_of};
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{v4_mapped, Addr, FlowKey, Stat, PROTO_TCP, PROTO_UDP};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// A packet the pipeline can balance.
+pub struct Packet<'a> {
+    /// Rewritten in place on the way out.
+    pub eth: &'a mut EthHdr,
+    pub flow: FlowKey,
+    /// TCP SYN without ACK: the start of a connection.
+    pub is_syn: bool,
+    pub v6: bool,
+}
+
+/// Why a frame is not a [`Packet`], and what to count for it.
+pub enum Unparsed {
+    /// Not ours to balance (not IP, malformed, not TCP/UDP): leave it to the kernel.
+    Pass(Stat),
+    /// Cannot be balanced (fragment, IP options, truncated L4): drop it, counting `reason`, if
+    /// it was addressed to a VIP, otherwise leave it to the kernel.
+    DropIfVip { dst: Addr, reason: Stat },
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
+    use Unparsed::*;
+    // SAFETY: the only cursor over this frame.
+    let mut cur = unsafe { Cursor::new(ctx) };
+    let eth: &mut EthHdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
+    let mut eth_type = u16::from_be_bytes(eth.proto);
+    if eth_type == ETH_P_8021Q {
+        let vlan: &VlanHdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
+        eth_type = u16::from_be_bytes(vlan.proto);
+    }
+
+    let (src, dst, proto, v6) = match eth_type {
+        ETH_P_IP => {
+            let ip: &Ipv4Hdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
+            let ihl = ip.ver_ihl & 0x0f;
+            if ip.ver_ihl >> 4 != 4 || ihl < 5 {
+                return Err(Pass(Stat::PassMalformed));
+            }
+            let dst = v4_mapped(ip.dst);
+            // MF flag or a non-zero offset: any fragment.
+            if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
+                return Err(DropIfVip {
+                    dst,
+                    reason: Stat::DropFragment,
+                });
+            }
+            // Options would put the L4 header at a variable offset: not supported.
+            if ihl != 5 {
+                return Err(DropIfVip {
+                    dst,
+                    reason: Stat::DropIpOptions,
+                });
+            }
+            (v4_mapped(ip.src), dst, ip.proto, false)
+        }
+        ETH_P_IPV6 => {
+            let ip: &Ipv6Hdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
+            if ip.ver_tc_flow[0] >> 4 != 6 {
+                return Err(Pass(Stat::PassMalformed));
+            }
+            if ip.next_hdr == NEXTHDR_FRAGMENT {
+                return Err(DropIfVip {
+                    dst: ip.dst,
+                    reason: Stat::DropFragment,
+                });
+            }
+            (ip.src, ip.dst, ip.next_hdr, true)
+        }
+        _ => return Err(Pass(Stat::PassNotIp)),
+    };
+
+    let (sport, dport, is_syn) = match proto {
+        PROTO_TCP => {
+            let Some(tcp) = cur.take::<TcpHdr>() else {
+                return Err(DropIfVip {
+                    dst,
+                    reason: Stat::DropMalformed,
+                });
+            };
+            let syn = tcp.flags & TCP_FLAG_SYN != 0 && tcp.flags & TCP_FLAG_ACK == 0;
+            (
+                u16::from_be_bytes(tcp.sport),
+                u16::from_be_bytes(tcp.dport),
+                syn,
+            )
+        }
+        PROTO_UDP => {
+            let Some(udp) = cur.take::<UdpHdr>() else {
+                return Err(DropIfVip {
+                    dst,
+                    reason: Stat::DropMalformed,
+                });
+            };
+            (
+                u16::from_be_bytes(udp.sport),
+                u16::from_be_bytes(udp.dport),
+                false,
+            )
+        }
+        _ => return Err(Pass(Stat::PassNotVip)),
+    };
+
+    Ok(Packet {
+        eth,
+        flow: FlowKey::new(src, dst, sport, dport, proto),
+        is_syn,
+        v6,
+    })
+}
+
+/// Hands out the frame's headers front to back, each only once the frame is known to hold it
+/// entirely. Views never overlap, which is what makes handing out `&mut` sound.
+struct Cursor<'a> {
+    pos: usize,
+    end: usize,
+    _frame: PhantomData<&'a XdpContext>,
+}
+
+impl<'a> Cursor<'a> {
+    /// SAFETY: at most one cursor may exist per frame (two would hand out aliasing views).
+    #[inline(always)]
+    unsafe fn new(ctx: &'a XdpContext) -> Self {
+        Self {
+            pos: ctx.data(),
+            end: ctx.data_end(),
+            _frame: PhantomData,
+        }
+    }
+
+    /// The next `T` of the frame, or `None` if the frame ends first.
+    #[inline(always)]
+    fn take<T: Header>(&mut self) -> Option<&'a mut T> {
+        const { assert!(core::mem::align_of::<T>() == 1) };
+        // Packet pointer + size against the end: the bounds check the verifier tracks.
+        if self.pos + size_of::<T>() > self.end {
+            return None;
+        }
+        let p = self.pos as *mut T;
+        self.pos += size_of::<T>();
+        // SAFETY: in bounds (checked above), alignment 1 (asserted), any bit pattern is a valid
+        // `T` (`Header`), and no other view covers these bytes (the cursor moved past them).
+        Some(unsafe { &mut *p })
+    }
+}
+
+/// A wire header: packet data (unaligned, any content) is always a valid value of it.
+///
+/// # Safety
+///
+/// Implement only for `#[repr(C)]` structs of `u8` and `[u8; N]` fields.
+unsafe trait Header {}
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    proto: [u8; 2],
+}
+
+#[repr(C)]
+struct VlanHdr {
+    _tci: [u8; 2],
+    proto: [u8; 2],
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    _tos: u8,
+    _tot_len: [u8; 2],
+    _id: [u8; 2],
+    frag_off: [u8; 2],
+    _ttl: u8,
+    proto: u8,
+    _check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    ver_tc_flow: [u8; 4],
+    _payload_len: [u8; 2],
+    next_hdr: u8,
+    _hop_limit: u8,
+    src: Addr,
+    dst: Addr,
+}
+
+#[repr(C)]
+struct TcpHdr {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    _seq: [u8; 4],
+    _ack_seq: [u8; 4],
+    _doff: u8,
+    flags: u8,
+    _window: [u8; 2],
+    _check: [u8; 2],
+    _urg_ptr: [u8; 2],
+}
+
+#[repr(C)]
+struct UdpHdr {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    _len: [u8; 2],
+    _check: [u8; 2],
+}
+
+// SAFETY: all of the above are repr(C) structs of u8 and [u8; N] fields.
+unsafe impl Header for EthHdr {}
+unsafe impl Header for VlanHdr {}
+unsafe impl Header for Ipv4Hdr {}
+unsafe impl Header for Ipv6Hdr {}
+unsafe impl Header for TcpHdr {}
+unsafe impl Header for UdpHdr {}
+
+const _: () = {
+    assert!(size_of::<EthHdr>() == 14);
+    assert!(size_of::<VlanHdr>() == 4);
+    assert!(size_of::<Ipv4Hdr>() == 20);
+    assert!(size_of::<Ipv6Hdr>() == 40);
+    assert!(size_of::<TcpHdr>() == 20);
+    assert!(size_of::<UdpHdr>() == 8);
+};

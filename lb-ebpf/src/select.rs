@@ -1,0 +1,78 @@
+//! Which service a packet is for, and which backend gets it. Whoever decides that a backend is
+//! valid looks its entry up, once, and hands it on in a [`Dst`] (as Katran's `get_packet_dst`).
+
+use lb_common::{Backend, FlowKey, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, NO_BACKEND};
+
+use crate::{
+    conntrack,
+    maps::{count, BACKENDS, RING, SERVICES},
+};
+
+/// A valid backend: its id (`BACKENDS` index; farm: member slot) and its entry.
+pub struct Dst {
+    pub id: u32,
+    pub backend: &'static Backend,
+}
+
+/// The service `flow` is addressed to: the exact port's, else the port-wildcard one.
+#[inline(always)]
+pub fn service(flow: &FlowKey) -> Option<ServiceInfo> {
+    let mut key = ServiceKey::new(flow.dst, flow.dport, flow.proto);
+    // SAFETY: read-only lookups; the value is copied out immediately.
+    if let Some(s) = unsafe { SERVICES.get(key) } {
+        return Some(*s);
+    }
+    key.port = 0;
+    unsafe { SERVICES.get(key) }.copied()
+}
+
+/// Conntrack first (except for SYNs, which always re-hash so a reused tuple follows the current
+/// table), then the service's Maglev ring. Counts the conntrack outcome.
+#[inline(always)]
+pub fn backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, udp_timeout: u64) -> Option<Dst> {
+    let now = conntrack::now(flow);
+    if is_syn {
+        count(Stat::CtMissSyn);
+    } else {
+        if let Some(ct) = conntrack::lookup(flow, now, udp_timeout) {
+            // An entry whose backend went away falls through and re-hashes.
+            if let Some(dst) = valid(ct.backend) {
+                conntrack::touch(ct, flow, now);
+                count(Stat::CtHit);
+                return Some(dst);
+            }
+        }
+        count(Stat::CtMissOther);
+    }
+    let id = ring_slot(svc, flow);
+    // Recorded even if the backend turns out invalid (the model does the same).
+    if id != NO_BACKEND {
+        conntrack::insert(flow, id, now);
+    }
+    valid(id)
+}
+
+/// The ring's choice alone, bypassing conntrack (farm TCP SYNs).
+#[inline(always)]
+pub fn ring_owner(svc: &ServiceInfo, flow: &FlowKey) -> Option<Dst> {
+    valid(ring_slot(svc, flow))
+}
+
+/// Backend id in the flow's ring slot, `NO_BACKEND` if the service has none.
+#[inline(always)]
+fn ring_slot(svc: &ServiceInfo, flow: &FlowKey) -> u32 {
+    match svc.ring_index(flow).and_then(|i| RING.get(i)) {
+        Some(id) => *id,
+        None => NO_BACKEND,
+    }
+}
+
+/// Backend `id` with its entry, if it may take traffic.
+#[inline(always)]
+fn valid(id: u32) -> Option<Dst> {
+    if id == NO_BACKEND {
+        return None;
+    }
+    let backend = BACKENDS.get(id)?;
+    (backend.flags & BACKEND_F_VALID != 0).then_some(Dst { id, backend })
+}

@@ -212,14 +212,13 @@ pub fn client(i: u32, port: u16, v6: bool) -> SocketAddr {
 
 /// The conntrack key of a client's flow to `dst`.
 pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
-    FlowKey {
-        src: addr_of(src.ip()),
-        dst: addr_of(dst.ip()),
-        sport: src.port(),
-        dport: dst.port(),
+    FlowKey::new(
+        addr_of(src.ip()),
+        addr_of(dst.ip()),
+        src.port(),
+        dst.port(),
         proto,
-        _pad: [0; 3],
-    }
+    )
 }
 
 /// A `[[service]]` table with its backends, for fixture configs.

@@ -401,8 +401,8 @@ pub fn attach_pass_pinned(iface: &str, pin: &std::path::Path) -> Result<()> {
     use aya::programs::links::FdLink;
     let mut ebpf = Ebpf::load(crate::PASS_OBJECT).context("loading the pass object")?;
     let prog: &mut Xdp = ebpf
-        .program_mut("farmlb_pass")
-        .ok_or_else(|| anyhow!("program farmlb_pass missing"))?
+        .program_mut(names::PASS_PROGRAM)
+        .ok_or_else(|| anyhow!("program {} missing", names::PASS_PROGRAM))?
         .try_into()?;
     prog.load()?;
     let id = prog

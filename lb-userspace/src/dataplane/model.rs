@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 
 use lb_common::{
-    flow_hash, v4_mapped, Addr, Backend, CtEntry, FarmConfig, FlowKey, GlobalConfig, HashMode,
-    ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    v4_mapped, Addr, Backend, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo, ServiceKey,
+    Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::dataplane::{CounterKind, Maps};
@@ -211,12 +211,7 @@ impl Model {
             }
             _ => return Decision::exit(Pass, Stat::PassNotVip),
         };
-        let mut key = ServiceKey {
-            addr: dst,
-            port: dport,
-            proto,
-            _pad: 0,
-        };
+        let mut key = ServiceKey::new(dst, dport, proto);
         let svc = match self.services.get(&key) {
             Some(s) => *s,
             None => {
@@ -227,14 +222,7 @@ impl Model {
                 }
             }
         };
-        let flow = FlowKey {
-            src,
-            dst,
-            sport,
-            dport,
-            proto,
-            _pad: [0; 3],
-        };
+        let flow = FlowKey::new(src, dst, sport, dport, proto);
         if svc.fwd_mode == FWD_FARM {
             return self.farm(&svc, &flow, syn, now);
         }
@@ -340,16 +328,8 @@ impl Model {
 
     /// Backend the current table gives a new flow (ignoring conntrack).
     pub fn expected_backend(&self, svc: &ServiceInfo, flow: &FlowKey) -> u32 {
-        let h = flow_hash(
-            HashMode::from_u8(svc.hash_mode),
-            &flow.src,
-            flow.sport,
-            flow.dport,
-            flow.proto,
-        );
-        self.ring
-            .get(&(svc.ring_offset + h % svc.ring_size))
-            .copied()
+        svc.ring_index(flow)
+            .and_then(|i| self.ring.get(&i).copied())
             .unwrap_or(NO_BACKEND)
     }
 }

@@ -267,7 +267,7 @@ impl Owner {
             ))
         })?;
         self.apply(new).map_err(|e| ApiError {
-            status: e.status,
+            kind: e.kind,
             message: format!(
                 "reload rejected, the running configuration stays: {}",
                 e.message

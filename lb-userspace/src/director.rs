@@ -137,21 +137,7 @@ pub fn service_key(s: &ServiceCfg) -> ServiceKey {
     }
 }
 
-/// Health verdict of a backend. Unchecked backends are always `Up`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Health {
-    Up,
-    Down,
-}
-
-impl Health {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Up => "up",
-            Health::Down => "down",
-        }
-    }
-}
+pub use crate::health::Health;
 
 /// One backend as the director sees it: its configured entry plus the runtime layers on top.
 ///

@@ -19,7 +19,9 @@
 //! The handlers only parse requests; every request goes to the daemon's owner task over a
 //! channel (see `daemon.rs`), which owns the data plane and applies changes one at a time.
 
-use std::collections::BTreeMap;
+mod error;
+mod views;
+
 use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -31,78 +33,14 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AdminState, Config, MAX_WEIGHT};
 
-// --- wire types (also read by the CLI) -------------------------------------------------
-
-#[derive(Clone, Debug, Serialize, Deserialize, Default)]
-pub struct StatusView {
-    pub services: Vec<ServiceView>,
-    /// Global data-plane counters by reason (`tx`, `drop_no_backend`, `ct_hit`, ...).
-    pub stats: BTreeMap<String, u64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ServiceView {
-    pub name: String,
-    pub vip: IpAddr,
-    pub port: u16,
-    pub protocol: String,
-    pub hash: String,
-    pub table_size: u32,
-    /// The service's default check, summarised (`None`: backends are not checked).
-    pub check: Option<String>,
-    /// Backends that pass their health check (or are unchecked).
-    pub backends_up: usize,
-    /// Backends that take new flows (effective weight > 0).
-    pub backends_usable: usize,
-    pub packets: u64,
-    pub bytes: u64,
-    pub backends: Vec<BackendView>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BackendView {
-    pub address: IpAddr,
-    /// `up` or `down`.
-    pub health: String,
-    /// Whether a health check runs for it.
-    pub checked: bool,
-    /// `ready`, `drain` or `maint`.
-    pub state: String,
-    /// The state was set at runtime (it lasts until the file changes the backend's `state`).
-    pub state_runtime: bool,
-    /// Configured weight.
-    pub weight: u32,
-    /// Weight set at runtime (lasts until the file changes the backend's `weight`).
-    pub weight_runtime: Option<u32>,
-    /// Weight reported by a dynamic exec check.
-    pub weight_dynamic: Option<u32>,
-    /// Weight the Maglev table uses: 0 unless ready and up.
-    pub effective_weight: u32,
-    /// Maglev slots owned.
-    pub slots: u32,
-    /// The backend's MAC address is known (it is kept out of the table until then).
-    pub resolved: bool,
-    pub last_check: Option<CheckView>,
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CheckView {
-    pub ok: bool,
-    /// `ok` or the failure reason.
-    pub detail: String,
-    pub latency_ms: f64,
-    /// Milliseconds since the probe finished.
-    pub age_ms: u64,
-}
+pub use error::{ApiError, ErrorKind};
+pub use views::{BackendView, CheckView, ServiceView, StatusView};
 
 // --- requests to the owner task ---------------------------------------------------------
 
@@ -128,60 +66,6 @@ pub enum ApiRequest {
 
 /// A successful reply: status code and JSON body.
 pub type ApiReply = (StatusCode, Value);
-
-/// A refused request: 4xx (or 5xx when the kernel refused a map update) with a one-line reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-        }
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-        }
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.into(),
-        }
-    }
-    /// A config-rule violation: 409 for duplicates, else 400.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        let message = message.into();
-        let status = if message.contains("duplicate") {
-            StatusCode::CONFLICT
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        Self { status, message }
-    }
-}
-
-impl From<crate::director::LookupError> for ApiError {
-    fn from(e: crate::director::LookupError) -> Self {
-        Self::not_found(e.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(serde_json::json!({ "error": self.message })),
-        )
-            .into_response()
-    }
-}
 
 /// A request with the channel its answer comes back on.
 pub type Call = (ApiRequest, oneshot::Sender<Result<ApiReply, ApiError>>);
@@ -460,11 +344,8 @@ type Tx = mpsc::Sender<Call>;
 async fn call(tx: &Tx, req: ApiRequest) -> Response {
     let (otx, orx) = oneshot::channel();
     if tx.send((req, otx)).await.is_err() {
-        return ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the daemon is shutting down".into(),
-        }
-        .into_response();
+        return ApiError::new(ErrorKind::Unavailable, "the daemon is shutting down")
+            .into_response();
     }
     match orx.await {
         Ok(Ok((status, body))) => (status, Json(body)).into_response(),
@@ -491,10 +372,10 @@ pub fn router(tx: Tx) -> Router {
             ApiError::not_found(format!("no such endpoint: {method} {uri}"))
         })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
-            ApiError {
-                status: StatusCode::METHOD_NOT_ALLOWED,
-                message: format!("method {method} is not allowed on {uri}"),
-            }
+            ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                format!("method {method} is not allowed on {uri}"),
+            )
         })
         .with_state(tx)
 }
@@ -648,7 +529,7 @@ check = { type = "tcp", interval = "200ms" }
             &obj(serde_json::json!({"address": "10.0.0.x"})),
         )
         .unwrap_err();
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert_eq!(
             e.message,
             "service \"web\": backend.address: invalid IP address \"10.0.0.x\""
@@ -669,15 +550,15 @@ check = { type = "tcp", interval = "200ms" }
             &obj(serde_json::json!({"address": "10.0.0.11"})),
         )
         .unwrap_err();
-        assert_eq!(e.status, StatusCode::CONFLICT, "{e:?}");
+        assert_eq!(e.status(), StatusCode::CONFLICT, "{e:?}");
         let e = with_backend(&running, "nope", &obj(serde_json::json!({}))).unwrap_err();
-        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
         let e = with_service(
             &running,
             &obj(serde_json::json!({"name": "web2", "vip": "10.0.0.1", "port": 80})),
         )
         .unwrap_err();
-        assert_eq!(e.status, StatusCode::CONFLICT, "{e:?}");
+        assert_eq!(e.status(), StatusCode::CONFLICT, "{e:?}");
         let e = with_service(
             &running,
             &obj(serde_json::json!({"name": "x", "vip": "10.0.0.5", "prot": 80})),
@@ -694,7 +575,7 @@ check = { type = "tcp", interval = "200ms" }
         assert_eq!(
             without_backend(&running, "web", "10.0.0.99".parse().unwrap())
                 .unwrap_err()
-                .status,
+                .status(),
             StatusCode::NOT_FOUND
         );
     }
@@ -738,7 +619,7 @@ check = { type = "tcp", interval = "200ms" }
         }
         let e = parse_set(b"{\"weight\": ").unwrap_err();
         assert!(e.message.starts_with("body: malformed JSON: "), "{e:?}");
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert!(parse_addr("10.0.0.1").is_ok());
         assert_eq!(
             parse_addr("10.0.0.x").unwrap_err().message,

@@ -1543,7 +1543,7 @@ mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    const EXAMPLE: &str = include_str!("../../examples/farmlb.toml");
+    const EXAMPLE: &str = include_str!("../../../examples/farmlb.toml");
 
     const BASE: &str = "interface = \"eth0\"\n";
 
@@ -1981,7 +1981,7 @@ mod tests {
 mod control_tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../../examples/farmlb.toml");
+    const EXAMPLE: &str = include_str!("../../../examples/farmlb.toml");
 
     fn svc(body: &str) -> String {
         format!("interface = \"eth0\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\n{body}")

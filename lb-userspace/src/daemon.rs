@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::{
     self, ApiError, ApiReply, ApiRequest, BackendView, CheckView, ServiceView, StatusView,
 };
-use crate::config::{format_duration, hash_mode_name, CheckCfg, Config, Probe};
+use crate::config::{hash_mode_name, CheckCfg, Config};
 use crate::dataplane::{Dataplane, LoadOpts};
 use crate::director::{Director, Health};
 use crate::health::{Outcome, ProbeResult, Supervisor};
@@ -136,76 +136,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
 /// Fields only a restart can change.
 fn restart_only(running: &Config, new: &Config) -> Result<(), ApiError> {
-    let changed = |field: &str, a: String, b: String| {
-        Err(ApiError::bad_request(format!(
-            "{field}: changing it needs a restart (running {a}, new {b})"
-        )))
-    };
-    if new.interface != running.interface {
-        return changed(
-            "interface",
-            running.interface.clone(),
-            new.interface.clone(),
-        );
-    }
-    if new.xdp_mode != running.xdp_mode {
-        return changed(
-            "xdp_mode",
-            running.xdp_mode.to_string(),
-            new.xdp_mode.to_string(),
-        );
-    }
-    if new.conntrack_size != running.conntrack_size {
-        return changed(
-            "conntrack_size",
-            running.conntrack_size.to_string(),
-            new.conntrack_size.to_string(),
-        );
-    }
-    if new.api_socket != running.api_socket {
-        return changed(
-            "api_socket",
-            running.api_socket.display().to_string(),
-            new.api_socket.display().to_string(),
-        );
-    }
-    if new.metrics_address != running.metrics_address {
-        let show = |a: Option<std::net::SocketAddr>| a.map_or("off".into(), |a| a.to_string());
-        return changed(
-            "metrics_address",
-            show(running.metrics_address),
-            show(new.metrics_address),
-        );
-    }
-    Ok(())
+    Ok(crate::config::restart_needed(running, new)?)
 }
 
 /// `tcp :80 every 2s timeout 1s rise 2 fall 3`.
 pub fn check_summary(c: &CheckCfg) -> String {
-    let what = match &c.probe {
-        Probe::Tcp => format!("tcp :{}", c.port),
-        Probe::Http { path, status, .. } => {
-            format!("http :{}{path} {}-{}", c.port, status.0, status.1)
-        }
-        Probe::Udp { expect, .. } => match expect {
-            Some(e) => format!("udp :{} expect {e:?}", c.port),
-            None => format!("udp :{}", c.port),
-        },
-        Probe::Exec { dynamic, .. } => {
-            if *dynamic {
-                "exec (dynamic)".to_string()
-            } else {
-                "exec".to_string()
-            }
-        }
-    };
-    format!(
-        "{what} every {} timeout {} rise {} fall {}",
-        format_duration(c.interval),
-        format_duration(c.timeout),
-        c.rise,
-        c.fall
-    )
+    c.summary()
 }
 
 impl Owner {
@@ -237,7 +173,7 @@ impl Owner {
         }
         trial
             .apply(&new, &mut model, &mut fixed)
-            .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
         self.director
             .apply(&new, &mut self.dp, &mut self.macs)
             .map_err(|e| ApiError::internal(format!("applying the change: {e:#}")))?;
@@ -327,8 +263,8 @@ impl Owner {
                 let v = self.service_view(&name)?;
                 Ok((StatusCode::OK, to_json(&v)))
             }
-            ApiRequest::AddService(obj) => {
-                let new = api::with_service(&self.cfg, &obj)?;
+            ApiRequest::AddService(svc) => {
+                let new = self.cfg.with_service(svc)?;
                 let name = new
                     .services
                     .last()
@@ -339,13 +275,13 @@ impl Owner {
                 Ok((StatusCode::CREATED, to_json(&self.service_view(&name)?)))
             }
             ApiRequest::DelService(name) => {
-                let new = api::without_service(&self.cfg, &name)?;
+                let new = self.cfg.without_service(&name)?;
                 self.apply(new)?;
                 tracing::info!(service = %name, "API: service removed");
                 Ok((StatusCode::OK, json!({ "removed": name })))
             }
-            ApiRequest::AddBackend(name, obj) => {
-                let new = api::with_backend(&self.cfg, &name, &obj)?;
+            ApiRequest::AddBackend(name, b) => {
+                let new = self.cfg.with_backend(&name, b)?;
                 let addr = new
                     .services
                     .iter()
@@ -363,7 +299,7 @@ impl Owner {
                 Ok((StatusCode::CREATED, to_json(&b)))
             }
             ApiRequest::DelBackend(name, addr) => {
-                let new = api::without_backend(&self.cfg, &name, addr)?;
+                let new = self.cfg.without_backend(&name, addr)?;
                 self.apply(new)?;
                 tracing::info!(service = %name, backend = %addr, "API: backend removed");
                 Ok((

@@ -27,10 +27,9 @@ use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::arp::{ArpResponder, ArpState};
-use crate::config::{Config, Forwarding};
+use crate::config::{Config, FarmCfg, Forwarding, HooksCfg, MAX_POWER};
 use crate::dataplane::{Dataplane, LoadOpts};
 use crate::director::{Director, Maps};
-use crate::farm_config::{FarmCfg, HooksCfg, MAX_POWER};
 use crate::health::{self, LastProbe, Outcome, ProbeResult, Target, Tracker};
 use crate::maglev::{self, MaglevEntry};
 use crate::membership::{read_key, Membership, View};
@@ -500,7 +499,7 @@ impl Drop for NodeCheck {
 /// The node's check for `cfg` (validated when the config was loaded).
 fn node_target(cfg: &Config, farm: &FarmCfg) -> Option<Target> {
     match farm.node_check(&cfg.services) {
-        Ok(t) => t,
+        Ok(t) => t.map(Target::from),
         Err(e) => {
             tracing::error!("farm check: {e}");
             None
@@ -511,12 +510,7 @@ fn node_target(cfg: &Config, farm: &FarmCfg) -> Option<Target> {
 /// Whether going from `old` to `new` needs a restart: anything in `[farm]` but the node's
 /// check, which a reload applies.
 fn farm_needs_restart(old: &FarmCfg, new: &FarmCfg) -> bool {
-    let strip = |f: &FarmCfg| FarmCfg {
-        check: None,
-        check_address: None,
-        ..f.clone()
-    };
-    strip(old) != strip(new)
+    old.restart_needed(new).is_err()
 }
 
 // --- daemon --------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod director;
 pub mod farm;
-pub mod farm_config;
 pub mod health;
 pub mod maglev;
 pub mod membership;

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{CheckCfg, Config, Probe};
+use crate::config::{CheckCfg, Config, NodeCheckCfg, Probe};
 
 pub use exec::exec_outcome;
 pub use http::parse_status_line;
@@ -76,6 +76,18 @@ pub struct Target {
     pub vip: IpAddr,
     pub addr: IpAddr,
     pub check: CheckCfg,
+}
+
+impl From<NodeCheckCfg> for Target {
+    /// A farm node's own check: probes its service's address.
+    fn from(n: NodeCheckCfg) -> Self {
+        Target {
+            service: n.service,
+            vip: n.vip,
+            addr: n.addr,
+            check: n.check,
+        }
+    }
 }
 
 /// A probe result on its way to the owner task.

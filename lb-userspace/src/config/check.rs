@@ -66,7 +66,7 @@ macro_rules! check_fields {
             }
 
             fn entries(&self) -> Vec<(&'static str, Option<String>)> {
-                vec![$(($key, self.$field.spell())),+]
+                vec![$(($key, self.$field.as_ref().and_then(Spell::spell))),+]
             }
 
             /// `(key, is set, the kind it is only valid for)`.

@@ -320,35 +320,10 @@ impl FarmCfg {
 
     /// The section's fields (without `hooks`), in file order.
     pub(super) fn entries(&self) -> Entries {
-        let FarmCfg {
-            node_id,
-            address,
-            peers,
-            key_file,
-            power,
-            virtual_mac,
-            probe_interval,
-            probe_timeout,
-            suspect_timeout,
-            status_file,
-            check,
-            check_address,
-            hooks: _,
-        } = self;
-        entries![
-            node_id,
-            address,
-            peers,
-            key_file,
-            power,
-            virtual_mac,
-            probe_interval,
-            probe_timeout,
-            suspect_timeout,
-            status_file,
-            check,
-            check_address
-        ]
+        entries!(self => FarmCfg {
+            node_id, address, peers, key_file, power, virtual_mac, probe_interval,
+            probe_timeout, suspect_timeout, status_file, check, check_address
+        } skip { hooks })
     }
 
     /// The `[farm]` section as TOML that parses back to an equal `FarmCfg` (used by
@@ -364,22 +339,9 @@ impl FarmCfg {
 
 impl HooksCfg {
     pub(super) fn entries(&self) -> Entries {
-        let HooksCfg {
-            on_start,
-            on_stop,
-            on_member_up,
-            on_member_down,
-            on_ownership_change,
-            timeout,
-        } = self;
-        entries![
-            on_start,
-            on_stop,
-            on_member_up,
-            on_member_down,
-            on_ownership_change,
-            timeout
-        ]
+        entries!(self => HooksCfg {
+            on_start, on_stop, on_member_up, on_member_down, on_ownership_change, timeout
+        } skip {})
     }
 }
 
@@ -478,6 +440,12 @@ mod tests {
                        vip = \"10.0.100.2\"\nport = 53\nprotocol = \"udp\"\n\
                        forwarding = \"farm\"\n";
 
+    /// The node check of a config that has one.
+    fn node_check(c: &Config) -> super::NodeCheckCfg {
+        let farm = c.farm.as_ref().unwrap();
+        farm.node_check(&c.services).unwrap().unwrap()
+    }
+
     #[test]
     fn node_check_is_a_service_check_of_the_first_farm_service() {
         use crate::config::{Probe, DEFAULT_RISE};
@@ -488,13 +456,7 @@ mod tests {
             "[farm.check]\ntype = \"tcp\"\ninterval = \"500ms\"\nfall = 2\n",
         ] {
             let c = Config::from_toml_str(&format!("{BASE}{check}{WEB}")).unwrap();
-            let t = c
-                .farm
-                .as_ref()
-                .unwrap()
-                .node_check(&c.services)
-                .unwrap()
-                .unwrap();
+            let t = node_check(&c);
             assert_eq!(t.service, "web");
             assert_eq!(t.addr, "10.0.100.1".parse::<std::net::IpAddr>().unwrap());
             assert_eq!(t.check.port, 80, "the first farm service's port");
@@ -512,13 +474,7 @@ mod tests {
              check = {{ type = \"udp\", port = 5353, payload = \"ping\", expect = \"pong\" }}\n{WEB}"
         ))
         .unwrap();
-        let t = c
-            .farm
-            .as_ref()
-            .unwrap()
-            .node_check(&c.services)
-            .unwrap()
-            .unwrap();
+        let t = node_check(&c);
         assert_eq!(t.addr, "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
         assert_eq!(t.vip, "10.0.100.1".parse::<std::net::IpAddr>().unwrap());
         assert_eq!(t.check.port, 5353);
@@ -531,13 +487,7 @@ mod tests {
             "{BASE}check = {{ type = \"exec\", command = \"true\", dynamic = true }}\n"
         ))
         .unwrap();
-        let t = c
-            .farm
-            .as_ref()
-            .unwrap()
-            .node_check(&c.services)
-            .unwrap()
-            .unwrap();
+        let t = node_check(&c);
         assert_eq!(t.addr, "10.0.0.2".parse::<std::net::IpAddr>().unwrap());
     }
 

@@ -31,9 +31,18 @@ trait Spell {
     fn spell(&self) -> Option<String>;
 }
 
-/// `vec![(key, value.spell())]` of local variables named like their keys.
+/// `vec![(key, value.spell())]` of the fields of `$value`, a `$ty` destructured exhaustively
+/// (a new field does not compile until it is listed here or after `skip`). The key is the
+/// field's name unless `= "key"` follows it.
 macro_rules! entries {
-    ($($key:ident),+ $(,)?) => { vec![$((stringify!($key), $key.spell())),+] };
+    (
+        $value:expr => $ty:ident { $($field:ident $(= $key:literal)?),+ } skip { $($skip:ident),* }
+    ) => {{
+        let $ty { $($field,)+ $($skip: _,)* } = $value;
+        vec![$((entries!(@key $field $($key)?), $field.spell())),+]
+    }};
+    (@key $field:ident) => { stringify!($field) };
+    (@key $field:ident $key:literal) => { $key };
 }
 
 mod check;
@@ -465,9 +474,25 @@ impl Spell for PathBuf {
     }
 }
 
-impl<T: Spell> Spell for Option<T> {
+/// Optional values: not written when unset.
+macro_rules! spell_optional {
+    ($($t:ty),+) => { $(impl Spell for Option<$t> {
+        fn spell(&self) -> Option<String> { self.as_ref().and_then(Spell::spell) }
+    })+ };
+}
+
+spell_optional!(String, IpAddr, CheckSpec);
+
+/// `metrics_address`: unset is written `"off"` (a missing key means the default address).
+impl Spell for Option<SocketAddr> {
     fn spell(&self) -> Option<String> {
-        self.as_ref().and_then(Spell::spell)
+        Some(quote(&self.map_or("off".to_string(), |a| a.to_string())))
+    }
+}
+
+impl Spell for HashMode {
+    fn spell(&self) -> Option<String> {
+        Some(quote(hash_mode_name(*self)))
     }
 }
 
@@ -493,63 +518,29 @@ fn put(s: &mut String, indent: &str, entries: &Entries) {
 impl Config {
     /// The global settings.
     fn globals(&self) -> Entries {
-        let Config {
-            interface,
-            xdp_mode,
-            udp_timeout,
-            conntrack_size,
-            api_socket,
-            metrics_address,
-            services: _,
-            farm: _,
-        } = self;
-        let metrics_address = metrics_address.map_or("off".to_string(), |a| a.to_string());
-        entries![
-            interface,
-            xdp_mode,
-            udp_timeout,
-            conntrack_size,
-            api_socket,
-            metrics_address
-        ]
+        entries!(self => Config {
+            interface, xdp_mode, udp_timeout, conntrack_size, api_socket, metrics_address
+        } skip { services, farm })
     }
 
     /// The configuration as a TOML document that [`Config::from_toml_str`] reads back as an
-    /// equal `Config`: what `GET /v1/config` shows. Every struct is destructured
-    /// exhaustively, so a new field does not compile until it is written here too.
+    /// equal `Config`: what `GET /v1/config` shows.
     pub fn to_toml(&self) -> String {
         let mut s = String::new();
         put(&mut s, "", &self.globals());
         for svc in &self.services {
-            let ServiceCfg {
-                name,
-                vip,
-                port,
-                protocol,
-                hash,
-                forwarding,
-                table_size,
-                check,
-                backends,
-            } = svc;
-            let hash = hash_mode_name(*hash);
             s += "\n[[service]]\n";
-            put(
-                &mut s,
-                "",
-                &entries![name, vip, port, protocol, hash, forwarding, table_size, check],
-            );
-            for b in backends {
-                // The backend's `check` is derived from its own table and the service's.
-                let BackendCfg {
-                    address,
-                    weight,
-                    state,
-                    check_override: check,
-                    check: _,
-                } = b;
+            let fields = entries!(svc => ServiceCfg {
+                name, vip, port, protocol, hash, forwarding, table_size, check
+            } skip { backends });
+            put(&mut s, "", &fields);
+            for b in &svc.backends {
                 s += "\n  [[service.backend]]\n";
-                put(&mut s, "  ", &entries![address, weight, state, check]);
+                // The backend's `check` is derived from its own table and the service's.
+                let fields = entries!(b => BackendCfg {
+                    address, weight, state, check_override = "check"
+                } skip { check });
+                put(&mut s, "  ", &fields);
             }
         }
         if let Some(f) = &self.farm {

@@ -79,7 +79,7 @@ mod tests {
     use super::*;
 
     /// Every global setting and a `[farm]` section, spelled out.
-    const RUNNING: &str = "interface = \"eth0\"\nxdp_mode = \"auto\"\nudp_timeout = \"30s\"\n\
+    const RUNNING: &str = "\ninterface = \"eth0\"\nxdp_mode = \"auto\"\nudp_timeout = \"30s\"\n\
         conntrack_size = 1024\napi_socket = \"/run/a.sock\"\nmetrics_address = \"off\"\n\
         [farm]\nnode_id = 1\naddress = \"10.0.0.1\"\nkey_file = \"/k\"\npower = 1\n\
         check = { type = \"tcp\", port = 80 }\n\
@@ -103,51 +103,34 @@ mod tests {
 
     #[test]
     fn restart_needed_for_each_restart_only_field() {
-        for (from, to, want) in [
-            (
-                "interface = \"eth0\"",
-                "interface = \"eth1\"",
-                refused("interface", "\"eth0\"", "\"eth1\""),
-            ),
-            (
-                "xdp_mode = \"auto\"",
-                "xdp_mode = \"generic\"",
-                refused("xdp_mode", "\"auto\"", "\"generic\""),
-            ),
-            (
-                "conntrack_size = 1024",
-                "conntrack_size = 2048",
-                refused("conntrack_size", "1024", "2048"),
-            ),
-            (
-                "api_socket = \"/run/a.sock\"",
-                "api_socket = \"/run/b.sock\"",
-                refused("api_socket", "\"/run/a.sock\"", "\"/run/b.sock\""),
-            ),
-            (
-                "metrics_address = \"off\"",
-                "metrics_address = \"127.0.0.1:9\"",
-                refused("metrics_address", "\"off\"", "\"127.0.0.1:9\""),
-            ),
-            ("power = 1", "power = 3", refused("farm.power", "1", "3")),
-            (
-                "address = \"10.0.0.1\"",
-                "address = \"10.0.0.1:4801\"",
-                refused("farm.address", "\"10.0.0.1:4800\"", "\"10.0.0.1:4801\""),
-            ),
-            (
-                "\ntimeout = \"30s\"",
-                "\non_start = \"true\"\ntimeout = \"30s\"",
-                refused("farm.hooks.on_start", "unset", "\"true\""),
-            ),
-            (
-                "\ntimeout = \"30s\"",
-                "\ntimeout = \"1m\"",
-                refused("farm.hooks.timeout", "\"30s\"", "\"1m\""),
-            ),
+        // (field, running value, new value): `key = value` lines of RUNNING and their change.
+        for (field, running, new) in [
+            ("interface", "\"eth0\"", "\"eth1\""),
+            ("xdp_mode", "\"auto\"", "\"generic\""),
+            ("conntrack_size", "1024", "2048"),
+            ("api_socket", "\"/run/a.sock\"", "\"/run/b.sock\""),
+            ("metrics_address", "\"off\"", "\"127.0.0.1:9\""),
+            ("farm.power", "1", "3"),
+            ("farm.key_file", "\"/k\"", "\"/etc/k\""),
+            ("farm.hooks.timeout", "\"30s\"", "\"1m\""),
         ] {
-            assert_eq!(after(from, to), want);
+            let key = field.rsplit('.').next().unwrap();
+            let line = |v: &str| format!("\n{key} = {v}\n");
+            let want = refused(field, running, new);
+            assert_eq!(after(&line(running), &line(new)), want);
         }
+        assert_eq!(
+            after(
+                "\ntimeout = \"30s\"",
+                "\non_start = \"true\"\ntimeout = \"30s\""
+            ),
+            refused("farm.hooks.on_start", "unset", "\"true\"")
+        );
+        // The membership address is written with its port.
+        assert_eq!(
+            after("\"10.0.0.1\"\nkey_file", "\"10.0.0.1:4801\"\nkey_file"),
+            refused("farm.address", "\"10.0.0.1:4800\"", "\"10.0.0.1:4801\"")
+        );
         let e = after("conntrack_size = 1024", "conntrack_size = 2048").unwrap_err();
         assert_eq!(
             e.to_string(),

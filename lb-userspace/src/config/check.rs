@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::raw::{duration, int, spelled, Ctx, Field};
+use super::raw::{duration, int, positive_duration, spelled, Ctx, Field};
 use super::{
     format_duration, parse_status_range, quote, ConfigError, Spell, DEFAULT_CHECK_INTERVAL,
     DEFAULT_CHECK_TIMEOUT, DEFAULT_EXPECT_STATUS, DEFAULT_FALL, DEFAULT_RISE, MAX_CHECK_INTERVAL,
@@ -93,7 +93,7 @@ macro_rules! check_fields {
 check_fields! {
     kind "type": CheckType [String] = spelled(CheckType::from_str);
     interval "interval": Duration [String] = duration(MIN_CHECK_INTERVAL, MAX_CHECK_INTERVAL);
-    timeout "timeout": Duration [String] = duration(Duration::from_millis(1), MAX_CHECK_INTERVAL);
+    timeout "timeout": Duration [String] = positive_duration(MAX_CHECK_INTERVAL);
     rise "rise": u32 [i64] = int(1, MAX_RISE_FALL);
     fall "fall": u32 [i64] = int(1, MAX_RISE_FALL);
     port "port": u16 [i64] = int(1, u16::MAX);

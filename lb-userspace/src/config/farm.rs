@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::check::RawCheck;
-use super::raw::{duration, int, Ctx, Field};
+use super::raw::{int, positive_duration, Ctx, Field};
 use super::{parse_mac, put, quote, CheckCfg, CheckSpec, CheckType, ConfigError, Entries};
 use super::{Forwarding, ServiceCfg, Spell};
 
@@ -159,7 +159,7 @@ impl Ctx<'_> {
         })?;
         let power = self.opt(P, "power", &f.power, int(0, MAX_POWER))?;
         let virtual_mac = self.opt(P, "virtual_mac", &f.virtual_mac, virtual_mac)?;
-        let timer = duration(Duration::from_millis(1), MAX_TIMER);
+        let timer = positive_duration(MAX_TIMER);
         let probe_interval = self.opt(P, "probe_interval", &f.probe_interval, &timer)?;
         let probe_interval = probe_interval.unwrap_or(DEFAULT_PROBE_INTERVAL);
         let probe_timeout = self.opt(P, "probe_timeout", &f.probe_timeout, &timer)?;
@@ -206,7 +206,7 @@ impl Ctx<'_> {
 
     fn hooks(&self, h: &RawHooks) -> Result<HooksCfg, ConfigError> {
         const P: &str = "farm.hooks.";
-        let timeout = duration(Duration::from_millis(1), MAX_HOOK_TIMEOUT);
+        let timeout = positive_duration(MAX_HOOK_TIMEOUT);
         Ok(HooksCfg {
             on_start: self.opt(P, "on_start", &h.on_start, command)?,
             on_stop: self.opt(P, "on_stop", &h.on_stop, command)?,

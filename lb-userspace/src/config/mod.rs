@@ -195,7 +195,8 @@ pub struct BackendCfg {
 }
 
 impl BackendCfg {
-    /// A ready, unchecked backend (used by tests and the API).
+    /// A ready backend without a `check` table of its own; its check is derived when it joins
+    /// its service ([`Config::with_backend`]).
     pub fn new(address: IpAddr, weight: u32) -> Self {
         Self {
             address,
@@ -507,7 +508,7 @@ impl<T: Spell> Spell for Vec<T> {
 type Entries = Vec<(&'static str, Option<String>)>;
 
 /// `key = value` lines of the entries that are set.
-fn put(s: &mut String, indent: &str, entries: &Entries) {
+fn put(s: &mut String, indent: &str, entries: &[(&str, Option<String>)]) {
     for (key, value) in entries {
         if let Some(v) = value {
             let _ = writeln!(s, "{indent}{key} = {v}");

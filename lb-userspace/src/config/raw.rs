@@ -242,7 +242,7 @@ impl Ctx<'_> {
     pub(super) fn config(&self, raw: &RawConfig) -> Result<Config, ConfigError> {
         let interface = self.req("", "interface", &raw.interface, None, interface)?;
         let xdp_mode = self.opt("", "xdp_mode", &raw.xdp_mode, spelled(XdpModeCfg::from_str))?;
-        let udp_timeout = duration(Duration::from_millis(1), MAX_UDP_TIMEOUT);
+        let udp_timeout = positive_duration(MAX_UDP_TIMEOUT);
         let udp_timeout = self.opt("", "udp_timeout", &raw.udp_timeout, udp_timeout)?;
         let conntrack_size = int(MIN_CONNTRACK_SIZE, MAX_CONNTRACK_SIZE);
         let conntrack_size = self.opt("", "conntrack_size", &raw.conntrack_size, conntrack_size)?;
@@ -401,6 +401,11 @@ pub(super) fn duration(min: Duration, max: Duration) -> impl Fn(&str) -> Result<
         }
         Ok(d)
     }
+}
+
+/// A duration more than 0 (they have millisecond resolution) and at most `max`.
+pub(super) fn positive_duration(max: Duration) -> impl Fn(&str) -> Result<Duration, String> {
+    duration(Duration::from_millis(1), max)
 }
 
 fn interface(name: &str) -> Result<String, String> {

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
@@ -196,6 +197,38 @@ fn seg(s: &str) -> String {
         .collect()
 }
 
+/// A JSON object of the fields that are set.
+fn object<const N: usize>(fields: [(&str, Option<Value>); N]) -> Value {
+    let set = fields
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)));
+    Value::Object(set.collect())
+}
+
+fn set(v: impl Serialize) -> Option<Value> {
+    Some(json!(v))
+}
+
+fn opt(v: &Option<impl Serialize>) -> Option<Value> {
+    v.as_ref().map(|v| json!(v))
+}
+
+/// `--backend ADDRESS[=WEIGHT]`.
+fn backend_arg(b: &str) -> Result<Value> {
+    let (address, weight) = match b.split_once('=') {
+        None => (b, None),
+        Some((a, w)) => {
+            let w: i64 = (w.parse())
+                .map_err(|_| anyhow!("--backend {b}: weight {w:?} is not an integer"))?;
+            (a, Some(w))
+        }
+    };
+    Ok(object([
+        ("address", set(address)),
+        ("weight", opt(&weight)),
+    ]))
+}
+
 fn json_arg(s: &Option<String>, what: &str) -> Result<Option<Value>> {
     s.as_ref()
         .map(|s| serde_json::from_str(s).with_context(|| format!("--{what}: not valid JSON")))
@@ -231,7 +264,7 @@ pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
                 // No daemon: the pins are all that is left to remove.
                 Err(e) if *detach && !socket.exists() => {
                     let dir = crate::config::Config::load(config)
-                        .map(|c| c.pin_dir())
+                        .map(|c| c.pin_path)
                         .map_err(|ce| {
                             anyhow::anyhow!("{e:#}; and reading {}: {ce}", config.display())
                         })?;
@@ -274,39 +307,23 @@ pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
             backends,
             check,
         }) => {
-            let mut o = json!({ "name": name, "vip": vip, "port": port });
-            if let Some(p) = protocol {
-                o["protocol"] = json!(p);
-            }
-            if let Some(h) = hash {
-                o["hash"] = json!(h);
-            }
-            if let Some(t) = table_size {
-                o["table_size"] = json!(t);
-            }
-            if let Some(ch) = json_arg(check, "check")? {
-                o["check"] = ch;
-            }
-            let mut list = Vec::new();
-            for b in backends {
-                let (a, w) = match b.split_once('=') {
-                    Some((a, w)) => (
-                        a,
-                        Some(w.parse::<i64>().map_err(|_| {
-                            anyhow!("--backend {b}: weight {w:?} is not an integer")
-                        })?),
-                    ),
-                    None => (b.as_str(), None),
-                };
-                let mut e = json!({ "address": a });
-                if let Some(w) = w {
-                    e["weight"] = json!(w);
-                }
-                list.push(e);
-            }
-            if !list.is_empty() {
-                o["backend"] = Value::Array(list);
-            }
+            let backends = backends
+                .iter()
+                .map(|b| backend_arg(b))
+                .collect::<Result<Vec<_>>>()?;
+            let o = object([
+                ("name", set(name)),
+                ("vip", set(vip)),
+                ("port", set(port)),
+                ("protocol", opt(protocol)),
+                ("hash", opt(hash)),
+                ("table_size", opt(table_size)),
+                ("check", json_arg(check, "check")?),
+                (
+                    "backend",
+                    (!backends.is_empty()).then_some(Value::Array(backends)),
+                ),
+            ]);
             let v = c.call("POST", "/v1/services", Some(&o)).await?;
             done(opts, &v, &format!("service {name} added"))?;
         }
@@ -323,16 +340,12 @@ pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
             state,
             check,
         }) => {
-            let mut o = json!({ "address": address });
-            if let Some(w) = weight {
-                o["weight"] = json!(w);
-            }
-            if let Some(s) = state {
-                o["state"] = json!(s);
-            }
-            if let Some(ch) = json_arg(check, "check")? {
-                o["check"] = ch;
-            }
+            let o = object([
+                ("address", set(address)),
+                ("weight", opt(weight)),
+                ("state", opt(state)),
+                ("check", json_arg(check, "check")?),
+            ]);
             let path = format!("/v1/services/{}/backends", seg(service));
             let v = c.call("POST", &path, Some(&o)).await?;
             done(opts, &v, &format!("backend {address} added to {service}"))?;
@@ -355,13 +368,7 @@ pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
             if weight.is_none() && state.is_none() {
                 bail!("backend set: give --weight N and/or --state ready|drain|maint");
             }
-            let mut o = json!({});
-            if let Some(w) = weight {
-                o["weight"] = json!(w);
-            }
-            if let Some(s) = state {
-                o["state"] = json!(s);
-            }
+            let o = object([("weight", opt(weight)), ("state", opt(state))]);
             let path = format!("/v1/services/{}/backends/{}", seg(service), seg(address));
             let v = c.call("PATCH", &path, Some(&o)).await?;
             if opts.json {
@@ -584,33 +591,33 @@ pub fn render_stats(s: &StatusView, prev: Option<(&StatusView, f64)>) -> String 
     };
     let with_rates = prev.is_some();
     let mut out = String::new();
+    // Name, what, counters and the counters of the previous snapshot.
+    let row = |name: String, what: String, (packets, bytes), before: Option<(u64, u64)>| {
+        let mut r = vec![name, what, human(packets), human(bytes)];
+        if with_rates {
+            r.push(rate(packets, before.map(|b| b.0)));
+            r.push(rate(bytes, before.map(|b| b.1)));
+        }
+        r
+    };
     let mut rows = Vec::new();
     for svc in &s.services {
         let p = prev.and_then(|(p, _)| p.services.iter().find(|x| x.name == svc.name));
-        let mut r = vec![
+        let before = p.map(|x| (x.packets, x.bytes));
+        rows.push(row(
             svc.name.clone(),
             endpoint(svc),
-            human(svc.packets),
-            human(svc.bytes),
-        ];
-        if with_rates {
-            r.push(rate(svc.packets, p.map(|x| x.packets)));
-            r.push(rate(svc.bytes, p.map(|x| x.bytes)));
-        }
-        rows.push(r);
+            (svc.packets, svc.bytes),
+            before,
+        ));
         for b in &svc.backends {
             let pb = p.and_then(|x| x.backends.iter().find(|y| y.address == b.address));
-            let mut r = vec![
+            rows.push(row(
                 format!("  -> {}", b.address),
                 format!("{} w{}", b.health, b.effective_weight),
-                human(b.packets),
-                human(b.bytes),
-            ];
-            if with_rates {
-                r.push(rate(b.packets, pb.map(|x| x.packets)));
-                r.push(rate(b.bytes, pb.map(|x| x.bytes)));
-            }
-            rows.push(r);
+                (b.packets, b.bytes),
+                pb.map(|x| (x.packets, x.bytes)),
+            ));
         }
     }
     let mut header = vec!["SERVICE/BACKEND", "", "PACKETS", "BYTES"];
@@ -662,45 +669,44 @@ mod tests {
 
     #[test]
     fn status_flags_a_service_without_usable_backends() {
-        let b = BackendView {
-            address: "10.0.0.11".parse().unwrap(),
-            health: "down".into(),
-            checked: true,
-            state: "drain".into(),
-            state_runtime: true,
-            weight: 1,
-            weight_runtime: None,
-            weight_dynamic: None,
-            effective_weight: 0,
-            slots: 0,
-            resolved: true,
-            last_check: None,
-            packets: 0,
-            bytes: 0,
-        };
-        let s = StatusView {
-            farm: None,
-            services: vec![ServiceView {
-                name: "web".into(),
-                vip: "10.0.0.1".parse().unwrap(),
-                port: 80,
-                protocol: "tcp".into(),
-                hash: "5-tuple".into(),
-                forwarding: "dr".into(),
-                table_size: 7,
-                check: Some("tcp :80 every 2s timeout 1s rise 2 fall 3".into()),
-                backends_up: 0,
-                backends_usable: 0,
-                packets: 0,
-                bytes: 0,
-                backends: vec![b],
+        let s: StatusView = serde_json::from_value(json!({
+            "services": [{
+                "name": "web", "vip": "10.0.0.1", "port": 80, "protocol": "tcp",
+                "hash": "5-tuple", "table_size": 7,
+                "check": "tcp :80 every 2s timeout 1s rise 2 fall 3",
+                "backends_up": 0, "backends_usable": 0, "packets": 0, "bytes": 0,
+                "backends": [{
+                    "address": "10.0.0.11", "health": "down", "checked": true,
+                    "state": "drain", "state_runtime": true, "weight": 1,
+                    "weight_runtime": null, "weight_dynamic": null, "effective_weight": 0,
+                    "slots": 0, "resolved": true, "last_check": null, "packets": 0, "bytes": 0,
+                }],
             }],
-            stats: Default::default(),
-        };
+            "stats": {},
+        }))
+        .unwrap();
         let out = render_status(&s);
         assert!(out.contains("NO USABLE BACKEND"), "{out}");
         assert!(out.contains("drain*"), "{out}");
         assert!(out.contains("* set at runtime"), "{out}");
         assert!(out.contains("  check tcp :80 every 2s"), "{out}");
+    }
+
+    #[test]
+    fn request_bodies_hold_what_is_set() {
+        assert_eq!(
+            backend_arg("10.0.0.2=3").unwrap(),
+            json!({"address": "10.0.0.2", "weight": 3})
+        );
+        assert_eq!(
+            backend_arg("10.0.0.2").unwrap(),
+            json!({"address": "10.0.0.2"})
+        );
+        let e = backend_arg("10.0.0.2=x").unwrap_err().to_string();
+        assert_eq!(e, "--backend 10.0.0.2=x: weight \"x\" is not an integer");
+        assert_eq!(
+            object([("a", set(1)), ("b", opt(&None::<u32>))]),
+            json!({"a": 1})
+        );
     }
 }

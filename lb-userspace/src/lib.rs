@@ -7,7 +7,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod director;
 pub mod farm;
-pub mod farm_config;
 pub mod health;
 pub mod http;
 pub mod maglev;

@@ -177,25 +177,14 @@ fn provoke(ip: IpAddr) {
     }
 }
 
-pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        let p = parts.next().ok_or_else(|| anyhow!("bad MAC {s:?}"))?;
-        *b = u8::from_str_radix(p, 16).map_err(|_| anyhow!("bad MAC {s:?}"))?;
-    }
-    if parts.next().is_some() {
-        bail!("bad MAC {s:?}");
-    }
-    Ok(mac)
-}
+pub use crate::config::parse_mac;
 
 /// MAC address of a local interface.
 pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
     let path = format!("/sys/class/net/{iface}/address");
     let s = std::fs::read_to_string(&path)
         .map_err(|_| anyhow!("interface {iface:?} does not exist"))?;
-    parse_mac(s.trim())
+    Ok(parse_mac(s.trim())?)
 }
 
 #[cfg(test)]

@@ -48,11 +48,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let file_cfg = Config::load(config_path)?;
     raise_nofile_limit();
     // API edits and runtime overrides of the previous daemon, if any.
-    let state_path = file_cfg.state_file();
+    let state_path = file_cfg.state_file.clone();
     let mut saved = state::RuntimeState::load(&state_path);
     let cfg = owner::replay(file_cfg, &mut saved.edits);
     let own_mac = iface_mac(&cfg.interface)?;
-    let pin_dir = cfg.pin_dir();
+    let pin_dir = cfg.pin_path.clone();
     let mut dp = Dataplane::load(LoadOpts {
         ring_slots: Director::ring_slots_for(&cfg),
         conntrack_size: cfg.conntrack_size,
@@ -244,7 +244,7 @@ async fn serve(
             _ = sigterm.recv() => return Ok(Exit { detach: false }),
             _ = sighup.recv() => match owner.reload() {
                 Ok(summary) => tracing::info!("SIGHUP: {summary}"),
-                Err(e) => tracing::error!("SIGHUP: {e}"),
+                Err(e) => tracing::error!("SIGHUP: {}: {e}", owner::REJECTED),
             },
             Some((req, reply)) = api_rx.recv() => {
                 if let api::ApiRequest::Stop { detach } = req {

@@ -8,8 +8,9 @@ use axum::http::StatusCode;
 use serde_json::json;
 
 use super::state::{Edit, Override, RuntimeState};
+use crate::api::ErrorKind;
 use crate::api::{self, ApiError, ApiReply, ApiRequest};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, RestartNeeded};
 use crate::dataplane::{Dataplane, DryRun};
 use crate::director::Director;
 use crate::farm::membership::View;
@@ -26,7 +27,7 @@ pub enum ReloadError {
     Invalid(#[from] ConfigError),
     /// A field that only a restart can change.
     #[error("{0}")]
-    RestartNeeded(String),
+    RestartNeeded(#[from] RestartNeeded),
     /// The change is valid but cannot be programmed (e.g. no room left in the ring); found
     /// by the rehearsal, before anything reached the kernel.
     #[error("{0}")]
@@ -38,12 +39,12 @@ pub enum ReloadError {
 
 impl From<ReloadError> for ApiError {
     fn from(e: ReloadError) -> Self {
-        match e {
-            ReloadError::Apply(_) => ApiError::internal(e.to_string()),
-            ReloadError::Invalid(_) | ReloadError::RestartNeeded(_) | ReloadError::Rejected(_) => {
-                ApiError::bad_request(e.to_string())
-            }
-        }
+        let kind = match e {
+            ReloadError::Invalid(_) | ReloadError::Rejected(_) => ErrorKind::BadRequest,
+            ReloadError::RestartNeeded(_) => ErrorKind::RestartNeeded,
+            ReloadError::Apply(_) => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
     }
 }
 
@@ -62,14 +63,18 @@ pub(super) struct Owner {
     pub state_path: PathBuf,
 }
 
-/// `cfg` with one API edit applied (validated whole, as the API does).
+/// `cfg` with one API edit applied, validated as the API validates it: a saved body goes
+/// through the same parser as a request's.
 pub fn apply_edit(cfg: &Config, e: &Edit) -> Result<Config, ApiError> {
-    match e {
-        Edit::AddService { body } => api::with_service(cfg, body),
-        Edit::DelService { service } => api::without_service(cfg, service),
-        Edit::AddBackend { service, body } => api::with_backend(cfg, service, body),
-        Edit::DelBackend { service, backend } => api::without_backend(cfg, service, *backend),
-    }
+    let bytes = |v: &serde_json::Value| serde_json::to_vec(v).unwrap_or_default();
+    Ok(match e {
+        Edit::AddService { body } => cfg.with_service(api::body::service(&bytes(body))?)?,
+        Edit::DelService { service } => cfg.without_service(service)?,
+        Edit::AddBackend { service, body } => {
+            cfg.with_backend(service, api::body::backend(service, &bytes(body))?)?
+        }
+        Edit::DelBackend { service, backend } => cfg.without_backend(service, *backend)?,
+    })
 }
 
 /// The file's configuration with the saved API edits replayed; an edit that no longer
@@ -171,7 +176,7 @@ impl Owner {
     /// Bring everything to `new` (already validated): rehearse on a copy first so a change
     /// that cannot be applied is refused before anything reaches the kernel.
     pub fn apply(&mut self, new: Config) -> Result<(), ReloadError> {
-        restart_only(&self.cfg, &new)?;
+        crate::config::restart_needed(&self.cfg, &new)?;
         let mut trial = self.director.clone();
         trial
             .apply(
@@ -207,15 +212,10 @@ impl Owner {
         Ok(())
     }
 
-    pub fn reload(&mut self) -> Result<String, String> {
-        let res = Config::load(&self.path)
-            .map_err(ReloadError::from)
-            .and_then(|new| self.apply(new));
-        if let Err(e) = res {
-            return Err(format!(
-                "reload rejected, the running configuration stays: {e}"
-            ));
-        }
+    /// Re-read the file and apply it (SIGHUP, `farmlb reload`).
+    pub fn reload(&mut self) -> Result<String, ReloadError> {
+        let new = Config::load(&self.path)?;
+        self.apply(new)?;
         // The running set matches the file again.
         self.state.edits.clear();
         self.persist();
@@ -310,12 +310,8 @@ impl Owner {
                 let v = self.service_view(&name)?;
                 Ok((StatusCode::OK, to_json(&v)))
             }
-            ApiRequest::AddService(body) => {
-                let name = body
-                    .get("name")
-                    .and_then(|n| n.as_str())
-                    .unwrap_or_default()
-                    .to_string();
+            ApiRequest::AddService(svc, body) => {
+                let name = svc.name.clone();
                 self.edit(Edit::AddService { body })?;
                 tracing::info!(service = %name, "API: service added");
                 Ok((StatusCode::CREATED, to_json(&self.service_view(&name)?)))
@@ -327,13 +323,12 @@ impl Owner {
                 tracing::info!(service = %service, "API: service removed");
                 Ok((StatusCode::OK, json!({ "removed": service })))
             }
-            ApiRequest::AddBackend(service, body) => {
-                let before = self.cfg.clone();
+            ApiRequest::AddBackend(service, b, body) => {
+                let addr = Some(b.address);
                 self.edit(Edit::AddBackend {
                     service: service.clone(),
                     body,
                 })?;
-                let addr = added_backend(&before, &self.cfg, &service);
                 tracing::info!(service = %service, backend = ?addr, "API: backend added");
                 Ok((
                     StatusCode::CREATED,
@@ -374,7 +369,11 @@ impl Owner {
             }
             ApiRequest::Stop { .. } => unreachable!("the owner loop handles stop"),
             ApiRequest::Reload => {
-                let summary = self.reload().map_err(ApiError::bad_request)?;
+                let summary = self.reload().map_err(|e| {
+                    let mut a = ApiError::from(e);
+                    a.message = format!("{REJECTED}: {}", a.message);
+                    a
+                })?;
                 tracing::info!("API: {summary}");
                 Ok((StatusCode::OK, json!({ "reloaded": summary })))
             }
@@ -393,24 +392,8 @@ impl Owner {
     }
 }
 
-/// The backend `service` has in `after` but not in `before`.
-fn added_backend(before: &Config, after: &Config, service: &str) -> Option<std::net::IpAddr> {
-    let of = |c: &Config| -> Vec<std::net::IpAddr> {
-        c.services
-            .iter()
-            .find(|s| s.name == service)
-            .map(|s| s.backends.iter().map(|b| b.address).collect())
-            .unwrap_or_default()
-    };
-    let old = of(before);
-    of(after).into_iter().find(|a| !old.contains(a))
-}
-
-/// Fields only a restart can change.
-fn restart_only(running: &Config, new: &Config) -> Result<(), ReloadError> {
-    crate::config::restart_needed(running, new)
-        .map_err(|e| ReloadError::RestartNeeded(e.to_string()))
-}
+/// How a refused reload begins, in the log and in the API's answer.
+pub const REJECTED: &str = "reload rejected, the running configuration stays";
 
 fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).expect("views serialize")

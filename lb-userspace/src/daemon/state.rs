@@ -18,14 +18,14 @@ const VERSION: u32 = 1;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Edit {
     AddService {
-        body: serde_json::Map<String, serde_json::Value>,
+        body: serde_json::Value,
     },
     DelService {
         service: String,
     },
     AddBackend {
         service: String,
-        body: serde_json::Map<String, serde_json::Value>,
+        body: serde_json::Value,
     },
     DelBackend {
         service: String,

@@ -55,6 +55,17 @@ pub enum AttachMode {
     Generic,
 }
 
+impl From<crate::config::XdpModeCfg> for AttachMode {
+    fn from(m: crate::config::XdpModeCfg) -> Self {
+        use crate::config::XdpModeCfg;
+        match m {
+            XdpModeCfg::Auto => Self::Auto,
+            XdpModeCfg::Native => Self::Native,
+            XdpModeCfg::Generic => Self::Generic,
+        }
+    }
+}
+
 impl From<AttachMode> for XdpMode {
     fn from(m: AttachMode) -> Self {
         match m {

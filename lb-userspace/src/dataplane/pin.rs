@@ -5,7 +5,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, MapInfo};
@@ -21,11 +21,6 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const LINK: &str = "link";
 /// The pin of the program the link runs.
 pub const PROGRAM: &str = "program";
-
-/// Default pin directory of the data plane on `interface`.
-pub fn default_dir(interface: &str) -> PathBuf {
-    Path::new("/sys/fs/bpf/farmlb").join(interface)
-}
 
 /// Every map, pinned under its own name.
 pub const MAPS: [&str; 10] = [

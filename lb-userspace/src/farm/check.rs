@@ -141,7 +141,7 @@ impl Drop for NodeCheck {
 /// The node's check for `cfg` (validated when the config was loaded).
 pub fn node_target(cfg: &Config, farm: &FarmCfg) -> Option<Target> {
     match farm.node_check(&cfg.services) {
-        Ok(t) => t,
+        Ok(t) => t.map(Target::from),
         Err(e) => {
             tracing::error!("farm check: {e}");
             None

@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::farm_config::{FarmCfg, MIN_KEY_LEN};
+use crate::config::{FarmCfg, MIN_KEY_LEN};
 
 const MAGIC: &[u8; 4] = b"FLB1";
 const HEADER_LEN: usize = 4 + 2 + 8;

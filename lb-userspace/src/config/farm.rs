@@ -1,21 +1,19 @@
 //! The `[farm]` section of the configuration (see `docs/config.md`): this node's identity in
 //! the farm, its peers, the membership timers, the node's own health check and user hooks.
-//!
-//! Parsed here from the raw TOML table and validated; `config.rs` only forwards the section
-//! (with its `check` table already parsed by the code that parses a service's `check`, so the
-//! node's check has exactly that syntax) and turns the (span, message) errors into its usual
-//! one-line errors.
+//! Its `check` table is validated by the code that validates a service's `check`, so the
+//! node's check has exactly that syntax.
 
 use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{parse_duration, CheckSpec, CheckType, Forwarding, RawCheck, ServiceCfg};
-use crate::health::Target;
+use super::check::RawCheck;
+use super::raw::{int, positive_duration, Ctx, Field};
+use super::{parse_mac, put, quote, CheckCfg, CheckSpec, CheckType, ConfigError, Entries};
+use super::{Forwarding, ServiceCfg, Spell};
 
 /// Default UDP port of the membership protocol (SafeKit's default too).
 pub const DEFAULT_MEMBERSHIP_PORT: u16 = 4800;
@@ -24,10 +22,15 @@ pub const DEFAULT_VIRTUAL_MAC: [u8; 6] = [0x02, 0xfa, 0x4c, 0x42, 0x00, 0x01];
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(150);
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(60);
 pub const DEFAULT_SUSPECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// Longest accepted membership timer.
+const MAX_TIMER: Duration = Duration::from_secs(60);
 pub const DEFAULT_POWER: u32 = 1;
 pub const MAX_POWER: u32 = 65535;
 /// Shortest accepted shared key, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
+/// A hook still running after this long is killed.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_HOOK_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Validated `[farm]` section.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,7 +53,7 @@ pub struct FarmCfg {
     /// Where the daemon publishes its farm state for `farmlb status`.
     pub status_file: PathBuf,
     /// `check`: the node's check of its own service, as written; the same table (and the
-    /// same engine, `health.rs`) as a service's `check`. While it fails the node withdraws
+    /// same engine, `health/`) as a service's `check`. While it fails the node withdraws
     /// (power 0).
     pub check: Option<CheckSpec>,
     /// `check_address`: the address probed (default: the first farm service's VIP, which the
@@ -60,7 +63,7 @@ pub struct FarmCfg {
 }
 
 /// `[farm.hooks]`: shell commands run on farm events, with the event in the environment.
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HooksCfg {
     pub on_start: Option<String>,
     pub on_stop: Option<String>,
@@ -71,11 +74,21 @@ pub struct HooksCfg {
     pub timeout: Duration,
 }
 
-type Field<T> = Option<Spanned<T>>;
+/// The node's own check as the health engine runs it (see [`FarmCfg::node_check`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCheckCfg {
+    /// The service it stands for: the first farm service, else `"farm"`.
+    pub service: String,
+    /// That service's VIP, else this node's membership address.
+    pub vip: IpAddr,
+    /// The address probed: `check_address`, else `vip`.
+    pub addr: IpAddr,
+    pub check: CheckCfg,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawFarm {
+pub(super) struct RawFarm {
     node_id: Field<i64>,
     address: Field<String>,
     #[serde(default)]
@@ -103,262 +116,167 @@ struct RawHooks {
     timeout: Field<String>,
 }
 
-/// A validation error: where (if known) and the one-line message, already prefixed with the
-/// field path (`farm.peers[1]: ...`).
-pub(crate) type FarmError = (Option<Range<usize>>, String);
+const P: &str = "farm.";
 
-fn err<T>(span: Option<Range<usize>>, msg: String) -> Result<T, FarmError> {
-    Err((span, msg))
-}
-
-fn int(v: &Spanned<i64>, field: &str, min: i64, max: i64) -> Result<u32, FarmError> {
-    let n = *v.get_ref();
-    if n < min || n > max {
-        return err(
-            Some(v.span()),
-            format!("farm.{field}: {n} is out of range {min}..={max}"),
-        );
+impl RawFarm {
+    /// The `check` table, for the file's error positions.
+    pub(super) fn check_table(&self) -> Option<&Spanned<RawCheck>> {
+        self.check.as_ref()
     }
-    Ok(n as u32)
 }
 
-fn duration(
-    v: &Field<String>,
-    field: &str,
-    default: Duration,
-    max: Duration,
-) -> Result<Duration, FarmError> {
-    let Some(v) = v else { return Ok(default) };
-    match parse_duration(v.get_ref()) {
-        Some(d) if !d.is_zero() && d <= max => Ok(d),
-        Some(_) => err(
-            Some(v.span()),
-            format!(
-                "farm.{field}: {:?} is out of range, expected more than 0 and at most {max:?}",
-                v.get_ref()
-            ),
-        ),
-        None => err(
-            Some(v.span()),
-            format!(
-                "farm.{field}: invalid duration {:?}, expected an integer with a unit (ms, s, m, \
-                 h), e.g. \"150ms\"",
-                v.get_ref()
-            ),
-        ),
+impl Ctx<'_> {
+    /// The section's own fields. Its node check is resolved against the services by
+    /// `rules::check_services`.
+    pub(super) fn farm(&self, f: &Spanned<RawFarm>) -> Result<FarmCfg, ConfigError> {
+        let section = Some(f.span());
+        let f = f.get_ref();
+        let node_id = int(1, lb_common::MAX_MEMBERS);
+        let node_id = self.req(P, "node_id", &f.node_id, section.clone(), node_id)?;
+        let address = self.req(P, "address", &f.address, section.clone(), sock_addr)?;
+        let mut peers = Vec::with_capacity(f.peers.len());
+        for (i, p) in f.peers.iter().enumerate() {
+            let a = self.one(P, &format!("peers[{i}]"), p, |s: &str| {
+                let a = sock_addr(s)?;
+                if a.is_ipv4() != address.is_ipv4() {
+                    return Err(format!("{a} is not in the address family of farm.address"));
+                }
+                if peers.contains(&a) {
+                    return Err(format!("duplicate peer {a}"));
+                }
+                Ok(a)
+            })?;
+            // This node's own address may be listed too; it is not a peer.
+            if a != address {
+                peers.push(a);
+            }
+        }
+        let key_file = self.req(P, "key_file", &f.key_file, section.clone(), |s: &str| {
+            if s.is_empty() {
+                return Err("must not be empty".to_string());
+            }
+            Ok(PathBuf::from(s))
+        })?;
+        let power = self.opt(P, "power", &f.power, int(0, MAX_POWER))?;
+        let virtual_mac = self.opt(P, "virtual_mac", &f.virtual_mac, virtual_mac)?;
+        let timer = positive_duration(MAX_TIMER);
+        let probe_interval = self.opt(P, "probe_interval", &f.probe_interval, &timer)?;
+        let probe_interval = probe_interval.unwrap_or(DEFAULT_PROBE_INTERVAL);
+        let probe_timeout = self.opt(P, "probe_timeout", &f.probe_timeout, &timer)?;
+        let probe_timeout = probe_timeout.unwrap_or(DEFAULT_PROBE_TIMEOUT);
+        if probe_timeout >= probe_interval {
+            let span = f.probe_timeout.as_ref().map(Spanned::span);
+            return Err(self.err(
+                span.or(section),
+                format!(
+                    "farm.probe_timeout: {probe_timeout:?} must be shorter than probe_interval \
+                     ({probe_interval:?})"
+                ),
+            ));
+        }
+        let suspect_timeout = self.opt(P, "suspect_timeout", &f.suspect_timeout, &timer)?;
+        let status_file = self.opt(P, "status_file", &f.status_file, |s: &str| {
+            Ok(PathBuf::from(s))
+        })?;
+        let check = (f.check.as_ref())
+            .map(|rc| self.check_spec("farm.check.", rc))
+            .transpose()?;
+        let check_address = self.opt(P, "check_address", &f.check_address, check_address)?;
+        let hooks = match &f.hooks {
+            None => HooksCfg::default(),
+            Some(h) => self.hooks(h.get_ref())?,
+        };
+        Ok(FarmCfg {
+            node_id,
+            address,
+            peers,
+            key_file,
+            power: power.unwrap_or(DEFAULT_POWER),
+            virtual_mac: virtual_mac.unwrap_or(DEFAULT_VIRTUAL_MAC),
+            probe_interval,
+            probe_timeout,
+            suspect_timeout: suspect_timeout.unwrap_or(DEFAULT_SUSPECT_TIMEOUT),
+            status_file: status_file
+                .unwrap_or_else(|| PathBuf::from(format!("/run/farmlb/farm-{node_id}.json"))),
+            check,
+            check_address,
+            hooks,
+        })
+    }
+
+    fn hooks(&self, h: &RawHooks) -> Result<HooksCfg, ConfigError> {
+        const P: &str = "farm.hooks.";
+        let timeout = positive_duration(MAX_HOOK_TIMEOUT);
+        Ok(HooksCfg {
+            on_start: self.opt(P, "on_start", &h.on_start, command)?,
+            on_stop: self.opt(P, "on_stop", &h.on_stop, command)?,
+            on_member_up: self.opt(P, "on_member_up", &h.on_member_up, command)?,
+            on_member_down: self.opt(P, "on_member_down", &h.on_member_down, command)?,
+            on_ownership_change: self.opt(
+                P,
+                "on_ownership_change",
+                &h.on_ownership_change,
+                command,
+            )?,
+            timeout: self
+                .opt(P, "timeout", &h.timeout, timeout)?
+                .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+        })
     }
 }
 
 /// `ip:port`, or a bare IP with the default membership port.
-fn sock_addr(v: &Spanned<String>, field: &str) -> Result<SocketAddr, FarmError> {
-    let s = v.get_ref();
-    let parsed = s
-        .parse::<SocketAddr>()
+fn sock_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
         .ok()
         .or_else(|| {
             s.parse::<IpAddr>()
                 .ok()
                 .map(|ip| SocketAddr::new(ip, DEFAULT_MEMBERSHIP_PORT))
         })
-        .filter(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast());
-    match parsed {
-        Some(a) => Ok(a),
-        None => err(
-            Some(v.span()),
+        .filter(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast())
+        .ok_or_else(|| {
             format!(
-                "farm.{field}: invalid address {s:?}, expected a unicast \"ip:port\" or \"ip\" \
-                 (port {DEFAULT_MEMBERSHIP_PORT})"
-            ),
-        ),
-    }
+                "invalid address {s:?}, expected a unicast \"ip:port\" or \"ip\" (port \
+                 {DEFAULT_MEMBERSHIP_PORT})"
+            )
+        })
 }
 
-fn command(v: &Field<String>, field: &str) -> Result<Option<String>, FarmError> {
-    match v {
-        None => Ok(None),
-        Some(c) if c.get_ref().trim().is_empty() => {
-            err(Some(c.span()), format!("farm.hooks.{field}: empty command"))
-        }
-        Some(c) => Ok(Some(c.get_ref().clone())),
-    }
+fn virtual_mac(s: &str) -> Result<[u8; 6], String> {
+    parse_mac(s)
+        .ok()
+        .filter(|m| m[0] & 1 == 0 && *m != [0; 6])
+        .ok_or_else(|| {
+            format!("invalid MAC {s:?}, expected a unicast address like \"02:fa:4c:42:00:01\"")
+        })
 }
 
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    crate::neigh::parse_mac(s).ok()
+fn check_address(s: &str) -> Result<IpAddr, String> {
+    s.parse::<IpAddr>()
+        .ok()
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+        .ok_or_else(|| format!("invalid address {s:?}, expected a unicast IP address"))
 }
 
-impl RawFarm {
-    /// The `check` table, for `config.rs` to parse like a service's.
-    pub(crate) fn check_table(&self) -> Option<&Spanned<RawCheck>> {
-        self.check.as_ref()
+fn command(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("empty command".into());
     }
-
-    /// `check` is the node's check table already parsed (with its span); `services` are the
-    /// validated services (the check's defaults come from the first farm service).
-    pub(crate) fn validate(
-        &self,
-        section: Range<usize>,
-        check: Option<(CheckSpec, Range<usize>)>,
-        services: &[ServiceCfg],
-    ) -> Result<FarmCfg, FarmError> {
-        let node_id = match &self.node_id {
-            None => return err(Some(section), "farm.node_id: missing required field".into()),
-            Some(v) => int(v, "node_id", 1, lb_common::MAX_MEMBERS as i64)?,
-        };
-        let address = match &self.address {
-            None => return err(Some(section), "farm.address: missing required field".into()),
-            Some(v) => sock_addr(v, "address")?,
-        };
-        let mut peers = Vec::with_capacity(self.peers.len());
-        for (i, p) in self.peers.iter().enumerate() {
-            let a = sock_addr(p, &format!("peers[{i}]"))?;
-            if a.is_ipv4() != address.is_ipv4() {
-                return err(
-                    Some(p.span()),
-                    format!("farm.peers[{i}]: {a} is not in the address family of farm.address"),
-                );
-            }
-            if peers.contains(&a) {
-                return err(
-                    Some(p.span()),
-                    format!("farm.peers[{i}]: duplicate peer {a}"),
-                );
-            }
-            if a != address {
-                peers.push(a);
-            }
-        }
-        let key_file = match &self.key_file {
-            None => {
-                return err(
-                    Some(section),
-                    "farm.key_file: missing required field".into(),
-                )
-            }
-            Some(v) if v.get_ref().is_empty() => {
-                return err(Some(v.span()), "farm.key_file: must not be empty".into())
-            }
-            Some(v) => PathBuf::from(v.get_ref()),
-        };
-        let power = match &self.power {
-            None => DEFAULT_POWER,
-            Some(v) => int(v, "power", 0, MAX_POWER as i64)?,
-        };
-        let virtual_mac = match &self.virtual_mac {
-            None => DEFAULT_VIRTUAL_MAC,
-            Some(v) => match parse_mac(v.get_ref()) {
-                Some(m) if m[0] & 1 == 0 && m != [0; 6] => m,
-                _ => {
-                    return err(
-                        Some(v.span()),
-                        format!(
-                            "farm.virtual_mac: invalid MAC {:?}, expected a unicast address like \
-                             \"02:fa:4c:42:00:01\"",
-                            v.get_ref()
-                        ),
-                    )
-                }
-            },
-        };
-        let max_timer = Duration::from_secs(60);
-        let probe_interval = duration(
-            &self.probe_interval,
-            "probe_interval",
-            DEFAULT_PROBE_INTERVAL,
-            max_timer,
-        )?;
-        let probe_timeout = duration(
-            &self.probe_timeout,
-            "probe_timeout",
-            DEFAULT_PROBE_TIMEOUT,
-            max_timer,
-        )?;
-        if probe_timeout >= probe_interval {
-            let span = self.probe_timeout.as_ref().map(|v| v.span());
-            return err(
-                span.or(Some(section.clone())),
-                format!(
-                    "farm.probe_timeout: {probe_timeout:?} must be shorter than probe_interval \
-                     ({probe_interval:?})"
-                ),
-            );
-        }
-        let suspect_timeout = duration(
-            &self.suspect_timeout,
-            "suspect_timeout",
-            DEFAULT_SUSPECT_TIMEOUT,
-            max_timer,
-        )?;
-        let status_file = match &self.status_file {
-            None => PathBuf::from(format!("/run/farmlb/farm-{node_id}.json")),
-            Some(v) => PathBuf::from(v.get_ref()),
-        };
-        let check_address = match &self.check_address {
-            None => None,
-            Some(a) => match a.get_ref().parse::<IpAddr>() {
-                Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => Some(ip),
-                _ => {
-                    return err(
-                        Some(a.span()),
-                        format!(
-                            "farm.check_address: invalid address {:?}, expected a unicast IP \
-                             address",
-                            a.get_ref()
-                        ),
-                    )
-                }
-            },
-        };
-        let hooks = match &self.hooks {
-            None => HooksCfg {
-                timeout: Duration::from_secs(30),
-                ..Default::default()
-            },
-            Some(h) => {
-                let h = h.get_ref();
-                HooksCfg {
-                    on_start: command(&h.on_start, "on_start")?,
-                    on_stop: command(&h.on_stop, "on_stop")?,
-                    on_member_up: command(&h.on_member_up, "on_member_up")?,
-                    on_member_down: command(&h.on_member_down, "on_member_down")?,
-                    on_ownership_change: command(&h.on_ownership_change, "on_ownership_change")?,
-                    timeout: duration(
-                        &h.timeout,
-                        "hooks.timeout",
-                        Duration::from_secs(30),
-                        Duration::from_secs(3600),
-                    )?,
-                }
-            }
-        };
-        let mut farm = FarmCfg {
-            node_id,
-            address,
-            peers,
-            key_file,
-            power,
-            virtual_mac,
-            probe_interval,
-            probe_timeout,
-            suspect_timeout,
-            status_file,
-            check: None,
-            check_address,
-            hooks,
-        };
-        if let Some((spec, span)) = check {
-            farm.check = Some(spec);
-            // Resolve it once now, so a check that cannot run is a config error.
-            if let Err(e) = farm.node_check(services) {
-                return err(Some(span), e);
-            }
-        }
-        Ok(farm)
-    }
+    Ok(s.to_string())
 }
 
-fn q(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
+impl Default for HooksCfg {
+    fn default() -> Self {
+        HooksCfg {
+            on_start: None,
+            on_stop: None,
+            on_member_up: None,
+            on_member_down: None,
+            on_ownership_change: None,
+            timeout: DEFAULT_HOOK_TIMEOUT,
+        }
+    }
 }
 
 impl FarmCfg {
@@ -375,7 +293,7 @@ impl FarmCfg {
     /// (default the subject's VIP) and the check's `port` (default the subject's port).
     /// `Ok(None)` without a check (or with `type = "none"`); the error is one line naming
     /// the field.
-    pub fn node_check(&self, services: &[ServiceCfg]) -> Result<Option<Target>, String> {
+    pub fn node_check(&self, services: &[ServiceCfg]) -> Result<Option<NodeCheckCfg>, String> {
         let Some(spec) = &self.check else {
             return Ok(None);
         };
@@ -392,7 +310,7 @@ impl FarmCfg {
             );
         }
         let check = spec.resolve(port).map_err(|e| format!("farm.check.{e}"))?;
-        Ok(check.map(|check| Target {
+        Ok(check.map(|check| NodeCheckCfg {
             service,
             vip,
             addr: self.check_address.unwrap_or(vip),
@@ -400,53 +318,38 @@ impl FarmCfg {
         }))
     }
 
+    /// The section's fields (without `hooks`), in file order.
+    pub(super) fn entries(&self) -> Entries {
+        entries!(self => FarmCfg {
+            node_id, address, peers, key_file, power, virtual_mac, probe_interval,
+            probe_timeout, suspect_timeout, status_file, check, check_address
+        } skip { hooks })
+    }
+
     /// The `[farm]` section as TOML that parses back to an equal `FarmCfg` (used by
     /// `Config::to_toml`).
     pub fn to_toml(&self) -> String {
-        use crate::config::format_duration as d;
-        use std::fmt::Write as _;
-        let m = self.virtual_mac;
         let mut s = String::from("\n[farm]\n");
-        let _ = writeln!(s, "node_id = {}", self.node_id);
-        let _ = writeln!(s, "address = {}", q(&self.address.to_string()));
-        let peers: Vec<String> = self.peers.iter().map(|p| q(&p.to_string())).collect();
-        let _ = writeln!(s, "peers = [{}]", peers.join(", "));
-        let _ = writeln!(s, "key_file = {}", q(&self.key_file.to_string_lossy()));
-        let _ = writeln!(s, "power = {}", self.power);
-        let _ = writeln!(
-            s,
-            "virtual_mac = \"{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}\"",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        );
-        let _ = writeln!(s, "probe_interval = {}", q(&d(self.probe_interval)));
-        let _ = writeln!(s, "probe_timeout = {}", q(&d(self.probe_timeout)));
-        let _ = writeln!(s, "suspect_timeout = {}", q(&d(self.suspect_timeout)));
-        let _ = writeln!(
-            s,
-            "status_file = {}",
-            q(&self.status_file.to_string_lossy())
-        );
-        if let Some(c) = &self.check {
-            let _ = writeln!(s, "check = {}", c.to_inline_toml());
-        }
-        if let Some(a) = self.check_address {
-            let _ = writeln!(s, "check_address = {}", q(&a.to_string()));
-        }
+        put(&mut s, "", &self.entries());
         s += "\n[farm.hooks]\n";
-        let h = &self.hooks;
-        for (k, v) in [
-            ("on_start", &h.on_start),
-            ("on_stop", &h.on_stop),
-            ("on_member_up", &h.on_member_up),
-            ("on_member_down", &h.on_member_down),
-            ("on_ownership_change", &h.on_ownership_change),
-        ] {
-            if let Some(v) = v {
-                let _ = writeln!(s, "{k} = {}", q(v));
-            }
-        }
-        let _ = writeln!(s, "timeout = {}", q(&d(h.timeout)));
+        put(&mut s, "", &self.hooks.entries());
         s
+    }
+}
+
+impl HooksCfg {
+    pub(super) fn entries(&self) -> Entries {
+        entries!(self => HooksCfg {
+            on_start, on_stop, on_member_up, on_member_down, on_ownership_change, timeout
+        } skip {})
+    }
+}
+
+/// A MAC address, written `02:fa:4c:42:00:01`.
+impl Spell for [u8; 6] {
+    fn spell(&self) -> Option<String> {
+        let hex: Vec<String> = self.iter().map(|b| format!("{b:02x}")).collect();
+        Some(quote(&hex.join(":")))
     }
 }
 
@@ -537,6 +440,12 @@ mod tests {
                        vip = \"10.0.100.2\"\nport = 53\nprotocol = \"udp\"\n\
                        forwarding = \"farm\"\n";
 
+    /// The node check of a config that has one.
+    fn node_check(c: &Config) -> super::NodeCheckCfg {
+        let farm = c.farm.as_ref().unwrap();
+        farm.node_check(&c.services).unwrap().unwrap()
+    }
+
     #[test]
     fn node_check_is_a_service_check_of_the_first_farm_service() {
         use crate::config::{Probe, DEFAULT_RISE};
@@ -547,13 +456,7 @@ mod tests {
             "[farm.check]\ntype = \"tcp\"\ninterval = \"500ms\"\nfall = 2\n",
         ] {
             let c = Config::from_toml_str(&format!("{BASE}{check}{WEB}")).unwrap();
-            let t = c
-                .farm
-                .as_ref()
-                .unwrap()
-                .node_check(&c.services)
-                .unwrap()
-                .unwrap();
+            let t = node_check(&c);
             assert_eq!(t.service, "web");
             assert_eq!(t.addr, "10.0.100.1".parse::<std::net::IpAddr>().unwrap());
             assert_eq!(t.check.port, 80, "the first farm service's port");
@@ -571,13 +474,7 @@ mod tests {
              check = {{ type = \"udp\", port = 5353, payload = \"ping\", expect = \"pong\" }}\n{WEB}"
         ))
         .unwrap();
-        let t = c
-            .farm
-            .as_ref()
-            .unwrap()
-            .node_check(&c.services)
-            .unwrap()
-            .unwrap();
+        let t = node_check(&c);
         assert_eq!(t.addr, "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
         assert_eq!(t.vip, "10.0.100.1".parse::<std::net::IpAddr>().unwrap());
         assert_eq!(t.check.port, 5353);
@@ -590,13 +487,7 @@ mod tests {
             "{BASE}check = {{ type = \"exec\", command = \"true\", dynamic = true }}\n"
         ))
         .unwrap();
-        let t = c
-            .farm
-            .as_ref()
-            .unwrap()
-            .node_check(&c.services)
-            .unwrap()
-            .unwrap();
+        let t = node_check(&c);
         assert_eq!(t.addr, "10.0.0.2".parse::<std::net::IpAddr>().unwrap());
     }
 

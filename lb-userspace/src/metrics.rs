@@ -15,7 +15,7 @@
 //! | `farmlb_backend_state` (1 for the current state) | service, backend, state |
 //! | `farmlb_service_backends`, `farmlb_service_up_backends`, `farmlb_service_usable_backends` | service |
 //! | `farmlb_check_duration_seconds` (histogram) | service, backend |
-//! | `farmlb_checks_total` | service, backend, result (`up`/`down`) |
+//! | `farmlb_checks_total` | service, backend, result (`up`/`down`/`error`: a local fault, counted neither way) |
 //! | `farmlb_conntrack_lookups_total` | result (`hit`, `miss_syn`, `miss_other`) |
 //! | `farmlb_drops_total` | reason (`no_backend`, `malformed`, `fragment`, `ip_options`, ...) |
 //! | `farmlb_passed_total` | reason (`not_ip`, `not_vip`, `malformed`, ...) |
@@ -84,7 +84,8 @@ impl Default for LiveMetrics {
 }
 
 impl LiveMetrics {
-    pub fn observe_check(&self, service: &str, backend: &str, up: bool, latency: Duration) {
+    /// One probe: `result` is `up`, `down` or `error` (a local fault, see `health`).
+    pub fn observe_check(&self, service: &str, backend: &str, result: &str, latency: Duration) {
         self.check_duration
             .get_or_create(&BackendLabels {
                 service: service.into(),
@@ -95,7 +96,7 @@ impl LiveMetrics {
             .get_or_create(&CheckLabels {
                 service: service.into(),
                 backend: backend.into(),
-                result: if up { "up" } else { "down" }.into(),
+                result: result.into(),
             })
             .inc();
     }
@@ -578,7 +579,7 @@ mod tests {
     #[test]
     fn exposition_has_every_family() {
         let live = LiveMetrics::default();
-        live.observe_check("web", "10.0.0.11", true, Duration::from_millis(2));
+        live.observe_check("web", "10.0.0.11", "up", Duration::from_millis(2));
         let text = render(view(), &live);
         for line in [
             "farmlb_service_packets_total{service=\"web\"} 12",

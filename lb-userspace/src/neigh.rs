@@ -83,6 +83,13 @@ impl Neighbours {
         }
     }
 
+    /// Start resolving `ips` now (all in parallel), so a first `apply` finds them known.
+    pub fn prefetch(&mut self, ips: impl IntoIterator<Item = IpAddr>) {
+        for ip in ips {
+            let _ = self.resolve(ip);
+        }
+    }
+
     /// Addresses being resolved.
     pub fn pending(&self) -> usize {
         self.pending.len()

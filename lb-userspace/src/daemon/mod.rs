@@ -72,9 +72,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
         );
     }
     let (mut macs, mut resolved_rx) = Neighbours::start(&cfg.interface);
-    director.apply(&cfg, &mut dp, &mut macs)?;
-    // Give the backends' MACs one resolution timeout (all in parallel) before attaching, so
-    // the first packet already sees the full config; later ones join as they resolve.
+    // Give the backends' MACs one resolution timeout (all in parallel) before the first
+    // apply, so the first packet already sees the full config; later ones join as they
+    // resolve.
+    macs.prefetch(
+        cfg.services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.address)),
+    );
     let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT + Duration::from_millis(200);
     while macs.pending() > 0 {
         match tokio::time::timeout_at(deadline, resolved_rx.recv()).await {

@@ -234,7 +234,7 @@ impl Owner {
         self.live.observe_check(
             &p.service,
             &p.addr.to_string(),
-            p.outcome.is_up(),
+            p.outcome.label(),
             p.latency,
         );
         let Some(v) = self.supervisor.record(&p) else {

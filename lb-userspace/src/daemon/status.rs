@@ -47,6 +47,7 @@ impl Owner {
                         Outcome::Up { weight: None } => "ok".into(),
                         Outcome::Up { weight: Some(w) } => format!("ok, weight {w}"),
                         Outcome::Down { reason } => reason.clone(),
+                        Outcome::Error { reason } => format!("check error: {reason}"),
                     },
                     latency_ms: l.latency.as_secs_f64() * 1000.0,
                     age_ms: now.duration_since(l.at).unwrap_or_default().as_millis() as u64,

@@ -95,6 +95,10 @@ impl NodeCheck {
         {
             self.dynamic_power = Some(w.min(MAX_POWER));
         }
+        if let Outcome::Error { reason } = &r.outcome {
+            tracing::warn!("this node's check could not run (counted neither way): {reason}");
+            return;
+        }
         match (self.tracker.record(r.outcome.is_up()), &r.outcome) {
             (Some(false), Outcome::Down { reason }) => tracing::warn!(
                 "this node's check is DOWN ({} consecutive failures): {reason}",
@@ -126,6 +130,7 @@ impl NodeCheck {
         self.last.as_ref().map(|l| match &l.outcome {
             Outcome::Up { .. } => format!("up ({:.1} ms)", l.latency.as_secs_f64() * 1000.0),
             Outcome::Down { reason } => format!("down: {reason}"),
+            Outcome::Error { reason } => format!("check error: {reason}"),
         })
     }
 }

@@ -32,14 +32,14 @@ pub(super) async fn probe(t: &Target, command: &ExecCommand, dynamic: bool) -> O
         .kill_on_drop(true);
     let child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Outcome::down(format!("running the check command: {e}")),
+        Err(e) => return Outcome::io("running the check command", &e),
     };
     // When the probe's timeout drops this future, kill the command and everything it started.
     let mut guard = KillGroup(child.id().map(|p| p as libc::pid_t));
     let res = child.wait_with_output().await;
     guard.0 = None;
     let out = match res {
-        Err(e) => return Outcome::down(format!("running the check command: {e}")),
+        Err(e) => return Outcome::io("running the check command", &e),
         Ok(out) => out,
     };
     match exec_outcome(out.status.code(), dynamic) {

@@ -16,7 +16,7 @@ pub(super) async fn probe(
 ) -> Outcome {
     let mut s = match TcpStream::connect(sa).await {
         Ok(s) => s,
-        Err(e) => return Outcome::down(format!("connect {sa}: {e}")),
+        Err(e) => return Outcome::io(format_args!("connect {sa}"), &e),
     };
     let host = match (host, sa.ip()) {
         (Some(h), _) => h.to_string(),
@@ -27,7 +27,7 @@ pub(super) async fn probe(
         "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: farmlb-check\r\nConnection: close\r\n\r\n"
     );
     if let Err(e) = s.write_all(req.as_bytes()).await {
-        return Outcome::down(format!("sending request: {e}"));
+        return Outcome::io("sending request", &e);
     }
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
@@ -35,7 +35,7 @@ pub(super) async fn probe(
         match s.read(&mut chunk).await {
             Ok(0) => break,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Outcome::down(format!("reading response: {e}")),
+            Err(e) => return Outcome::io("reading response", &e),
         }
     }
     match parse_status_line(&buf) {

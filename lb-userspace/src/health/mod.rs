@@ -55,6 +55,10 @@ pub enum Outcome {
     Up { weight: Option<u32> },
     /// Unhealthy, with a one-line reason.
     Down { reason: String },
+    /// The probe could not run because of a fault here, not at the backend (out of file
+    /// descriptors or buffers, no route from this host, ...): it counts neither way, so a
+    /// fault of the control plane never takes a backend out.
+    Error { reason: String },
 }
 
 impl Outcome {
@@ -62,11 +66,50 @@ impl Outcome {
         matches!(self, Outcome::Up { .. })
     }
 
+    /// The label of the result in metrics and status: `up`, `down` or `error`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Up { .. } => "up",
+            Outcome::Down { .. } => "down",
+            Outcome::Error { .. } => "error",
+        }
+    }
+
     fn down(reason: impl Into<String>) -> Self {
         Outcome::Down {
             reason: reason.into(),
         }
     }
+
+    /// A failed I/O step: a local fault ([`is_local`]) is a check error, anything else says
+    /// the backend is down.
+    fn io(what: impl std::fmt::Display, e: &std::io::Error) -> Self {
+        let reason = format!("{what}: {e}");
+        if is_local(e) {
+            Outcome::Error { reason }
+        } else {
+            Outcome::Down { reason }
+        }
+    }
+}
+
+/// Errors that come from this host rather than from the backend.
+pub fn is_local(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EAGAIN
+                | libc::EADDRNOTAVAIL
+                | libc::ENETUNREACH
+                | libc::ENETDOWN
+                | libc::EPERM
+                | libc::EACCES
+        )
+    )
 }
 
 /// A backend to probe.
@@ -277,6 +320,14 @@ impl Supervisor {
             latency: r.latency,
             at: SystemTime::now(),
         });
+        if let Outcome::Error { reason } = &r.outcome {
+            // Neither a success nor a failure: the backend keeps its state.
+            tracing::warn!(
+                service = %r.service, backend = %r.addr,
+                "check error (counted neither way, the backend keeps its state): {reason}"
+            );
+            return None;
+        }
         let flipped = c.tracker.record(r.outcome.is_up());
         match (flipped, &r.outcome) {
             (Some(true), _) => tracing::info!(
@@ -292,7 +343,7 @@ impl Supervisor {
         }
         let weight = match &r.outcome {
             Outcome::Up { weight } => *weight,
-            Outcome::Down { .. } => None,
+            Outcome::Down { .. } | Outcome::Error { .. } => None,
         };
         if flipped.is_none() && weight.is_none() {
             return None;
@@ -402,5 +453,54 @@ mod tests {
             "the hanging probe cannot have finished: {results:?}"
         );
         assert!(results.iter().all(|r| r.outcome.is_up()));
+    }
+
+    #[test]
+    fn local_faults_are_check_errors_and_count_neither_way() {
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(Outcome::io("connect", &emfile).label(), "error");
+        assert_eq!(Outcome::io("connect", &refused).label(), "down");
+        assert!(!is_local(&std::io::Error::from_raw_os_error(
+            libc::EHOSTUNREACH
+        )));
+
+        let cfg = Config::from_toml_str(
+            "interface = \"eth0\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\n\
+             check = { type = \"tcp\", rise = 1, fall = 1 }\n\
+             [[service.backend]]\naddress = \"10.0.0.11\"\n",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, _rx) = mpsc::channel(4);
+            let mut sup = Supervisor::new(tx);
+            sup.sync(&cfg, |_, _| Some(Health::Up));
+            let addr: IpAddr = "10.0.0.11".parse().unwrap();
+            let generation = sup.checks[&("web".to_string(), addr)].generation;
+            let result = |outcome| ProbeResult {
+                service: "web".into(),
+                addr,
+                generation,
+                outcome,
+                latency: Duration::ZERO,
+            };
+            for _ in 0..10 {
+                let err = Outcome::io("connect", &std::io::Error::from_raw_os_error(libc::EMFILE));
+                assert!(
+                    sup.record(&result(err)).is_none(),
+                    "an error changes nothing"
+                );
+            }
+            assert_eq!(sup.verdicts()[0].2, Health::Up);
+            let down = sup
+                .record(&result(Outcome::down("refused")))
+                .expect("fall = 1");
+            assert_eq!(down.health, Health::Down);
+            sup.shutdown();
+        });
     }
 }

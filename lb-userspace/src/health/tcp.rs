@@ -9,6 +9,6 @@ use super::Outcome;
 pub(super) async fn probe(sa: SocketAddr) -> Outcome {
     match TcpStream::connect(sa).await {
         Ok(_) => Outcome::Up { weight: None },
-        Err(e) => Outcome::down(format!("connect {sa}: {e}")),
+        Err(e) => Outcome::io(format_args!("connect {sa}"), &e),
     }
 }

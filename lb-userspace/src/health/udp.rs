@@ -21,20 +21,20 @@ pub(super) async fn probe(
     };
     let sock = match UdpSocket::bind(bind).await {
         Ok(s) => s,
-        Err(e) => return Outcome::down(format!("udp socket: {e}")),
+        Err(e) => return Outcome::io("udp socket", &e),
     };
     if let Err(e) = sock.connect(sa).await {
-        return Outcome::down(format!("connect {sa}: {e}"));
+        return Outcome::io(format_args!("connect {sa}"), &e);
     }
     if let Err(e) = sock.send(payload.as_bytes()).await {
-        return Outcome::down(format!("send to {sa}: {e}"));
+        return Outcome::io(format_args!("send to {sa}"), &e);
     }
     let mut buf = vec![0u8; 2048];
     match expect {
         None => {
             let grace = (timeout / 2).min(Duration::from_millis(250));
             match tokio::time::timeout(grace, sock.recv(&mut buf)).await {
-                Ok(Err(e)) => Outcome::down(format!("{sa}: {e}")),
+                Ok(Err(e)) => Outcome::io(sa, &e),
                 _ => Outcome::Up { weight: None },
             }
         }
@@ -44,7 +44,7 @@ pub(super) async fn probe(
                 "reply {:?} does not contain {want:?}",
                 String::from_utf8_lossy(&buf[..n.min(64)])
             )),
-            Err(e) => Outcome::down(format!("{sa}: {e}")),
+            Err(e) => Outcome::io(sa, &e),
         },
     }
 }

@@ -4,13 +4,17 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::netns::in_netns;
+use crate::netns::{in_netns, spawn_in_netns, NetnsThread};
 
 /// Connect and read timeouts of the client helpers.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -82,6 +86,74 @@ pub fn connect_many(
             let msg = format!("{e:#}");
             (0..n).map(|_| Err(anyhow!("{msg}"))).collect()
         }
+    }
+}
+
+/// One attempt of a [`Traffic`] loop: when it ended (since the loop started) and the identity
+/// that answered, or why none did.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub at: Duration,
+    pub result: std::result::Result<String, String>,
+}
+
+/// New connections, one after the other, on a thread of their own until [`Traffic::stop`]:
+/// traffic that keeps flowing while a test changes something.
+/// Dropping it without [`Traffic::stop`] still ends the loop.
+pub struct Traffic {
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    thread: Option<NetnsThread<Vec<Attempt>>>,
+}
+
+impl Traffic {
+    /// Connect from `ns` to `dst` from `sources` in turn, each connection given `timeout` for
+    /// the connect and the identity line.
+    pub fn start(
+        ns: &str,
+        sources: Vec<IpAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Traffic> {
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = spawn_in_netns(ns, move || {
+            let mut attempts = Vec::new();
+            for src in sources.iter().cycle() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                let result = identify(*src, dst, timeout).map_err(|e| format!("{e:#}"));
+                attempts.push(Attempt {
+                    at: start.elapsed(),
+                    result,
+                });
+            }
+            attempts
+        })?;
+        Ok(Traffic {
+            start,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Time since the traffic started (the clock of [`Attempt::at`]).
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Stop and return every attempt, in order.
+    pub fn stop(mut self) -> Result<Vec<Attempt>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().expect("running").join()
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 

@@ -122,9 +122,8 @@ impl FarmRig {
     }
 
     fn base(prefix: &str) -> Result<FarmRig> {
-        teardown(prefix)?;
         let rig = FarmRig {
-            names: Names::new(prefix, teardown, CLIENT_V6_SOURCES),
+            names: Names::claim(prefix, teardown, CLIENT_V6_SOURCES)?,
             nodes: Vec::new(),
         };
         rig.build_switch()?;

@@ -73,17 +73,28 @@ pub struct Names {
     up: bool,
     /// Extra IPv6 client sources (fd99::100 …).
     v6_sources: u16,
+    /// Held (flock) while this handle lives, so two processes never share a prefix. Dropped
+    /// after [`Drop::drop`] has torn the namespaces down.
+    _lock: Option<File>,
 }
 
 impl Names {
-    /// Names under `prefix`, removed by `teardown(prefix)`.
-    pub(crate) fn new(prefix: &str, teardown: fn(&str) -> Result<()>, v6_sources: u16) -> Names {
-        Names {
+    /// Take `prefix` (waiting while another process holds it), remove what a previous user
+    /// left behind with `teardown(prefix)`, and own the namespaces from now on.
+    pub(crate) fn claim(
+        prefix: &str,
+        teardown: fn(&str) -> Result<()>,
+        v6_sources: u16,
+    ) -> Result<Names> {
+        let lock = lock_prefix(prefix)?;
+        teardown(prefix)?;
+        Ok(Names {
             prefix: prefix.into(),
             teardown,
             up: true,
             v6_sources,
-        }
+            _lock: Some(lock),
+        })
     }
 
     /// All 33 IPv4 addresses the client can send from: 10.99.0.2 and 10.99.0.100–131.
@@ -174,14 +185,11 @@ impl Names {
 /// A running topology. Dropping it tears it down (errors ignored); call [`Rig::down`] to see them.
 #[derive(Debug)]
 pub struct Rig {
-    /// Before `_lock`: fields drop in order, so the teardown happens under the lock.
     names: Names,
     backends: usize,
-    /// Held (flock) while this handle lives, so two processes never share a prefix.
-    _lock: Option<File>,
 }
 
-/// How long [`Rig::up`] waits for another process using the same prefix.
+/// How long a rig waits for another process using the same prefix.
 const LOCK_WAIT: Duration = Duration::from_secs(300);
 
 /// Take the per-prefix lock, waiting while another live process holds it. A crashed holder
@@ -295,13 +303,10 @@ impl Rig {
         if opts.backends > MAX_BACKENDS {
             bail!("at most {MAX_BACKENDS} backends");
         }
-        let lock = lock_prefix(&opts.prefix)?;
-        teardown(&opts.prefix)?;
         // From here on, an early return drops `rig`, which tears down what was built.
         let mut rig = Rig {
-            names: Names::new(&opts.prefix, teardown, EXTRA_SOURCES.into()),
+            names: Names::claim(&opts.prefix, teardown, EXTRA_SOURCES.into())?,
             backends: 0,
-            _lock: Some(lock),
         };
         rig.build_switch()?;
         rig.add_host(&rig.ns_client(), "cl", 2, &[])?;
@@ -546,13 +551,14 @@ mod tests {
 
     #[test]
     fn addresses() {
-        let mut names = Names::new("t", teardown, EXTRA_SOURCES.into());
-        names.up = false;
-        let rig = Rig {
-            names,
-            backends: 0,
+        let names = Names {
+            prefix: "t".into(),
+            teardown,
+            up: false,
+            v6_sources: EXTRA_SOURCES.into(),
             _lock: None,
         };
+        let rig = Rig { names, backends: 0 };
         assert_eq!(rig.backend_v6(0).to_string(), "fd99::11");
         assert_eq!(rig.backend_v4(3).to_string(), "10.99.0.14");
         let v4 = rig.client_sources_v4();

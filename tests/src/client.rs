@@ -1,30 +1,35 @@
 //! Client side: connections from chosen source addresses inside the client namespace.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::netns::in_netns;
+use crate::netns::{in_netns, spawn_in_netns, NetnsThread};
 
 /// Connect and read timeouts of the client helpers.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Open a TCP connection from `src` (ephemeral port) to `dst`. Must run inside the namespace
-/// that owns `src`.
-fn connect_from(src: IpAddr, dst: SocketAddr) -> Result<TcpStream> {
+/// Open a TCP connection from `src` (ephemeral port) to `dst`, `timeout` for the connect and
+/// every later read and write. Must run inside the namespace that owns `src`.
+fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
     sock.bind(&SocketAddr::new(src, 0).into())
         .with_context(|| format!("bind {src}"))?;
-    sock.connect_timeout(&dst.into(), TIMEOUT)
+    sock.connect_timeout(&dst.into(), timeout)
         .with_context(|| format!("connect {src} -> {dst}"))?;
     let stream: TcpStream = sock.into();
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
@@ -42,12 +47,18 @@ fn read_line(r: &mut impl BufRead, what: &str) -> Result<String> {
 }
 
 /// Connect once and return the identity line the server sent.
-fn identify(src: IpAddr, dst: SocketAddr) -> Result<String> {
-    let stream = connect_from(src, dst)?;
+fn identify(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<String> {
+    let stream = connect_from(src, dst, timeout)?;
     let local = stream.local_addr()?;
     let id = read_line(&mut BufReader::new(&stream), "identity")
         .with_context(|| format!("{local} -> {dst}"))?;
     Ok(id)
+}
+
+/// One connection from `src` to `dst` in `ns`, `timeout` for connecting and for the
+/// identity line; the identity.
+pub fn try_identify(ns: &str, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<String> {
+    in_netns(ns, move || identify(src, dst, timeout))?
 }
 
 /// Open `n` connections one after the other from namespace `ns` to `vip:port`, connection `i`
@@ -67,7 +78,7 @@ pub fn connect_many(
     let dst = SocketAddr::new(vip, port);
     match in_netns(ns, move || {
         (0..n)
-            .map(|i| identify(sources[i % sources.len()], dst))
+            .map(|i| identify(sources[i % sources.len()], dst, TIMEOUT))
             .collect::<Vec<_>>()
     }) {
         Ok(v) => v,
@@ -76,6 +87,94 @@ pub fn connect_many(
             (0..n).map(|_| Err(anyhow!("{msg}"))).collect()
         }
     }
+}
+
+/// One attempt of a [`Traffic`] loop: when it ended (since the loop started) and the identity
+/// that answered, or why none did.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub at: Duration,
+    pub result: std::result::Result<String, String>,
+}
+
+/// New connections, one after the other, on a thread of their own until [`Traffic::stop`]:
+/// traffic that keeps flowing while a test changes something.
+/// Dropping it without [`Traffic::stop`] still ends the loop.
+pub struct Traffic {
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    thread: Option<NetnsThread<Vec<Attempt>>>,
+}
+
+impl Traffic {
+    /// Connect from `ns` to `dst` from `sources` in turn, each connection given `timeout` for
+    /// the connect and the identity line.
+    pub fn start(
+        ns: &str,
+        sources: Vec<IpAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Traffic> {
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = spawn_in_netns(ns, move || {
+            let mut attempts = Vec::new();
+            for src in sources.iter().cycle() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                let result = identify(*src, dst, timeout).map_err(|e| format!("{e:#}"));
+                attempts.push(Attempt {
+                    at: start.elapsed(),
+                    result,
+                });
+            }
+            attempts
+        })?;
+        Ok(Traffic {
+            start,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Time since the traffic started (the clock of [`Attempt::at`]).
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Stop and return every attempt, in order.
+    pub fn stop(mut self) -> Result<Vec<Attempt>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().expect("running").join()
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// `n` connections as [`connect_many`] does, tallied by identity.
+pub fn connect_tallied(
+    ns: &str,
+    vip: IpAddr,
+    port: u16,
+    n: usize,
+    sources: &[IpAddr],
+) -> (BTreeMap<String, usize>, Vec<String>) {
+    crate::tally(&connect_many(ns, vip, port, n, sources))
+}
+
+/// Ping every connection; fails naming the first that broke (`when`: `on rejoin`, …).
+pub fn ping_all(conns: &mut [LongConn], when: &str) -> Result<()> {
+    for c in conns {
+        c.ping()
+            .with_context(|| format!("connection on {} broke {when}", c.identity()))?;
+    }
+    Ok(())
 }
 
 /// A connection kept open, to check that its flow keeps reaching the same backend.
@@ -91,7 +190,7 @@ impl LongConn {
     /// Connect from `src` (ephemeral port) inside `ns` to `vip:port` and read the identity.
     pub fn open(ns: &str, src: IpAddr, vip: IpAddr, port: u16) -> Result<LongConn> {
         let dst = SocketAddr::new(vip, port);
-        let stream = in_netns(ns, move || connect_from(src, dst))??;
+        let stream = in_netns(ns, move || connect_from(src, dst, TIMEOUT))??;
         let local = stream.local_addr()?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let identity =

@@ -1,18 +1,23 @@
 //! Writing farmlb configs for a rig and running the daemon inside the director namespace.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     net::IpAddr,
+    ops::{Deref, DerefMut},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::ExitStatus,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
-use crate::{netns, rig::Rig};
+use crate::{
+    format_distribution, netns, process::Process, rig::Rig, rig::RigOpts,
+    server::start_on_backends, IdentityServer,
+};
 
 /// How a service hashes flows onto its Maglev table (`hash = …` in the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +44,7 @@ pub struct BackendSpec {
     pub weight: u32,
 }
 
-/// One `[[service]]` entry.
+/// One `[[service]]` entry (`Service { hash, ..Service::tcp(…) }` for other settings).
 #[derive(Clone, Debug)]
 pub struct Service {
     pub name: String,
@@ -63,16 +68,6 @@ impl Service {
             table_size: 65537,
             backends: Vec::new(),
         }
-    }
-
-    pub fn hash(mut self, hash: HashMode) -> Service {
-        self.hash = hash;
-        self
-    }
-
-    pub fn table_size(mut self, size: u32) -> Service {
-        self.table_size = size;
-        self
     }
 
     pub fn backend(mut self, address: IpAddr, weight: u32) -> Service {
@@ -99,14 +94,16 @@ pub fn farmlb_config(rig: &Rig, services: &[Service]) -> String {
     let _ = writeln!(s, "udp_timeout = \"30s\"");
     // The API socket is a filesystem path: one per rig so concurrent rigs never share it.
     let _ = writeln!(s, "api_socket = \"{}\"", api_socket(rig).display());
+    s + &services_toml(services)
+}
+
+/// The `[[service]]` tables of `services` (for a config's end).
+pub fn services_toml(services: &[Service]) -> String {
+    let mut s = String::new();
     for svc in services {
-        let _ = writeln!(s, "\n[[service]]");
-        let _ = writeln!(s, "name = \"{}\"", svc.name);
-        let _ = writeln!(s, "vip = \"{}\"", svc.vip);
-        let _ = writeln!(s, "port = {}", svc.port);
+        let hash = svc.hash.as_str();
+        service_table(&mut s, &svc.name, svc.vip, svc.port, hash, svc.table_size);
         let _ = writeln!(s, "protocol = \"{}\"", svc.protocol);
-        let _ = writeln!(s, "hash = \"{}\"", svc.hash.as_str());
-        let _ = writeln!(s, "table_size = {}", svc.table_size);
         for b in &svc.backends {
             let _ = writeln!(s, "\n  [[service.backend]]");
             let _ = writeln!(s, "  address = \"{}\"", b.address);
@@ -114,6 +111,23 @@ pub fn farmlb_config(rig: &Rig, services: &[Service]) -> String {
         }
     }
     s
+}
+
+/// Open a `[[service]]` table with the keys every rig's services set.
+pub(crate) fn service_table(
+    s: &mut String,
+    name: &str,
+    vip: IpAddr,
+    port: u16,
+    hash: &str,
+    table_size: u32,
+) {
+    let _ = writeln!(s, "\n[[service]]");
+    let _ = writeln!(s, "name = \"{name}\"");
+    let _ = writeln!(s, "vip = \"{vip}\"");
+    let _ = writeln!(s, "port = {port}");
+    let _ = writeln!(s, "hash = \"{hash}\"");
+    let _ = writeln!(s, "table_size = {table_size}");
 }
 
 /// The daemon's API socket for this rig (see [`farmlb_config`]).
@@ -155,160 +169,103 @@ pub fn xdp_attached(rig: &Rig) -> Result<bool> {
 }
 
 /// `farmlb run` inside the director namespace. Stopped with SIGINT on [`Daemon::stop`] or drop.
-pub struct Daemon {
-    child: Option<Child>,
-    config_path: PathBuf,
-    log_path: PathBuf,
-}
+/// Everything else is [`Process`]'s.
+pub struct Daemon(Process);
 
-/// How long the daemon gets to attach, and to exit after SIGINT.
+/// How long the daemon gets to attach.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Daemon {
     /// Start `farmlb run --config <config_path>` in the rig's director namespace, logging to a
     /// file, and wait until its XDP program shows on the interface.
     pub fn start(rig: &Rig, config_path: &Path) -> Result<Daemon> {
-        let bin = farmlb_bin();
-        if !bin.exists() {
-            bail!(
-                "farmlb binary {} not found (build it with `cargo build -p lb-userspace`, \
-                 or set FARMLB_BIN)",
-                bin.display()
-            );
-        }
         if xdp_attached(rig)? {
             bail!("an XDP program is already attached in {}", rig.ns_lb());
         }
         let log_path = std::env::temp_dir().join(format!("farmlb-{}.log", rig.prefix()));
-        let log = fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &rig.ns_lb()])
-            .arg(&bin)
-            .arg("run")
-            .arg("--config")
-            .arg(config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut d = Daemon {
-            child: Some(child),
-            config_path: config_path.to_path_buf(),
-            log_path,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(st) = d.child_mut().try_wait()? {
-                d.child = None;
-                bail!("farmlb exited ({st}) before attaching; log:\n{}", d.log());
-            }
-            if xdp_attached(rig)? {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "farmlb did not attach within {START_TIMEOUT:?}; log:\n{}",
-                    d.log()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path)?;
+        p.wait_attached(START_TIMEOUT, || xdp_attached(rig))?;
         // The program is attached; give the daemon a moment in case it fills maps afterwards.
         thread::sleep(Duration::from_millis(200));
-        if let Some(st) = d.child_mut().try_wait()? {
-            d.child = None;
-            bail!(
-                "farmlb exited ({st}) right after attaching; log:\n{}",
-                d.log()
-            );
-        }
-        Ok(d)
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("daemon running")
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    pub fn config_path(&self) -> &Path {
-        &self.config_path
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
-    /// Everything the daemon printed so far.
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log: {e})"))
-    }
-
-    fn signal(&self, sig: libc::c_int) -> Result<()> {
-        let pid = self.pid().context("daemon not running")?;
-        // SAFETY: signalling our own child, which has not been reaped yet.
-        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(())
-    }
-
-    /// Rewrite the config file with `contents` and send SIGHUP; fails if the daemon is gone
-    /// shortly afterwards.
-    pub fn reload(&mut self, contents: &str) -> Result<()> {
-        fs::write(&self.config_path, contents)
-            .with_context(|| format!("writing {}", self.config_path.display()))?;
-        self.signal(libc::SIGHUP)?;
-        thread::sleep(Duration::from_millis(500));
-        if let Some(st) = self.child_mut().try_wait()? {
-            self.child = None;
-            bail!("farmlb exited ({st}) on SIGHUP; log:\n{}", self.log());
-        }
-        Ok(())
+        p.exited("right after attaching")?;
+        Ok(Daemon(p))
     }
 
     /// Send SIGINT and wait for the exit (SIGKILL after 10 s). Fails unless it exits cleanly.
     pub fn stop(&mut self) -> Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else {
-            bail!("daemon already stopped");
-        };
-        // SAFETY: as in `signal`.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let status = loop {
-            if let Some(st) = child.try_wait()? {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let st = child.wait()?;
-                bail!(
-                    "farmlb ignored SIGINT for {STOP_TIMEOUT:?} ({st}); log:\n{}",
-                    self.log()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        if !status.success() {
-            bail!("farmlb exited with {status}; log:\n{}", self.log());
-        }
-        Ok(status)
+        self.0.stop()?.context("daemon already stopped")
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.stop();
-        }
+impl Deref for Daemon {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.0
+    }
+}
+
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.0
+    }
+}
+
+/// A director rig with an identity server on every backend and farmlb running.
+pub struct DirectorRig {
+    pub rig: Rig,
+    pub servers: Vec<IdentityServer>,
+    pub daemon: Daemon,
+}
+
+impl DirectorRig {
+    /// `backends` backends serving `port`, and farmlb running `config(&rig)`.
+    pub fn up(
+        prefix: &str,
+        backends: usize,
+        port: u16,
+        config: impl FnOnce(&Rig) -> String,
+    ) -> Result<DirectorRig> {
+        let rig = Rig::up(RigOpts::new(prefix, backends))?;
+        let servers = start_on_backends(&rig, port)?;
+        let path = write_config(&rig, &config(&rig))?;
+        let daemon = Daemon::start(&rig, &path)?;
+        Ok(DirectorRig {
+            rig,
+            servers,
+            daemon,
+        })
+    }
+
+    /// Stop farmlb (it must exit cleanly), run `check` on what it left behind, then stop the
+    /// servers and tear the rig down.
+    pub fn finish(mut self, check: impl FnOnce(&Rig) -> Result<()>) -> Result<()> {
+        self.daemon.stop()?;
+        check(&self.rig)?;
+        self.servers.clear();
+        self.rig.down()
+    }
+
+    /// [`Names::connect`](crate::rig::Names::connect), printing the distribution; every connection must succeed.
+    pub fn connect_to_ok(
+        &self,
+        vip: IpAddr,
+        port: u16,
+        n: usize,
+        what: &str,
+    ) -> Result<BTreeMap<String, usize>> {
+        let (counts, failures) = self.rig.connect(vip, port, n);
+        println!(
+            "{what}: {n} connections\n{}  failed {}",
+            format_distribution(&counts),
+            failures.len()
+        );
+        ensure!(
+            failures.is_empty(),
+            "{what}: {} of {n} connections failed, first: {}\nfarmlb log:\n{}",
+            failures.len(),
+            failures[0],
+            self.daemon.log()
+        );
+        Ok(counts)
     }
 }

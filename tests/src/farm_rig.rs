@@ -19,19 +19,20 @@
 use std::{
     fmt::Write as _,
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::{Deref, DerefMut},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
+pub use crate::client::try_identify;
 use crate::{
-    daemon::farmlb_bin,
+    daemon::service_table,
     netns,
-    rig::{ip_batch, plug_into_switch},
+    process::Process,
+    rig::{ip_batch, Names},
 };
 
 /// The farm's VIP (held by every farm node on `lo`).
@@ -50,16 +51,26 @@ pub enum Role {
     Farm,
     /// Director (failover rig): runs farmlb in director mode with `[farm]` membership.
     Director,
+    /// Director that also holds the VIP on `lo` (ARP-silent) like a farm node, so that the
+    /// same nodes can serve a service either as directors (`dr`) or themselves (`farm`).
+    ServingDirector,
     /// DR backend: VIP on `lo`, ARP-silent.
     Backend,
 }
 
+impl Role {
+    /// Whether farmlb runs on it (and forwards with XDP_TX, which needs the switch side of
+    /// its link to run XDP too).
+    fn directs(self) -> bool {
+        matches!(self, Role::Director | Role::ServingDirector)
+    }
+}
+
 /// A topology of one client and several nodes on one bridge. Dropping it tears it down.
 pub struct FarmRig {
-    prefix: String,
+    names: Names,
     /// (namespace suffix, last address byte, role)
     nodes: Vec<(String, u8, Role)>,
-    up: bool,
 }
 
 /// Delete every namespace `{prefix}-*` (idempotent).
@@ -86,32 +97,37 @@ impl FarmRig {
     /// A failover rig: client + `directors` directors (10.99.0.3, .4, …) + `backends`
     /// backends (10.99.0.11, …).
     pub fn failover(prefix: &str, directors: usize, backends: usize) -> Result<FarmRig> {
+        Self::with_directors(prefix, directors, backends, Role::Director)
+    }
+
+    /// A failover rig whose directors also hold the VIP ([`Role::ServingDirector`]).
+    pub fn failover_serving(prefix: &str, directors: usize, backends: usize) -> Result<FarmRig> {
+        Self::with_directors(prefix, directors, backends, Role::ServingDirector)
+    }
+
+    fn with_directors(
+        prefix: &str,
+        directors: usize,
+        backends: usize,
+        role: Role,
+    ) -> Result<FarmRig> {
         let mut rig = Self::base(prefix)?;
         for i in 0..backends {
             rig.add(&format!("b{}", i + 1), 11 + i as u8, Role::Backend)?;
         }
         for i in 0..directors {
-            rig.add(&format!("d{}", i + 1), 3 + i as u8, Role::Director)?;
+            rig.add(&format!("d{}", i + 1), 3 + i as u8, role)?;
         }
         Ok(rig)
     }
 
     fn base(prefix: &str) -> Result<FarmRig> {
-        teardown(prefix)?;
         let rig = FarmRig {
-            prefix: prefix.into(),
+            names: Names::claim(prefix, teardown, CLIENT_V6_SOURCES)?,
             nodes: Vec::new(),
-            up: true,
         };
-        let sw = rig.ns_switch();
-        netns::run(&["ip", "netns", "add", &sw])?;
-        ip_batch(
-            &sw,
-            "link set lo up\n\
-             link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0\n\
-             link set br0 up\n",
-        )?;
-        rig.host(&rig.ns_client(), "cl", 2)?;
+        rig.build_switch()?;
+        rig.add_host(&rig.ns_client(), "cl", 2, &[])?;
         let mut batch = String::from("addr add 10.99.0.2/24 dev eth0\n");
         for i in 0..32u8 {
             let _ = writeln!(batch, "addr add 10.99.0.{}/24 dev eth0", 100 + i);
@@ -129,25 +145,9 @@ impl FarmRig {
         Ok(rig)
     }
 
-    fn host(&self, ns: &str, tag: &str, host: u8) -> Result<()> {
-        netns::run(&["ip", "netns", "add", ns])?;
-        netns::exec(
-            ns,
-            &[
-                "sysctl",
-                "-qw",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-        )?;
-        plug_into_switch(&self.ns_switch(), ns, tag, host)
-    }
-
     fn add(&mut self, tag: &str, host: u8, role: Role) -> Result<()> {
-        let ns = format!("{}-{tag}", self.prefix);
-        self.host(&ns, tag, host)?;
+        let ns = self.ns(tag);
+        self.add_host(&ns, tag, host, &[])?;
         let mut batch = format!("addr add 10.99.0.{host}/24 dev eth0\n");
         let _ = writeln!(batch, "addr add fd99::{host}/64 dev eth0 nodad");
         if role != Role::Director {
@@ -170,7 +170,7 @@ impl FarmRig {
             )?;
         }
         ip_batch(&ns, &batch)?;
-        if role == Role::Director {
+        if role.directs() {
             // XDP_TX frames reach the bridge only if the switch-side veth runs XDP too.
             let sw = self.ns_switch();
             netns::exec(&sw, &["ethtool", "-K", &format!("v-{tag}"), "gro", "on"])?;
@@ -178,7 +178,7 @@ impl FarmRig {
                 format!("v-{tag}"),
                 PathBuf::from(format!(
                     "/sys/fs/bpf/farmlb-farmrig-{}/{tag}-pass",
-                    self.prefix
+                    self.prefix()
                 )),
             );
             netns::in_netns(&sw, move || {
@@ -189,31 +189,20 @@ impl FarmRig {
         Ok(())
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
+    fn node(&self, tag: &str) -> (u8, Role) {
+        self.nodes
+            .iter()
+            .find(|(t, _, _)| t == tag)
+            .map(|(_, h, r)| (*h, *r))
+            .unwrap_or_else(|| panic!("no node {tag}"))
     }
 
-    pub fn ns_switch(&self) -> String {
-        format!("{}-sw", self.prefix)
-    }
-
-    pub fn ns_client(&self) -> String {
-        format!("{}-cl", self.prefix)
-    }
-
-    /// Namespace of node `tag` (`n1`, `d2`, `b3`, …).
-    pub fn ns(&self, tag: &str) -> String {
-        format!("{}-{tag}", self.prefix)
+    pub fn role(&self, tag: &str) -> Role {
+        self.node(tag).1
     }
 
     pub fn addr(&self, tag: &str) -> Ipv4Addr {
-        let host = self
-            .nodes
-            .iter()
-            .find(|(t, _, _)| t == tag)
-            .map(|(_, h, _)| *h)
-            .unwrap_or_else(|| panic!("no node {tag}"));
-        Ipv4Addr::new(10, 99, 0, host)
+        Ipv4Addr::new(10, 99, 0, self.node(tag).0)
     }
 
     /// Node `tag`'s IPv6 address (fd99::h, `h` written as in the IPv4 address).
@@ -232,24 +221,6 @@ impl FarmRig {
             .collect()
     }
 
-    /// The client's source addresses (10.99.0.2 and 10.99.0.100–131).
-    pub fn client_sources(&self) -> Vec<IpAddr> {
-        std::iter::once(Ipv4Addr::new(10, 99, 0, 2))
-            .chain((0..32).map(|i| Ipv4Addr::new(10, 99, 0, 100 + i)))
-            .map(IpAddr::V4)
-            .collect()
-    }
-
-    /// The client's IPv6 source addresses (fd99::2 and fd99::100–107).
-    pub fn client_sources6(&self) -> Vec<IpAddr> {
-        std::iter::once(Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 2))
-            .chain(
-                (0..CLIENT_V6_SOURCES).map(|i| Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 0x100 + i)),
-            )
-            .map(IpAddr::V6)
-            .collect()
-    }
-
     /// Take node `tag`'s link to the switch down (or up again).
     pub fn set_link(&self, tag: &str, up: bool) -> Result<()> {
         ip_batch(
@@ -260,26 +231,39 @@ impl FarmRig {
 
     /// Write the shared membership key and return its path.
     pub fn write_key(&self, key: &str) -> Result<PathBuf> {
-        let p = std::env::temp_dir().join(format!("farmlb-{}.key", self.prefix));
+        let p = std::env::temp_dir().join(format!("farmlb-{}.key", self.prefix()));
         fs::write(&p, key)?;
         Ok(p)
     }
 
+    /// The client's neighbour entry for `ip` (`ip neigh show`), empty if it has none.
+    pub fn client_neighbour(&self, ip: IpAddr) -> Result<String> {
+        let out = netns::run(&[
+            "ip",
+            "-n",
+            &self.ns_client(),
+            "neigh",
+            "show",
+            &ip.to_string(),
+        ])?;
+        Ok(out.trim().to_string())
+    }
+
+    /// Tear the topology down (idempotent; dropping the rig does it too).
     pub fn down(&mut self) -> Result<()> {
-        self.up = false;
-        teardown(&self.prefix)
+        self.names.down()
     }
 }
 
-impl Drop for FarmRig {
-    fn drop(&mut self) {
-        if self.up {
-            let _ = self.down();
-        }
+impl Deref for FarmRig {
+    type Target = Names;
+    fn deref(&self) -> &Names {
+        &self.names
     }
 }
 
-/// One `[[service]]` of a farm/failover config.
+/// One `[[service]]` of a farm/failover config (`FarmService { hash, ..FarmService::farm(…) }`
+/// for other settings).
 #[derive(Clone, Debug)]
 pub struct FarmService {
     pub name: String,
@@ -290,6 +274,32 @@ pub struct FarmService {
     pub forwarding: &'static str,
     /// DR backends (director failover), in the VIP's family.
     pub backends: Vec<IpAddr>,
+    /// The service's `check = { … }` line, if any.
+    pub check: Option<String>,
+}
+
+impl FarmService {
+    /// A 5-tuple farm service (served by the nodes themselves).
+    pub fn farm(name: &str, vip: IpAddr, port: u16) -> FarmService {
+        FarmService {
+            name: name.into(),
+            vip,
+            port,
+            hash: "5-tuple",
+            forwarding: "farm",
+            backends: Vec::new(),
+            check: None,
+        }
+    }
+
+    /// A 5-tuple direct-routing service over `backends`.
+    pub fn dr(name: &str, vip: IpAddr, port: u16, backends: Vec<IpAddr>) -> FarmService {
+        FarmService {
+            forwarding: "dr",
+            backends,
+            ..FarmService::farm(name, vip, port)
+        }
+    }
 }
 
 /// A node's config: `[farm]` over `members` (tags), `extra` appended to the section.
@@ -308,18 +318,16 @@ pub fn node_config(
     // native mode has classified the frame (PACKET_OTHERHOST, for the virtual MAC) before
     // XDP runs and does not re-classify it, so the stack would drop it; generic mode does.
     // On a NIC the skb is built after XDP, so native mode is fine there. Directors use
-    // native mode for XDP_TX.
-    let mode = if members.iter().all(|m| m.starts_with('d')) {
+    // native mode for XDP_TX, unless they may serve a farm service themselves.
+    let mode = if members.iter().all(|m| rig.role(m) == Role::Director) {
         "native"
     } else {
         "generic"
     };
     let _ = writeln!(s, "xdp_mode = \"{mode}\"");
-    let _ = writeln!(
-        s,
-        "api_socket = \"/tmp/farmlb-{}-{tag}.sock\"",
-        rig.prefix()
-    );
+    // Namespaces share the filesystem: every node needs its own API socket. Metrics keep the
+    // default 127.0.0.1:9740, which is per namespace.
+    let _ = writeln!(s, "api_socket = \"{}\"", api_socket(rig, tag).display());
     let _ = writeln!(s, "\n[farm]\nnode_id = {node_id}");
     let _ = writeln!(s, "address = \"{}:{MEMBER_PORT}\"", rig.addr(tag));
     let peers: Vec<String> = members
@@ -331,13 +339,11 @@ pub fn node_config(
     let _ = writeln!(s, "status_file = \"{}\"", status_path(rig, tag).display());
     s += extra;
     for svc in services {
-        let _ = writeln!(s, "\n[[service]]");
-        let _ = writeln!(s, "name = \"{}\"", svc.name);
-        let _ = writeln!(s, "vip = \"{}\"", svc.vip);
-        let _ = writeln!(s, "port = {}", svc.port);
-        let _ = writeln!(s, "hash = \"{}\"", svc.hash);
+        service_table(&mut s, &svc.name, svc.vip, svc.port, svc.hash, 16381);
         let _ = writeln!(s, "forwarding = \"{}\"", svc.forwarding);
-        let _ = writeln!(s, "table_size = 16381");
+        if let Some(c) = &svc.check {
+            let _ = writeln!(s, "{c}");
+        }
         for b in &svc.backends {
             let _ = writeln!(s, "  [[service.backend]]\n  address = \"{b}\"");
         }
@@ -347,16 +353,23 @@ pub fn node_config(
 
 /// Where node `tag` publishes its farm status.
 pub fn status_path(rig: &FarmRig, tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("farmlb-{}-{tag}.status.json", rig.prefix()))
+    temp_file(rig, tag, "status.json")
 }
 
-/// `farmlb run` in one node's namespace.
+/// Node `tag`'s API socket.
+pub fn api_socket(rig: &FarmRig, tag: &str) -> PathBuf {
+    temp_file(rig, tag, "sock")
+}
+
+/// `farmlb-{prefix}-{tag}.{ext}` in the temp dir.
+fn temp_file(rig: &FarmRig, tag: &str, ext: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("farmlb-{}-{tag}.{ext}", rig.prefix()))
+}
+
+/// `farmlb run` in one node's namespace; everything else is [`Process`]'s.
 pub struct FarmNode {
     pub tag: String,
-    ns: String,
-    child: Option<Child>,
-    pub config_path: PathBuf,
-    pub log_path: PathBuf,
+    process: Process,
 }
 
 fn xdp_on(ns: &str) -> Result<bool> {
@@ -367,129 +380,32 @@ impl FarmNode {
     /// Write `config` and start farmlb; waits until its XDP program is attached.
     pub fn start(rig: &FarmRig, tag: &str, config: &str) -> Result<FarmNode> {
         let ns = rig.ns(tag);
-        let config_path = std::env::temp_dir().join(format!("farmlb-{}-{tag}.toml", rig.prefix()));
+        let config_path = temp_file(rig, tag, "toml");
         fs::write(&config_path, config)?;
-        let log_path = std::env::temp_dir().join(format!("farmlb-{}-{tag}.log", rig.prefix()));
-        let log = fs::File::create(&log_path)?;
-        let bin = farmlb_bin();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(&bin)
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut n = FarmNode {
+        let name = format!("farmlb on {tag}");
+        let mut process = Process::spawn(&name, &ns, &config_path, &temp_file(rig, tag, "log"))?;
+        process.wait_attached(Duration::from_secs(20), || xdp_on(&ns))?;
+        Ok(FarmNode {
             tag: tag.into(),
-            ns,
-            child: Some(child),
-            config_path,
-            log_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = n.child.as_mut().expect("running").try_wait()? {
-                n.child = None;
-                bail!("farmlb on {tag} exited ({st}); log:\n{}", n.log());
-            }
-            if xdp_on(&n.ns)? {
-                return Ok(n);
-            }
-            if Instant::now() > deadline {
-                bail!("farmlb on {tag} did not attach; log:\n{}", n.log());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+            process,
+        })
     }
 
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// Whether the farmlb process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// SIGKILL (no goodbye to the farm).
-    pub fn kill9(&mut self) -> Result<()> {
-        if let Some(mut c) = self.child.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        Ok(())
-    }
-
-    /// SIGINT and wait for a clean exit.
+    /// SIGINT and wait for a clean exit (nothing to do if it is not running).
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut c) = self.child.take() else {
-            return Ok(());
-        };
-        // SAFETY: signalling our own unreaped child.
-        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = c.try_wait()? {
-                if !st.success() {
-                    bail!(
-                        "farmlb on {} exited with {st}; log:\n{}",
-                        self.tag,
-                        self.log()
-                    );
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                bail!(
-                    "farmlb on {} ignored SIGINT; log:\n{}",
-                    self.tag,
-                    self.log()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.process.stop().map(drop)
     }
 }
 
-impl Drop for FarmNode {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.stop();
-        }
+impl Deref for FarmNode {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
     }
 }
 
-/// Try one connection from `src` to `dst` in `ns` with a short timeout; the identity line.
-pub fn try_identify(ns: &str, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<String> {
-    netns::in_netns(ns, move || -> Result<String> {
-        use std::io::{BufRead, BufReader};
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(dst),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        sock.bind(&SocketAddr::new(src, 0).into())?;
-        sock.connect_timeout(&dst.into(), timeout)?;
-        let stream: std::net::TcpStream = sock.into();
-        stream.set_read_timeout(Some(timeout))?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        if !line.ends_with('\n') {
-            bail!("no identity line");
-        }
-        line.pop();
-        Ok(line)
-    })?
+impl DerefMut for FarmNode {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
 }

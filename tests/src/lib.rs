@@ -6,19 +6,25 @@
 //! (`cargo xtask setup` installs them).
 
 pub mod client;
+pub mod cluster;
+pub mod ctl;
 pub mod daemon;
 pub mod farm_rig;
 pub mod netns;
+pub mod process;
 pub mod rig;
 pub mod server;
+pub mod wait;
 
-pub use client::{connect_many, LongConn};
+pub use client::{connect_many, connect_tallied, ping_all, try_identify, LongConn};
 pub use daemon::{
-    farmlb_bin, farmlb_config, write_config, xdp_attached, BackendSpec, Daemon, HashMode, Service,
+    farmlb_bin, farmlb_config, write_config, xdp_attached, BackendSpec, Daemon, DirectorRig,
+    HashMode, Service,
 };
 pub use netns::{in_netns, spawn_in_netns};
 pub use rig::{Rig, RigOpts, VIP_V4, VIP_V6};
-pub use server::{backend_id, start_on_backend, start_on_backends, IdentityServer};
+pub use server::{backend_id, start_on_backend, start_on_backends, Background, IdentityServer};
+pub use wait::wait_until;
 
 use std::collections::BTreeMap;
 

@@ -12,6 +12,7 @@
 //! `lo` (ARP-silent) and answers the client directly.
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
@@ -59,17 +60,136 @@ impl RigOpts {
     }
 }
 
-/// A running topology. Dropping it tears it down (errors ignored); call [`Rig::down`] to see them.
+/// The namespaces of a topology: `{prefix}-sw` (the switch), `{prefix}-cl` (the client) and
+/// `{prefix}-{tag}` for every other host. Both rigs dereference to it. Dropping it tears
+/// them down (errors ignored) unless the rig's `down` or `keep` came first.
+///
+/// It also knows the client's source addresses, the same on every rig: 10.99.0.2 and
+/// 10.99.0.100–131, fd99::2 and fd99::100 onwards (a number that differs per rig).
 #[derive(Debug)]
-pub struct Rig {
+pub struct Names {
     prefix: String,
-    backends: usize,
+    teardown: fn(&str) -> Result<()>,
     up: bool,
-    /// Held (flock) while this handle lives, so two processes never share a prefix.
+    /// Extra IPv6 client sources (fd99::100 …).
+    v6_sources: u16,
+    /// Held (flock) while this handle lives, so two processes never share a prefix. Dropped
+    /// after [`Drop::drop`] has torn the namespaces down.
     _lock: Option<File>,
 }
 
-/// How long [`Rig::up`] waits for another process using the same prefix.
+impl Names {
+    /// Take `prefix` (waiting while another process holds it), remove what a previous user
+    /// left behind with `teardown(prefix)`, and own the namespaces from now on.
+    pub(crate) fn claim(
+        prefix: &str,
+        teardown: fn(&str) -> Result<()>,
+        v6_sources: u16,
+    ) -> Result<Names> {
+        let lock = lock_prefix(prefix)?;
+        teardown(prefix)?;
+        Ok(Names {
+            prefix: prefix.into(),
+            teardown,
+            up: true,
+            v6_sources,
+            _lock: Some(lock),
+        })
+    }
+
+    /// All 33 IPv4 addresses the client can send from: 10.99.0.2 and 10.99.0.100–131.
+    pub fn client_sources_v4(&self) -> Vec<IpAddr> {
+        std::iter::once(Ipv4Addr::new(10, 99, 0, 2))
+            .chain((0..EXTRA_SOURCES).map(|i| Ipv4Addr::new(10, 99, 0, 100 + i)))
+            .map(IpAddr::V4)
+            .collect()
+    }
+
+    /// The IPv6 addresses the client can send from: fd99::2 and fd99::100 onwards.
+    pub fn client_sources_v6(&self) -> Vec<IpAddr> {
+        std::iter::once(Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 2))
+            .chain((0..self.v6_sources).map(|i| Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 0x100 + i)))
+            .map(IpAddr::V6)
+            .collect()
+    }
+
+    /// The client's sources of `ip`'s family.
+    pub fn client_sources_for(&self, ip: IpAddr) -> Vec<IpAddr> {
+        if ip.is_ipv4() {
+            self.client_sources_v4()
+        } else {
+            self.client_sources_v6()
+        }
+    }
+
+    /// `n` connections from the client's sources (of `vip`'s family) to `vip:port`, one after
+    /// the other, tallied by identity.
+    pub fn connect(
+        &self,
+        vip: IpAddr,
+        port: u16,
+        n: usize,
+    ) -> (BTreeMap<String, usize>, Vec<String>) {
+        let sources = self.client_sources_for(vip);
+        crate::client::connect_tallied(&self.ns_client(), vip, port, n, &sources)
+    }
+
+    /// Tear the topology down (idempotent).
+    pub(crate) fn down(&mut self) -> Result<()> {
+        self.up = false;
+        (self.teardown)(&self.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn ns_switch(&self) -> String {
+        self.ns("sw")
+    }
+
+    pub fn ns_client(&self) -> String {
+        self.ns("cl")
+    }
+
+    /// Namespace of host `tag` (`lb`, `b1`, `n2`, `d1`, …).
+    pub fn ns(&self, tag: &str) -> String {
+        format!("{}-{tag}", self.prefix)
+    }
+
+    /// Create the switch namespace and its bridge.
+    pub(crate) fn build_switch(&self) -> Result<()> {
+        let sw = self.ns_switch();
+        netns::run(&["ip", "netns", "add", &sw])?;
+        netns::exec(&sw, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        ip_batch(
+            &sw,
+            "link set lo up\n\
+             link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0\n\
+             link set br0 up\n",
+        )
+    }
+
+    /// Create namespace `ns` (with the common sysctls and `extra`) and connect its `eth0`
+    /// (MAC `02:99:00:00:00:{host}`) to the bridge through `v-{tag}`.
+    pub(crate) fn add_host(&self, ns: &str, tag: &str, host: u8, extra: &[&str]) -> Result<()> {
+        netns::run(&["ip", "netns", "add", ns])?;
+        let mut sysctl = vec!["sysctl", "-qw"];
+        sysctl.extend_from_slice(COMMON_SYSCTLS);
+        sysctl.extend_from_slice(extra);
+        netns::exec(ns, &sysctl)?;
+        plug_into_switch(&self.ns_switch(), ns, tag, host)
+    }
+}
+
+/// A running topology. Dropping it tears it down (errors ignored); call [`Rig::down`] to see them.
+#[derive(Debug)]
+pub struct Rig {
+    names: Names,
+    backends: usize,
+}
+
+/// How long a rig waits for another process using the same prefix.
 const LOCK_WAIT: Duration = Duration::from_secs(300);
 
 /// Take the per-prefix lock, waiting while another live process holds it. A crashed holder
@@ -183,18 +303,14 @@ impl Rig {
         if opts.backends > MAX_BACKENDS {
             bail!("at most {MAX_BACKENDS} backends");
         }
-        let lock = lock_prefix(&opts.prefix)?;
-        teardown(&opts.prefix)?;
         // From here on, an early return drops `rig`, which tears down what was built.
         let mut rig = Rig {
-            prefix: opts.prefix,
+            names: Names::claim(&opts.prefix, teardown, EXTRA_SOURCES.into())?,
             backends: 0,
-            up: true,
-            _lock: Some(lock),
         };
         rig.build_switch()?;
-        rig.add_host(&rig.ns_client(), "cl", 2)?;
-        rig.add_host(&rig.ns_lb(), "lb", 3)?;
+        rig.add_host(&rig.ns_client(), "cl", 2, &[])?;
+        rig.add_host(&rig.ns_lb(), "lb", 3, &[])?;
         rig.configure_client()?;
         rig.configure_lb()?;
         for _ in 0..opts.backends {
@@ -205,34 +321,21 @@ impl Rig {
 
     /// Tear the topology down (idempotent).
     pub fn down(&mut self) -> Result<()> {
-        self.up = false;
-        teardown(&self.prefix)
+        self.names.down()
     }
 
     /// Forget this handle but leave the topology running (for `cargo xtask rig up`).
     pub fn keep(mut self) {
-        self.up = false;
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    pub fn ns_switch(&self) -> String {
-        format!("{}-sw", self.prefix)
-    }
-
-    pub fn ns_client(&self) -> String {
-        format!("{}-cl", self.prefix)
+        self.names.up = false;
     }
 
     pub fn ns_lb(&self) -> String {
-        format!("{}-lb", self.prefix)
+        self.ns("lb")
     }
 
     /// Namespace of backend `i` (0-based: backend 0 lives in `{p}-b1`).
     pub fn ns_backend(&self, i: usize) -> String {
-        format!("{}-b{}", self.prefix, i + 1)
+        self.ns(&format!("b{}", i + 1))
     }
 
     pub fn backend_count(&self) -> usize {
@@ -275,26 +378,6 @@ impl Rig {
         format!("fd99::{}", 11 + i).parse().unwrap()
     }
 
-    /// All 33 IPv4 addresses the client can send from: 10.99.0.2 and 10.99.0.100–131.
-    pub fn client_sources_v4(&self) -> Vec<IpAddr> {
-        std::iter::once(self.client_v4())
-            .chain((0..EXTRA_SOURCES).map(|i| Ipv4Addr::new(10, 99, 0, 100 + i)))
-            .map(IpAddr::V4)
-            .collect()
-    }
-
-    /// All 33 IPv6 addresses the client can send from: fd99::2 and fd99::100–11f.
-    pub fn client_sources_v6(&self) -> Vec<IpAddr> {
-        std::iter::once(self.client_v6())
-            .chain((0..EXTRA_SOURCES as u16).map(|i| {
-                let mut s = Ipv6Addr::from(0xfd99_u128 << 112).segments();
-                s[7] = 0x100 + i;
-                Ipv6Addr::from(s)
-            }))
-            .map(IpAddr::V6)
-            .collect()
-    }
-
     /// Run a command inside namespace `ns`; returns its stdout, fails with its stderr.
     pub fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
         netns::exec(ns, args)
@@ -307,7 +390,12 @@ impl Rig {
             bail!("at most {MAX_BACKENDS} backends");
         }
         let ns = self.ns_backend(i);
-        self.add_host(&ns, &format!("b{}", i + 1), self.backend_v4(i).octets()[3])?;
+        self.add_host(
+            &ns,
+            &format!("b{}", i + 1),
+            self.backend_v4(i).octets()[3],
+            BACKEND_SYSCTLS,
+        )?;
         let batch = format!(
             "addr add {v4}/24 dev eth0\n\
              addr add {v6}/64 dev eth0 nodad\n\
@@ -335,31 +423,6 @@ impl Rig {
         self.warm(&self.ns_lb(), &self.backend_v4(i).to_string())?;
         self.warm(&self.ns_lb(), &self.backend_v6(i).to_string())?;
         Ok(i)
-    }
-
-    fn build_switch(&self) -> Result<()> {
-        let sw = self.ns_switch();
-        netns::run(&["ip", "netns", "add", &sw])?;
-        self.exec(&sw, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
-        ip_batch(
-            &sw,
-            "link set lo up\n\
-             link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0\n\
-             link set br0 up\n",
-        )
-    }
-
-    /// Create namespace `ns` and connect its `eth0` (MAC `02:99:00:00:00:{host}`) to the bridge
-    /// through `v-{tag}`.
-    fn add_host(&self, ns: &str, tag: &str, host: u8) -> Result<()> {
-        netns::run(&["ip", "netns", "add", ns])?;
-        let mut sysctl = vec!["sysctl", "-qw"];
-        sysctl.extend_from_slice(COMMON_SYSCTLS);
-        if tag.starts_with('b') {
-            sysctl.extend_from_slice(BACKEND_SYSCTLS);
-        }
-        self.exec(ns, &sysctl)?;
-        plug_into_switch(&self.ns_switch(), ns, tag, host)
     }
 
     fn configure_client(&self) -> Result<()> {
@@ -412,7 +475,7 @@ impl Rig {
         // unrelated traffic. So v-lb gets both (see `xdp`).
         self.exec(&self.ns_switch(), &["ethtool", "-K", "v-lb", "gro", "on"])
             .context("ethtool (run `cargo xtask setup`)")?;
-        attach_xdp_pass(&self.ns_switch(), "v-lb", &pass_pin(&self.prefix))?;
+        attach_xdp_pass(&self.ns_switch(), "v-lb", &pass_pin(self.prefix()))?;
         self.warm(&self.ns_client(), &self.lb_v4().to_string())?;
         self.warm(&self.ns_client(), &self.lb_v6().to_string())?;
         Ok(())
@@ -426,7 +489,14 @@ impl Rig {
     }
 }
 
-impl Drop for Rig {
+impl std::ops::Deref for Rig {
+    type Target = Names;
+    fn deref(&self) -> &Names {
+        &self.names
+    }
+}
+
+impl Drop for Names {
     fn drop(&mut self) {
         if self.up {
             let _ = self.down();
@@ -481,12 +551,14 @@ mod tests {
 
     #[test]
     fn addresses() {
-        let rig = Rig {
+        let names = Names {
             prefix: "t".into(),
-            backends: 0,
+            teardown,
             up: false,
+            v6_sources: EXTRA_SOURCES.into(),
             _lock: None,
         };
+        let rig = Rig { names, backends: 0 };
         assert_eq!(rig.backend_v6(0).to_string(), "fd99::11");
         assert_eq!(rig.backend_v4(3).to_string(), "10.99.0.14");
         let v4 = rig.client_sources_v4();

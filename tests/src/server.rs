@@ -145,6 +145,34 @@ fn echo(stream: &TcpStream, id: &str) -> std::io::Result<()> {
     }
 }
 
+/// A helper thread (a health endpoint, a responder) that runs until dropped: its body polls
+/// the flag it is given and returns once it is set.
+pub struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Background {
+    pub fn spawn(body: impl FnOnce(&AtomicBool) + Send + 'static) -> Background {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || body(&flag));
+        Background {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Start an identity server on `[::]:port` (dual-stack) in every backend namespace of `rig`,
 /// named `b1`, `b2`, … like the namespaces.
 pub fn start_on_backends(rig: &crate::Rig, port: u16) -> Result<Vec<IdentityServer>> {

@@ -7,18 +7,20 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
-    os::unix::net::UnixStream,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use lb_tests::{
-    connect_many, farmlb_bin, format_distribution, in_netns, start_on_backend, start_on_backends,
-    tally, write_config, Daemon, IdentityServer, LongConn, Rig, RigOpts, VIP_V4,
+    connect_many,
+    ctl::{self, cli, cli_ok, find_backend, metric, Metrics},
+    daemon::api_socket as socket_path,
+    farmlb_bin, in_netns, start_on_backend, tally, wait_until as wait_for, Background, DirectorRig,
+    IdentityServer, LongConn, Rig, VIP_V4,
 };
 use serde_json::Value;
 
@@ -26,10 +28,6 @@ const PORT: u16 = 80;
 const METRICS: &str = "127.0.0.1:9740";
 
 // --- helpers ------------------------------------------------------------------------------
-
-fn socket_path(rig: &Rig) -> PathBuf {
-    std::env::temp_dir().join(format!("farmlb-{}.sock", rig.prefix()))
-}
 
 /// A config for the rig: globals, then `services` (TOML text).
 fn config(rig: &Rig, services: &str) -> String {
@@ -58,36 +56,42 @@ fn web(rig: &Rig, check: &str, backends: &[(usize, u32)]) -> String {
 const FAST_CHECK: &str =
     "check = { type = \"tcp\", interval = \"200ms\", timeout = \"100ms\", rise = 2, fall = 3 }";
 
-struct Setup {
-    rig: Rig,
-    servers: Vec<IdentityServer>,
-    daemon: Daemon,
-}
+type Setup = DirectorRig;
 
 fn setup(prefix: &str, backends: usize, services: impl Fn(&Rig) -> String) -> Result<Setup> {
-    let rig = Rig::up(RigOpts::new(prefix, backends))?;
-    let servers = start_on_backends(&rig, PORT)?;
-    let path = write_config(&rig, &config(&rig, &services(&rig)))?;
-    let daemon = Daemon::start(&rig, &path)?;
+    let s = DirectorRig::up(prefix, backends, PORT, |rig| config(rig, &services(rig)))?;
     wait_for(Duration::from_secs(5), "the API socket", || {
-        Ok(api(&rig, "GET", "/v1/status", None).is_ok())
+        Ok(api(&s.rig, "GET", "/v1/status", None).is_ok())
     })?;
-    Ok(Setup {
-        rig,
-        servers,
-        daemon,
-    })
+    Ok(s)
 }
 
-impl Setup {
-    fn finish(mut self) -> Result<()> {
-        self.daemon.stop()?;
-        ensure!(
-            !socket_path(&self.rig).exists(),
-            "the API socket was not removed on exit"
-        );
-        self.servers.clear();
-        self.rig.down()
+/// The usual setup: `web` over three backends of weight 1 with [`FAST_CHECK`].
+fn setup_web3(prefix: &str) -> Result<Setup> {
+    setup(prefix, 3, |r| web(r, FAST_CHECK, &[(0, 1), (1, 1), (2, 1)]))
+}
+
+/// What the control-plane tests ask of a running director.
+trait Control {
+    fn finish_clean(self) -> Result<()>;
+    fn sock(&self) -> PathBuf;
+    fn b(&self, i: usize) -> String;
+    fn connect(&self, n: usize) -> (BTreeMap<String, usize>, Vec<String>);
+    fn connect_ok(&self, n: usize, what: &str) -> Result<BTreeMap<String, usize>>;
+    fn status(&self) -> Result<Value>;
+    fn backend(&self, addr: &str) -> Result<Value>;
+    fn health(&self, i: usize) -> Result<String>;
+}
+
+impl Control for Setup {
+    fn finish_clean(self) -> Result<()> {
+        self.finish(|rig| {
+            ensure!(
+                !socket_path(rig).exists(),
+                "the API socket was not removed on exit"
+            );
+            Ok(())
+        })
     }
 
     fn sock(&self) -> PathBuf {
@@ -99,32 +103,12 @@ impl Setup {
     }
 
     fn connect(&self, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
-        let results = connect_many(
-            &self.rig.ns_client(),
-            IpAddr::V4(VIP_V4),
-            PORT,
-            n,
-            &self.rig.client_sources_v4(),
-        );
-        tally(&results)
+        self.rig.connect(IpAddr::V4(VIP_V4), PORT, n)
     }
 
     /// `n` connections that must all succeed.
     fn connect_ok(&self, n: usize, what: &str) -> Result<BTreeMap<String, usize>> {
-        let (counts, failures) = self.connect(n);
-        println!(
-            "{what}: {n} connections\n{}  failed {}",
-            format_distribution(&counts),
-            failures.len()
-        );
-        ensure!(
-            failures.is_empty(),
-            "{what}: {} of {n} connections failed, first: {}\nfarmlb log:\n{}",
-            failures.len(),
-            failures[0],
-            self.daemon.log()
-        );
-        Ok(counts)
+        self.connect_to_ok(IpAddr::V4(VIP_V4), PORT, n, what)
     }
 
     fn status(&self) -> Result<Value> {
@@ -147,126 +131,14 @@ impl Setup {
     }
 }
 
-fn find_backend(status: &Value, addr: &str) -> Option<Value> {
-    status["services"]
-        .as_array()?
-        .iter()
-        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
-        .find(|b| b["address"] == addr)
-}
-
-fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        if f()? {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// One raw HTTP/1.1 request on the API socket: (status, JSON body).
+/// One raw HTTP/1.1 request on the rig's API socket: (status, JSON body).
 fn api(rig: &Rig, method: &str, path: &str, body: Option<&str>) -> Result<(u16, Value)> {
-    let (code, text) = raw_api(&socket_path(rig), method, path, body)?;
-    let v: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{method} {path}: HTTP {code} body is not JSON: {text:?}"))?;
-    Ok((code, v))
-}
-
-fn raw_api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
-    let mut s = UnixStream::connect(sock).with_context(|| format!("connect {}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: farmlb\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let code: u16 = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("bad HTTP response {resp:?}"))?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-/// Run the `farmlb` CLI against `sock`: (success, stdout, stderr).
-fn cli(sock: &Path, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = Command::new(farmlb_bin())
-        .arg("--socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .context("running farmlb")?;
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    println!("$ farmlb {}\n{so}{se}", args.join(" "));
-    Ok((out.status.success(), so, se))
-}
-
-fn cli_ok(sock: &Path, args: &[&str]) -> Result<String> {
-    let (ok, so, se) = cli(sock, args)?;
-    ensure!(ok, "farmlb {} failed: {se}", args.join(" "));
-    Ok(so)
+    ctl::api(&socket_path(rig), method, path, body)
 }
 
 /// Scrape `/metrics` inside the director namespace; returns `name{labels}` → value.
-fn scrape(rig: &Rig) -> Result<BTreeMap<String, f64>> {
-    let addr: SocketAddr = METRICS.parse()?;
-    let text = in_netns(&rig.ns_lb(), move || -> Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut r = String::new();
-        s.read_to_string(&mut r)?;
-        Ok(r)
-    })??;
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "scrape: {head}");
-    ensure!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text"),
-        "{head}"
-    );
-    ensure!(body.trim_end().ends_with("# EOF"), "no # EOF in {body}");
-    let mut m = BTreeMap::new();
-    for line in body
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let (key, value) = line
-            .rsplit_once(' ')
-            .with_context(|| format!("bad sample line {line:?}"))?;
-        let v: f64 = value
-            .parse()
-            .with_context(|| format!("bad value in {line:?}"))?;
-        m.insert(key.to_string(), v);
-    }
-    Ok(m)
-}
-
-fn metric(m: &BTreeMap<String, f64>, key: &str) -> Result<f64> {
-    m.get(key).copied().with_context(|| {
-        format!(
-            "metric {key} missing; have: {:?}",
-            m.keys().collect::<Vec<_>>()
-        )
-    })
+fn scrape(rig: &Rig) -> Result<Metrics> {
+    ctl::scrape(&rig.ns_lb(), METRICS.parse()?, "1.1")
 }
 
 // --- health checks --------------------------------------------------------------------------
@@ -359,16 +231,14 @@ fn detection(s: &mut Setup, interval: Duration, rise: u32, fall: u32) -> Result<
 
 #[test]
 fn failed_backend_leaves_the_table_and_returns() -> Result<()> {
-    let mut s = setup("ctlhc", 3, |r| {
-        web(r, FAST_CHECK, &[(0, 1), (1, 1), (2, 1)])
-    })?;
+    let mut s = setup_web3("ctlhc")?;
     detection(&mut s, Duration::from_millis(200), 2, 3)?;
     ensure!(
         s.daemon.log().contains("backend is DOWN") && s.daemon.log().contains("backend is UP"),
         "transitions not logged:\n{}",
         s.daemon.log()
     );
-    s.finish()
+    s.finish_clean()
 }
 
 #[test]
@@ -385,7 +255,7 @@ fn detection_time_with_default_timers() -> Result<()> {
         "default check: {svc}"
     );
     detection(&mut s, Duration::from_secs(2), 2, 3)?;
-    s.finish()
+    s.finish_clean()
 }
 
 #[test]
@@ -426,16 +296,14 @@ fn every_backend_down_drops_loudly() -> Result<()> {
     let counts = s.connect_ok(20, "b1 back")?;
     ensure!(counts.get("b1") == Some(&20), "{counts:?}");
     ensure!(s.daemon.log().contains("usable backends again"));
-    s.finish()
+    s.finish_clean()
 }
 
 // --- drain --------------------------------------------------------------------------------
 
 #[test]
 fn drain_through_cli_keeps_established_connection() -> Result<()> {
-    let s = setup("ctldrn", 3, |r| {
-        web(r, FAST_CHECK, &[(0, 1), (1, 1), (2, 1)])
-    })?;
+    let s = setup_web3("ctldrn")?;
     let sources = s.rig.client_sources_v4();
     // Open connections until one lands on b2.
     let mut on_b2 = None;
@@ -496,7 +364,7 @@ fn drain_through_cli_keeps_established_connection() -> Result<()> {
     ensure!(!counts.contains_key("b2"), "{counts:?}");
     ensure!(conn.ping()? == "b2");
     drop(conn);
-    s.finish()
+    s.finish_clean()
 }
 
 // --- exec check with dynamic weight ---------------------------------------------------------
@@ -567,7 +435,7 @@ fn exec_check_dynamic_weight_moves_the_share() -> Result<()> {
             .is_some_and(|d| d.contains("exited with 1")),
         "{b2}"
     );
-    s.finish()?;
+    s.finish_clean()?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -864,16 +732,14 @@ fn api_rejects_bad_requests_and_changes_nothing() -> Result<()> {
     ensure!(s.status()?["services"].as_array().map(Vec::len) == Some(1));
     drop(alt);
     ensure!(snapshot(&s)?.1 == before.1, "state after add/del differs");
-    s.finish()
+    s.finish_clean()
 }
 
 // --- reload -------------------------------------------------------------------------------
 
 #[test]
 fn reload_applies_the_file_and_rejects_a_broken_one() -> Result<()> {
-    let mut s = setup("ctlrld", 3, |r| {
-        web(r, FAST_CHECK, &[(0, 1), (1, 1), (2, 1)])
-    })?;
+    let mut s = setup_web3("ctlrld")?;
     let sources = s.rig.client_sources_v4();
     let mut conns = Vec::new();
     for src in &sources[..12] {
@@ -977,16 +843,14 @@ fn reload_applies_the_file_and_rejects_a_broken_one() -> Result<()> {
     ensure!(find_backend(&st, &s.b(3)).is_none(), "b4 still there: {st}");
     pings(&mut conns, "after SIGHUP")?;
     drop(conns);
-    s.finish()
+    s.finish_clean()
 }
 
 // --- metrics ------------------------------------------------------------------------------
 
 #[test]
 fn metrics_counters_grow_with_traffic() -> Result<()> {
-    let s = setup("ctlmet", 3, |r| {
-        web(r, FAST_CHECK, &[(0, 1), (1, 1), (2, 1)])
-    })?;
+    let s = setup_web3("ctlmet")?;
     wait_for(Duration::from_secs(2), "checks ran", || {
         Ok(s.backend(&s.b(2))?["last_check"]["ok"] == true)
     })?;
@@ -1098,95 +962,56 @@ fn metrics_counters_grow_with_traffic() -> Result<()> {
         text.matches("DATA PLANE").count() >= 2 && text.contains("PKT/S"),
         "{text}"
     );
-    s.finish()
+    s.finish_clean()
 }
 
 // --- http and udp checks ------------------------------------------------------------------
 
-/// A minimal HTTP server in a namespace answering every request with the status in `status`.
-struct HttpHealth {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl HttpHealth {
-    fn start(
-        ns: &str,
-        port: u16,
-        status: std::sync::Arc<std::sync::atomic::AtomicU16>,
-    ) -> Result<Self> {
-        use std::sync::atomic::Ordering;
-        let l = in_netns(ns, move || std::net::TcpListener::bind(("0.0.0.0", port)))??;
-        l.set_nonblocking(true)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            while !flag.load(Ordering::SeqCst) {
-                match l.accept() {
-                    Ok((mut c, _)) => {
-                        let _ = c.set_nonblocking(false);
-                        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-                        let mut buf = [0u8; 1024];
-                        let _ = c.read(&mut buf);
-                        let code = status.load(Ordering::SeqCst);
-                        let _ = write!(c, "HTTP/1.0 {code} X\r\nContent-Length: 0\r\n\r\n");
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
+/// A minimal HTTP server in a namespace answering every request with the status in `status`;
+/// it closes when dropped.
+fn http_health(
+    ns: &str,
+    port: u16,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+) -> Result<Background> {
+    use std::sync::atomic::Ordering;
+    let l = in_netns(ns, move || std::net::TcpListener::bind(("0.0.0.0", port)))??;
+    l.set_nonblocking(true)?;
+    Ok(Background::spawn(move |stop| {
+        while !stop.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut buf = [0u8; 1024];
+                    let _ = c.read(&mut buf);
+                    let code = status.load(Ordering::SeqCst);
+                    let _ = write!(c, "HTTP/1.0 {code} X\r\nContent-Length: 0\r\n\r\n");
                 }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
             }
-        });
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for HttpHealth {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
-    }
+    }))
 }
 
 /// A UDP responder in a namespace: replies with the current `reply` to every datagram; the
 /// socket closes (so the port answers ICMP unreachable) when dropped.
-struct UdpResponder {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl UdpResponder {
-    fn start(ns: &str, port: u16, reply: std::sync::Arc<std::sync::Mutex<String>>) -> Result<Self> {
-        let sock = in_netns(ns, move || std::net::UdpSocket::bind(("0.0.0.0", port)))??;
-        sock.set_read_timeout(Some(Duration::from_millis(20)))?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
-                    let r = reply.lock().unwrap().clone();
-                    let _ = sock.send_to(r.as_bytes(), peer);
-                }
+fn udp_responder(
+    ns: &str,
+    port: u16,
+    reply: std::sync::Arc<std::sync::Mutex<String>>,
+) -> Result<Background> {
+    let sock = in_netns(ns, move || std::net::UdpSocket::bind(("0.0.0.0", port)))??;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+    Ok(Background::spawn(move |stop| {
+        let mut buf = [0u8; 512];
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                let r = reply.lock().unwrap().clone();
+                let _ = sock.send_to(r.as_bytes(), peer);
             }
-        });
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for UdpResponder {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
-    }
+    }))
 }
 
 #[test]
@@ -1205,9 +1030,9 @@ fn http_and_udp_checks_follow_the_backend() -> Result<()> {
         )
     })?;
     let status = Arc::new(AtomicU16::new(200));
-    let http = HttpHealth::start(&s.rig.ns_backend(0), 8081, status.clone())?;
+    let http = http_health(&s.rig.ns_backend(0), 8081, status.clone())?;
     let reply = Arc::new(Mutex::new("pong".to_string()));
-    let udp = UdpResponder::start(&s.rig.ns_backend(1), 5353, reply.clone())?;
+    let udp = udp_responder(&s.rig.ns_backend(1), 5353, reply.clone())?;
     let detail = |i: usize| -> Result<String> {
         Ok(s.backend(&s.b(i))?["last_check"]["detail"]
             .as_str()
@@ -1215,6 +1040,11 @@ fn http_and_udp_checks_follow_the_backend() -> Result<()> {
             .to_string())
     };
     let limit = Duration::from_secs(3);
+    // Wait until backend `i` is down; the detail of its last check.
+    let down = |i: usize, what: &str| -> Result<String> {
+        wait_for(limit, what, || Ok(s.health(i)? == "down"))?;
+        detail(i)
+    };
     wait_for(limit, "both checked ok", || {
         Ok(
             s.health(0)? == "up"
@@ -1226,8 +1056,7 @@ fn http_and_udp_checks_follow_the_backend() -> Result<()> {
     s.connect_ok(40, "http+udp checks up")?;
 
     status.store(503, Ordering::SeqCst);
-    wait_for(limit, "b1 down on HTTP 503", || Ok(s.health(0)? == "down"))?;
-    let d = detail(0)?;
+    let d = down(0, "b1 down on HTTP 503")?;
     ensure!(d == "HTTP status 503, expected 200-299", "{d}");
     let counts = s.connect_ok(40, "b1 down (HTTP 503)")?;
     ensure!(counts.keys().collect::<Vec<_>>() == ["b2"], "{counts:?}");
@@ -1235,26 +1064,17 @@ fn http_and_udp_checks_follow_the_backend() -> Result<()> {
     wait_for(limit, "b1 up on HTTP 204", || Ok(s.health(0)? == "up"))?;
 
     *reply.lock().unwrap() = "nope".into();
-    wait_for(limit, "b2 down on a wrong reply", || {
-        Ok(s.health(1)? == "down")
-    })?;
-    let d = detail(1)?;
+    let d = down(1, "b2 down on a wrong reply")?;
     ensure!(d.contains("does not contain \"pong\""), "{d}");
     let counts = s.connect_ok(40, "b2 down (wrong UDP reply)")?;
     ensure!(counts.keys().collect::<Vec<_>>() == ["b1"], "{counts:?}");
     *reply.lock().unwrap() = "pong".into();
     wait_for(limit, "b2 up again", || Ok(s.health(1)? == "up"))?;
     drop(udp);
-    wait_for(limit, "b2 down on a closed port", || {
-        Ok(s.health(1)? == "down")
-    })?;
-    let d = detail(1)?;
+    let d = down(1, "b2 down on a closed port")?;
     ensure!(d.contains("refused"), "ICMP port unreachable expected: {d}");
     drop(http);
-    wait_for(limit, "b1 down on a closed port", || {
-        Ok(s.health(0)? == "down")
-    })?;
-    let d = detail(0)?;
+    let d = down(0, "b1 down on a closed port")?;
     ensure!(d.contains("refused"), "{d}");
-    s.finish()
+    s.finish_clean()
 }

@@ -9,19 +9,14 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use lb_tests::{
-    connect_many, farmlb_config, format_distribution, start_on_backend, start_on_backends, tally,
-    write_config, Daemon, HashMode, IdentityServer, LongConn, Rig, RigOpts, Service, VIP_V4,
-    VIP_V6,
+    connect_many, farmlb_config, format_distribution, start_on_backend, tally, DirectorRig,
+    HashMode, LongConn, Rig, Service, VIP_V4, VIP_V6,
 };
 
 const PORT: u16 = 80;
 
 /// A rig with identity servers on every backend and farmlb running one service over all of them.
-struct Setup {
-    rig: Rig,
-    servers: Vec<IdentityServer>,
-    daemon: Daemon,
-}
+type Setup = DirectorRig;
 
 fn backend_addrs(rig: &Rig, v6: bool) -> Vec<IpAddr> {
     (0..rig.backend_count())
@@ -41,33 +36,26 @@ fn service(rig: &Rig, v6: bool, hash: HashMode) -> Service {
     } else {
         IpAddr::V4(VIP_V4)
     };
-    Service::tcp("web", vip, PORT)
-        .hash(hash)
-        .backends(backend_addrs(rig, v6))
+    Service {
+        hash,
+        ..Service::tcp("web", vip, PORT)
+    }
+    .backends(backend_addrs(rig, v6))
 }
 
 fn setup(prefix: &str, v6: bool, hash: HashMode) -> Result<Setup> {
-    let rig = Rig::up(RigOpts::new(prefix, 3))?;
-    let servers = start_on_backends(&rig, PORT)?;
-    let config = farmlb_config(&rig, &[service(&rig, v6, hash)]);
-    let path = write_config(&rig, &config)?;
-    let daemon = Daemon::start(&rig, &path)?;
-    Ok(Setup {
-        rig,
-        servers,
-        daemon,
+    DirectorRig::up(prefix, 3, PORT, |rig| {
+        farmlb_config(rig, &[service(rig, v6, hash)])
     })
 }
 
-impl Setup {
-    /// Stop farmlb (must exit cleanly and detach), then the servers, then the rig.
-    fn finish(mut self) -> Result<()> {
-        self.daemon.stop()?;
-        let attached = lb_tests::xdp_attached(&self.rig)?;
+/// Stop farmlb (must exit cleanly and detach), then the servers, then the rig.
+fn finish(s: Setup) -> Result<()> {
+    s.finish(|rig| {
+        let attached = lb_tests::xdp_attached(rig)?;
         ensure!(!attached, "XDP program still attached after farmlb exited");
-        self.servers.clear();
-        self.rig.down()
-    }
+        Ok(())
+    })
 }
 
 /// Assert every backend got within `tol` (fraction) of an equal share of `total`.
@@ -94,28 +82,14 @@ fn check_balance(counts: &BTreeMap<String, usize>, backends: usize, tol: f64) ->
 
 fn balance_test(prefix: &str, v6: bool, n: usize, tol: f64) -> Result<()> {
     let s = setup(prefix, v6, HashMode::FiveTuple)?;
-    let (vip, sources) = if v6 {
-        (IpAddr::V6(VIP_V6), s.rig.client_sources_v6())
+    let vip = if v6 {
+        IpAddr::V6(VIP_V6)
     } else {
-        (IpAddr::V4(VIP_V4), s.rig.client_sources_v4())
+        IpAddr::V4(VIP_V4)
     };
-    let results = connect_many(&s.rig.ns_client(), vip, PORT, n, &sources);
-    let (counts, failures) = tally(&results);
-    println!(
-        "{n} connections from {} sources to {vip}:{PORT} (5-tuple hash):\n{}  failed {}",
-        sources.len(),
-        format_distribution(&counts),
-        failures.len()
-    );
-    ensure!(
-        failures.is_empty(),
-        "{} of {n} connections failed, first: {}\nfarmlb log:\n{}",
-        failures.len(),
-        failures[0],
-        s.daemon.log()
-    );
+    let counts = s.connect_to_ok(vip, PORT, n, &format!("to {vip}:{PORT} (5-tuple hash)"))?;
     check_balance(&counts, 3, tol)?;
-    s.finish()
+    finish(s)
 }
 
 #[test]
@@ -176,7 +150,7 @@ fn src_ip_mode_sticks() -> Result<()> {
         "all {} sources landed on one backend: {per_backend:?}",
         sources.len()
     );
-    s.finish()
+    finish(s)
 }
 
 #[test]
@@ -250,5 +224,5 @@ fn long_lived_connection_survives_backend_add() -> Result<()> {
         ensure!(c.ping()? == before[i]);
     }
     drop(conns);
-    s.finish()
+    finish(s)
 }

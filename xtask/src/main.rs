@@ -198,31 +198,24 @@ fn setup() -> Result<()> {
             .args(&missing))?;
     }
 
-    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]));
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
+    // (rustup command listing what is there, the line prefix that shows it is, how to add it)
+    let rustup: [(&str, &str, &str); 2] = [
+        (
+            "toolchain list",
             "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
-    }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]));
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
+            "toolchain install nightly --profile minimal",
+        ),
+        (
+            "component list --toolchain nightly --installed",
             "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+            "component add rust-src --toolchain nightly",
+        ),
+    ];
+    for (list, present, add) in rustup {
+        let listed = output(Command::new("rustup").args(list.split(' ')));
+        if !listed.lines().any(|l| l.starts_with(present)) {
+            run(Command::new("rustup").args(add.split(' ')))?;
+        }
     }
 
     if !succeeds(Command::new("bpf-linker").arg("--version")) {

@@ -118,14 +118,7 @@ fn backend_kill(env: &mut BenchRig, lb: Lb, phase: Duration) -> Result<Watch> {
 }
 
 fn farm_services() -> Vec<FarmService> {
-    vec![FarmService {
-        name: "web".into(),
-        vip: lb_tests::farm_rig::FARM_VIP.into(),
-        port: TCP_PORT,
-        hash: "5-tuple",
-        forwarding: "farm",
-        backends: vec![],
-    }]
+    vec![FarmService::farm("web", FARM_VIP.into(), TCP_PORT)]
 }
 
 const FARM_PREFIX: &str = "benchfarm";
@@ -186,7 +179,7 @@ impl Farm {
     fn node_loss(&mut self) -> Result<Watch> {
         let victim = self.tags.last().expect("3 nodes").clone();
         let dst = SocketAddr::new(IpAddr::V4(FARM_VIP), TCP_PORT);
-        let sources = self.rig.client_sources();
+        let sources = self.rig.client_sources_v4();
         let ns = self.rig.ns_client();
         for k in 0..30 {
             try_identify(&ns, sources[k % sources.len()], dst, ATTEMPT_TIMEOUT)

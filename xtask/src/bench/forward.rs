@@ -95,24 +95,39 @@ fn prepare(env: &BenchRig) -> Result<Ebpf> {
     let vlb = sys::threaded_napi(&sw, "v-lb")?;
     sys::pin(vlb, GEN_CPU)?;
     netns::in_netns(&sw, || -> Result<Ebpf> {
-        let name = std::ffi::CString::new("v-lb")?;
-        // SAFETY: NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            bail!("no v-lb in the switch namespace");
-        }
-        let mut ebpf = EbpfLoader::new()
-            .override_global("REDIRECT_IFINDEX", &ifindex, true)
-            .load(farmlb::REFERENCE_OBJECT)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut("bench_redirect_xdp")
-            .context("bench_redirect_xdp missing from the reference object")?
-            .try_into()?;
-        prog.load()?;
-        prog.attach("v-cl", XdpMode::Driver)
+        let ifindex = ifindex("v-lb")?;
+        let mut ebpf = load_reference("bench_redirect_xdp", "REDIRECT_IFINDEX", &ifindex)?;
+        xdp(&mut ebpf, "bench_redirect_xdp")?
+            .attach("v-cl", XdpMode::Driver)
             .context("attaching bench_redirect_xdp to v-cl")?;
         Ok(ebpf)
     })?
+}
+
+/// Index of interface `name` in this thread's namespace.
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: NUL-terminated name.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("no interface {name} in this namespace"),
+        i => Ok(i),
+    }
+}
+
+/// The reference object with `global` set to `value`, its program `prog` loaded.
+fn load_reference<T: aya::Pod>(prog: &str, global: &str, value: &T) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global(global, value, true)
+        .load(farmlb::REFERENCE_OBJECT)?;
+    xdp(&mut ebpf, prog)?.load()?;
+    Ok(ebpf)
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut Xdp> {
+    Ok(ebpf
+        .program_mut(prog)
+        .with_context(|| format!("{prog} missing from the reference object"))?
+        .try_into()?)
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6]> {
@@ -146,22 +161,11 @@ fn generate(
 ) -> Result<netns::NetnsThread<Result<u64>>> {
     netns::spawn_in_netns(ns, move || -> Result<u64> {
         sys::pin(0, GEN_CPU)?;
-        let name = std::ffi::CString::new("eth0")?;
-        // SAFETY: NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            bail!("no eth0 in the client namespace");
-        }
+        let ifindex = ifindex("eth0")?;
         let mut macs = [0u8; 12];
         macs.copy_from_slice(&pkt[..12]);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("GEN_MACS", &macs, true)
-            .load(farmlb::REFERENCE_OBJECT)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut("bench_gen_xdp")
-            .context("bench_gen_xdp missing from the reference object")?
-            .try_into()?;
-        prog.load()?;
+        let mut ebpf = load_reference("bench_gen_xdp", "GEN_MACS", &macs)?;
+        let prog = xdp(&mut ebpf, "bench_gen_xdp")?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());

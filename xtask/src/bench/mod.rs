@@ -268,12 +268,6 @@ fn measure(quick: bool) -> Result<()> {
     let only = std::env::var("FARMLB_BENCH_ONLY").ok();
     let want = |p: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == p));
     // (part name, section id, title, metric keys and names reported if the part fails)
-    const PKT: Part = (
-        "pkt",
-        "per_packet",
-        "Per-packet cost (BPF_PROG_TEST_RUN)",
-        &[("pkt", "Per-packet cost")],
-    );
     const FWD: Part = (
         "fwd",
         "forwarding",
@@ -295,12 +289,6 @@ fn measure(quick: bool) -> Result<()> {
             ),
         ],
     );
-    const MAGLEV: Part = (
-        "maglev",
-        "maglev",
-        "Maglev table build and disruption",
-        &[("maglev", "Maglev build and disruption")],
-    );
     const FAIL: Part = (
         "fail",
         "failure",
@@ -315,6 +303,18 @@ fn measure(quick: bool) -> Result<()> {
                 "Farm node lost → last new connection sent to it",
             ),
         ],
+    );
+    const PKT: Part = (
+        "pkt",
+        "per_packet",
+        "Per-packet cost (BPF_PROG_TEST_RUN)",
+        &[("pkt", "Per-packet cost")],
+    );
+    const MAGLEV: Part = (
+        "maglev",
+        "maglev",
+        "Maglev table build and disruption",
+        &[("maglev", "Maglev build and disruption")],
     );
     let part = |p: Part, f: &mut dyn FnMut() -> Result<Section>| -> Section {
         if !want(p.0) {

@@ -234,6 +234,11 @@ pub struct FarmConfig {
     /// `member_slot(node id)` of this node; 0 = not a farm member (every farm flow dropped).
     pub own_member: u32,
     pub _pad: u32,
+    /// `bpf_ktime_get_ns` until which this node takes new flows. The daemon renews it well
+    /// within the time the other members need to declare this node down, so a node whose
+    /// daemon died stops taking new flows by the time the others take its share over,
+    /// while its live connections (those with a local socket) stay.
+    pub lease_until_ns: u64,
 }
 
 /// Linux `TCP_LISTEN` / `TCP_NEW_SYN_RECV`: a socket lookup that lands on a listener is not a
@@ -307,6 +312,9 @@ stats! {
     FarmDropNotOwner = "farm_drop_not_owner",
     /// Farm: non-SYN TCP packet without a local socket (the connection lives elsewhere).
     FarmDropNoSocket = "farm_drop_no_socket",
+    /// Farm: a new flow (TCP SYN, UDP) while this node's lease has run out (no daemon
+    /// renews it): the other members own its share by now; live connections stay.
+    FarmDropLease = "farm_drop_lease",
 }
 
 const _: () = {
@@ -317,7 +325,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 16);
     assert!(core::mem::size_of::<GlobalConfig>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<FarmConfig>() == 8);
+    assert!(core::mem::size_of::<FarmConfig>() == 16);
     // `ALL[i]` is the stat with index `i`.
     let mut i = 0;
     while i < Stat::ALL.len() {

@@ -4,13 +4,17 @@
 //! owner never answers a stranger's segment with a RST). UDP: conntrack remembers each flow's
 //! owner until it idles out or its owner leaves. Kept frames go to the local stack with this
 //! node's MAC as destination, since they arrived addressed to the farm's virtual MAC.
+//! New flows are taken only while the node's lease (renewed by its daemon) runs.
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as SockTupleV4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as SockTupleV6, xdp_action,
     },
-    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_sk_release, bpf_skc_lookup_tcp},
+    },
     programs::XdpContext,
 };
 use lb_common::{
@@ -25,18 +29,22 @@ use crate::{
 
 #[inline(always)]
 pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalConfig) -> u32 {
-    let own = match FARM.get(0) {
-        Some(f) => f.own_member,
-        None => NO_BACKEND,
+    let (own, lease) = match FARM.get(0) {
+        Some(f) => (f.own_member, f.lease_until_ns),
+        None => (NO_BACKEND, 0),
     };
+    if pkt.flow.proto == PROTO_TCP && !pkt.is_syn {
+        return if has_socket(ctx, &pkt.flow, pkt.v6) {
+            deliver(ctx, pkt, svc, cfg, own, Stat::FarmPassSocket)
+        } else {
+            verdict(Stat::FarmDropNoSocket, xdp_action::XDP_DROP)
+        };
+    }
+    // SAFETY: helper without side effects.
+    if unsafe { bpf_ktime_get_ns() } > lease {
+        return verdict(Stat::FarmDropLease, xdp_action::XDP_DROP);
+    }
     let owner = if pkt.flow.proto == PROTO_TCP {
-        if !pkt.is_syn {
-            return if has_socket(ctx, &pkt.flow, pkt.v6) {
-                deliver(ctx, pkt, svc, cfg, own, Stat::FarmPassSocket)
-            } else {
-                verdict(Stat::FarmDropNoSocket, xdp_action::XDP_DROP)
-            };
-        }
         select::ring_owner(svc, &pkt.flow)
     } else {
         select::backend(svc, &pkt.flow, false, cfg.udp_timeout_ns)

@@ -83,6 +83,10 @@ impl Fixture {
         director
             .apply(&cfg, &mut k.maps(), &mut macs)
             .expect("apply config");
+        // The daemon renews the lease while it runs; fixtures hold one that never ends.
+        director
+            .set_lease(u64::MAX, &mut k.maps())
+            .expect("farm lease");
         let mut f = Fixture { k, director };
         f.members(&[(1, 1), (2, 1), (3, 1)]);
         f
@@ -194,12 +198,7 @@ fn established_socket_keeps_its_flow_but_a_listener_does_not() {
     // A farm service on 127.0.0.1:port, sharing web4's ownership ring, programmed directly
     // (the config refuses loopback VIPs).
     let web = f.director.services["web4"].info;
-    let key = ServiceKey {
-        addr: addr_of(server.ip()),
-        port: server.port(),
-        proto: PROTO_TCP,
-        _pad: 0,
-    };
+    let key = ServiceKey::new(addr_of(server.ip()), server.port(), PROTO_TCP);
     let info = ServiceInfo {
         id: 100,
         fwd_mode: FWD_FARM,
@@ -278,4 +277,56 @@ fn udp_flows_keep_their_owner_until_it_leaves() {
         let (action, reason, _) = f.run(p);
         assert_eq!((action, reason), (Action::Pass, Stat::FarmPassOwner));
     }
+}
+
+/// A node whose lease ran out (its daemon is gone) takes no new flow, TCP or UDP, whatever
+/// the ring says, while a connection with a local socket keeps flowing.
+#[test]
+fn an_expired_lease_takes_no_new_flows_but_keeps_live_connections() {
+    let mut f = Fixture::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let conn = TcpStream::connect(server).unwrap();
+    let _accepted = listener.accept().unwrap();
+    let local = conn.local_addr().unwrap();
+    let web = f.director.services["web4"].info;
+    let key = ServiceKey::new(addr_of(server.ip()), server.port(), PROTO_TCP);
+    let info = ServiceInfo {
+        id: 100,
+        fwd_mode: FWD_FARM,
+        ..web
+    };
+    f.k.maps().set_service(&key, &info).unwrap();
+    // This node owns everything, so only the lease can refuse.
+    f.members(&[(1, 1)]);
+    f.k.model.sockets.insert(flow_key(local, server, PROTO_TCP));
+    let stranger: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let (action, reason, _) = f.run(&syn(stranger, server));
+    assert_eq!(
+        (action, reason),
+        (Action::Pass, Stat::FarmPassOwner),
+        "lease running"
+    );
+
+    f.director.set_lease(1, &mut f.k.maps()).unwrap();
+    let (action, reason, _) = f.run(&syn(stranger, server));
+    assert_eq!((action, reason), (Action::Drop, Stat::FarmDropLease));
+    let udp = PacketBuilder::udp(client(7, 53_000, false), "10.99.100.1:53".parse().unwrap())
+        .payload(8)
+        .build();
+    let (action, reason, _) = f.run(&udp);
+    assert_eq!((action, reason), (Action::Drop, Stat::FarmDropLease));
+    let seg = PacketBuilder::tcp(local, server)
+        .flags(TCP_ACK)
+        .payload(5)
+        .build();
+    let (action, reason, out) = f.run(&seg);
+    assert_eq!((action, reason), (Action::Pass, Stat::FarmPassSocket));
+    assert_eq!(&out[0..6], &OWN_MAC);
+
+    // Renewed: new flows again.
+    f.director.set_lease(u64::MAX, &mut f.k.maps()).unwrap();
+    let (action, reason, _) = f.run(&syn(stranger, server));
+    assert_eq!((action, reason), (Action::Pass, Stat::FarmPassOwner));
+    drop(conn);
 }

@@ -94,6 +94,7 @@ pub fn farmlb_config(rig: &Rig, services: &[Service]) -> String {
     let _ = writeln!(s, "udp_timeout = \"30s\"");
     // The API socket is a filesystem path: one per rig so concurrent rigs never share it.
     let _ = writeln!(s, "api_socket = \"{}\"", api_socket(rig).display());
+    s += &crate::pins::config_lines(rig.prefix(), "lb");
     s + &services_toml(services)
 }
 
@@ -168,7 +169,8 @@ pub fn xdp_attached(rig: &Rig) -> Result<bool> {
     Ok(out.contains("xdp"))
 }
 
-/// `farmlb run` inside the director namespace. Stopped with SIGINT on [`Daemon::stop`] or drop.
+/// `farmlb run` inside the director namespace. Stopped (and its data plane removed) on
+/// [`Daemon::stop`] or drop.
 /// Everything else is [`Process`]'s.
 pub struct Daemon(Process);
 
@@ -183,7 +185,8 @@ impl Daemon {
             bail!("an XDP program is already attached in {}", rig.ns_lb());
         }
         let log_path = std::env::temp_dir().join(format!("farmlb-{}.log", rig.prefix()));
-        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path)?;
+        let pins = crate::pins::pin_dir(rig.prefix(), "lb");
+        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path, &pins)?;
         p.wait_attached(START_TIMEOUT, || xdp_attached(rig))?;
         // The program is attached; give the daemon a moment in case it fills maps afterwards.
         thread::sleep(Duration::from_millis(200));
@@ -191,7 +194,7 @@ impl Daemon {
         Ok(Daemon(p))
     }
 
-    /// Send SIGINT and wait for the exit (SIGKILL after 10 s). Fails unless it exits cleanly.
+    /// Stop farmlb and remove its data plane (see [`Process::stop`]).
     pub fn stop(&mut self) -> Result<ExitStatus> {
         self.0.stop()?.context("daemon already stopped")
     }

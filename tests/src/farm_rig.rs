@@ -81,7 +81,7 @@ pub fn teardown(prefix: &str) -> Result<()> {
             let _ = netns::run(&["ip", "netns", "delete", &ns]);
         }
     }
-    Ok(())
+    crate::pins::clear(prefix)
 }
 
 impl FarmRig {
@@ -328,6 +328,7 @@ pub fn node_config(
     // Namespaces share the filesystem: every node needs its own API socket. Metrics keep the
     // default 127.0.0.1:9740, which is per namespace.
     let _ = writeln!(s, "api_socket = \"{}\"", api_socket(rig, tag).display());
+    s += &crate::pins::config_lines(rig.prefix(), tag);
     let _ = writeln!(s, "\n[farm]\nnode_id = {node_id}");
     let _ = writeln!(s, "address = \"{}:{MEMBER_PORT}\"", rig.addr(tag));
     let peers: Vec<String> = members
@@ -383,7 +384,9 @@ impl FarmNode {
         let config_path = temp_file(rig, tag, "toml");
         fs::write(&config_path, config)?;
         let name = format!("farmlb on {tag}");
-        let mut process = Process::spawn(&name, &ns, &config_path, &temp_file(rig, tag, "log"))?;
+        let pins = crate::pins::pin_dir(rig.prefix(), tag);
+        let log = temp_file(rig, tag, "log");
+        let mut process = Process::spawn(&name, &ns, &config_path, &log, &pins)?;
         process.wait_attached(Duration::from_secs(20), || xdp_on(&ns))?;
         Ok(FarmNode {
             tag: tag.into(),
@@ -391,7 +394,7 @@ impl FarmNode {
         })
     }
 
-    /// SIGINT and wait for a clean exit (nothing to do if it is not running).
+    /// Stop farmlb and remove its data plane (nothing to do if it is not running).
     pub fn stop(&mut self) -> Result<()> {
         self.process.stop().map(drop)
     }

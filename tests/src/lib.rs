@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod farm_rig;
 pub mod netns;
+pub mod pins;
 pub mod process;
 pub mod rig;
 pub mod server;

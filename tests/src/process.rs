@@ -16,7 +16,7 @@ use crate::{
     wait::{poll, wait_until},
 };
 
-/// How long a process gets to exit after SIGINT before it is killed.
+/// How long a process gets to exit after a signal before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running (or stopped) `farmlb run --config FILE`, its output going to a log file.
@@ -26,11 +26,19 @@ pub struct Process {
     child: Option<Child>,
     config_path: PathBuf,
     log_path: PathBuf,
+    /// The daemon's `pin_path`: [`Process::stop`] removes its data plane too.
+    pin_dir: PathBuf,
 }
 
 impl Process {
     /// Start `farmlb run --config <config_path>` in namespace `ns`, logging to `log_path`.
-    pub fn spawn(name: &str, ns: &str, config_path: &Path, log_path: &Path) -> Result<Process> {
+    pub fn spawn(
+        name: &str,
+        ns: &str,
+        config_path: &Path,
+        log_path: &Path,
+        pin_dir: &Path,
+    ) -> Result<Process> {
         let bin = farmlb_bin();
         if !bin.exists() {
             bail!(
@@ -61,6 +69,7 @@ impl Process {
             child: Some(child),
             config_path: config_path.to_path_buf(),
             log_path: log_path.to_path_buf(),
+            pin_dir: pin_dir.to_path_buf(),
         })
     }
 
@@ -137,7 +146,7 @@ impl Process {
         self.exited("on SIGHUP")
     }
 
-    /// SIGKILL (a farm node says no goodbye to the farm).
+    /// SIGKILL (a farm node says no goodbye to the farm; the data plane stays pinned).
     pub fn kill9(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
             c.kill()?;
@@ -146,22 +155,31 @@ impl Process {
         Ok(())
     }
 
-    /// Send SIGINT and wait for the exit (SIGKILL after 10 s). `None` if it was not running;
-    /// fails unless it exits cleanly.
+    /// Stop farmlb and its data plane, as an operator taking it out of service does
+    /// (`farmlb stop --detach`): SIGTERM, wait for the exit, remove the pins. `None` if it
+    /// was not running; fails unless it exits cleanly.
     pub fn stop(&mut self) -> Result<Option<ExitStatus>> {
+        let st = self.exit(libc::SIGTERM)?;
+        farmlb::dataplane::pin::remove(&self.pin_dir)?;
+        Ok(st)
+    }
+
+    /// Send `sig` (SIGTERM, SIGINT) and wait for a clean exit; the data plane stays pinned
+    /// and forwarding. `None` if it was not running.
+    pub fn exit(&mut self, sig: libc::c_int) -> Result<Option<ExitStatus>> {
         let Some(mut child) = self.child.take() else {
             return Ok(None);
         };
         // SAFETY: as in `signal`.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-        let exited = wait_until(STOP_TIMEOUT, "exit after SIGINT", || {
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let exited = wait_until(STOP_TIMEOUT, "exit after the signal", || {
             Ok(child.try_wait()?.is_some())
         });
         if exited.is_err() {
             let _ = child.kill();
             let st = child.wait()?;
             bail!(
-                "{} ignored SIGINT for {STOP_TIMEOUT:?} ({st}); log:\n{}",
+                "{} ignored signal {sig} for {STOP_TIMEOUT:?} ({st}); log:\n{}",
                 self.name,
                 self.log()
             );

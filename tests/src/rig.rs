@@ -87,6 +87,7 @@ impl Names {
         v6_sources: u16,
     ) -> Result<Names> {
         let lock = lock_prefix(prefix)?;
+        crate::pins::ensure_test_bpffs()?;
         teardown(prefix)?;
         Ok(Names {
             prefix: prefix.into(),
@@ -273,6 +274,8 @@ pub fn teardown(prefix: &str) -> Result<()> {
             }
         }
     }
+    // The veths are gone, so are the links; the pinned maps and state stay until removed.
+    crate::pins::clear(prefix)?;
     if errors.is_empty() {
         Ok(())
     } else {

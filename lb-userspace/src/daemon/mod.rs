@@ -134,6 +134,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     owner.restore_overrides(&saved.overrides);
     owner.persist();
     owner.sync_checks();
+    owner.renew_lease();
     let attached = owner
         .dp
         .attach(&owner.cfg.interface, owner.cfg.xdp_mode.into());
@@ -172,6 +173,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         t.abort();
     }
     if let Some(f) = owner.farm.take() {
+        // Leaving: the others take our share at once, so take no new flows from now on
+        // (live connections stay, through their sockets).
+        if let Err(e) = owner.director.set_lease(0, &mut owner.dp) {
+            tracing::warn!("ending the farm lease: {e:#}");
+        }
         f.stop(&owner.director).await;
     }
     // The socket goes last: `farmlb stop` waits for it to know the daemon is gone.
@@ -243,6 +249,11 @@ async fn serve(
     let mut sighup = signal(SignalKind::hangup())?;
     let mut retry = tokio::time::interval(RESOLVE_RETRY);
     let mut garp = tokio::time::interval(GARP_EVERY);
+    let renew = owner
+        .farm
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |f| f.lease() / 4);
+    let mut lease = tokio::time::interval(renew);
     loop {
         tokio::select! {
             _ = sigint.recv() => return Ok(Exit { detach: false }),
@@ -279,6 +290,7 @@ async fn serve(
                 owner.on_view(view);
             }
             Some(r) = resolved_rx.recv() => owner.on_resolved(r),
+            _ = lease.tick() => owner.renew_lease(),
             _ = retry.tick() => owner.tick(),
             _ = garp.tick() => {
                 if let Some(f) = &owner.farm {

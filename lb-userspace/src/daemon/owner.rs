@@ -281,6 +281,15 @@ impl Owner {
         }
     }
 
+    /// Farm role: take new flows for another lease.
+    pub fn renew_lease(&mut self) {
+        let Some(f) = &self.farm else { return };
+        let until = crate::dataplane::monotonic_ns() + f.lease().as_nanos() as u64;
+        if let Err(e) = self.director.set_lease(until, &mut self.dp) {
+            tracing::error!("renewing the farm lease: {e:#}");
+        }
+    }
+
     /// A neighbour resolution finished: a backend with a new MAC joins its table.
     pub fn on_resolved(&mut self, r: Resolved) {
         if self.macs.learned(r) {

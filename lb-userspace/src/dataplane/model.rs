@@ -250,14 +250,17 @@ impl Model {
             backend: own,
             ct: None,
         };
+        if flow.proto == PROTO_TCP && !syn {
+            return if self.sockets.contains(flow) {
+                pass(Stat::FarmPassSocket)
+            } else {
+                Decision::exit(Action::Drop, Stat::FarmDropNoSocket)
+            };
+        }
+        if now > self.farm.lease_until_ns {
+            return Decision::exit(Action::Drop, Stat::FarmDropLease);
+        }
         let (owner, ct) = if flow.proto == PROTO_TCP {
-            if !syn {
-                return if self.sockets.contains(flow) {
-                    pass(Stat::FarmPassSocket)
-                } else {
-                    Decision::exit(Action::Drop, Stat::FarmDropNoSocket)
-                };
-            }
             let owner = if svc.ring_size == 0 {
                 NO_BACKEND
             } else {
@@ -357,19 +360,13 @@ impl Twin {
 
     /// `pkt` through both at the current monotonic time (see [`run_both`]).
     pub fn run(&mut self, pkt: &[u8]) -> anyhow::Result<(Decision, Vec<u8>)> {
-        run_both(&mut self.dp, &mut self.model, pkt, monotonic_ns())
+        run_both(
+            &mut self.dp,
+            &mut self.model,
+            pkt,
+            crate::dataplane::monotonic_ns(),
+        )
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Run `pkt` through the loaded program (BPF_PROG_TEST_RUN) and through `model` at `now_ns`,

@@ -231,6 +231,8 @@ pub struct Director {
     /// Backend slots of an adopted data plane that no service claims: cleared by the next
     /// `apply`, once the rings point elsewhere.
     stale: Vec<u32>,
+    /// Farm mode: until when this node takes new flows (see `FarmConfig::lease_until_ns`).
+    lease_until_ns: u64,
 }
 
 impl Director {
@@ -248,6 +250,7 @@ impl Director {
             members: Vec::new(),
             valid_members: BTreeSet::new(),
             stale: Vec::new(),
+            lease_until_ns: 0,
         }
     }
 
@@ -370,10 +373,7 @@ impl Director {
             layout_version: lb_common::LAYOUT_VERSION as u16,
         })?;
         self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
-        maps.set_farm(&FarmConfig {
-            own_member: self.own_node.map_or(0, member_slot),
-            _pad: 0,
-        })?;
+        self.write_farm(maps)?;
         let wanted: BTreeMap<&str, &ServiceCfg> =
             cfg.services.iter().map(|s| (s.name.as_str(), s)).collect();
 
@@ -649,6 +649,21 @@ impl Director {
         }
         self.valid_members = wanted;
         Ok(())
+    }
+
+    /// Farm mode: this node takes new flows until `until_ns` (`CLOCK_MONOTONIC`); the
+    /// daemon renews it while it runs.
+    pub fn set_lease(&mut self, until_ns: u64, maps: &mut impl Maps) -> Result<()> {
+        self.lease_until_ns = until_ns;
+        self.write_farm(maps)
+    }
+
+    fn write_farm(&self, maps: &mut impl Maps) -> Result<()> {
+        maps.set_farm(&FarmConfig {
+            own_member: self.own_node.map_or(0, member_slot),
+            _pad: 0,
+            lease_until_ns: self.lease_until_ns,
+        })
     }
 
     pub fn members(&self) -> &[Member] {

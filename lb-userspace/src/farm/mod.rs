@@ -161,6 +161,13 @@ impl FarmRole {
         self.farm.node_id
     }
 
+    /// How long this node takes new flows without its daemon: the time a suspect member
+    /// gets before the others declare it down, so by the time they take the share over the
+    /// lease has run out here (see `lb_common::FarmConfig::lease_until_ns`).
+    pub fn lease(&self) -> std::time::Duration {
+        self.farm.suspect_timeout
+    }
+
     pub fn members(&self) -> Vec<Member> {
         members_of(&self.view)
     }

@@ -194,6 +194,19 @@ impl Daemon {
         Ok(Daemon(p))
     }
 
+    /// Start farmlb on a rig whose data plane is still pinned and forwarding (after a kill,
+    /// a SIGTERM or for an upgrade): it adopts it; waits until it says it is attached.
+    pub fn restart(rig: &Rig, config_path: &Path) -> Result<Daemon> {
+        let log_path = std::env::temp_dir().join(format!("farmlb-{}.log", rig.prefix()));
+        let pins = crate::pins::pin_dir(rig.prefix(), "lb");
+        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path, &pins)?;
+        let log = log_path.clone();
+        p.wait_attached(START_TIMEOUT, move || {
+            Ok(fs::read_to_string(&log)?.contains("XDP program attached"))
+        })?;
+        Ok(Daemon(p))
+    }
+
     /// Stop farmlb and remove its data plane (see [`Process::stop`]).
     pub fn stop(&mut self) -> Result<ExitStatus> {
         self.0.stop()?.context("daemon already stopped")

@@ -32,9 +32,10 @@ const METRICS: &str = "127.0.0.1:9740";
 /// A config for the rig: globals, then `services` (TOML text).
 fn config(rig: &Rig, services: &str) -> String {
     format!(
-        "interface = \"{}\"\napi_socket = \"{}\"\nmetrics_address = \"{METRICS}\"\n\n{services}",
+        "interface = \"{}\"\napi_socket = \"{}\"\nmetrics_address = \"{METRICS}\"\n{}\n{services}",
         rig.lb_iface(),
-        socket_path(rig).display()
+        socket_path(rig).display(),
+        lb_tests::pins::config_lines(rig.prefix(), "lb"),
     )
 }
 

@@ -20,6 +20,11 @@ enum Cmd {
     Run {
         #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
         config: PathBuf,
+        /// Take over from a daemon already running this config (an upgrade): ask it to exit,
+        /// leaving the data plane forwarding, then adopt the data plane and replace its
+        /// program in place.
+        #[arg(long)]
+        replace: bool,
     },
     /// Validate a configuration file without touching the system.
     CheckConfig { file: PathBuf },
@@ -45,12 +50,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         // The owner loop runs on this thread; API, metrics and health checks on two workers.
-        Cmd::Run { config } => tokio::runtime::Builder::new_multi_thread()
+        Cmd::Run { config, replace } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(farmlb::daemon::run(&config))),
+            .and_then(|rt| rt.block_on(farmlb::daemon::run(&config, replace))),
         Cmd::Ctl(cmd) => ctl(&cli.ctl, &cmd),
         Cmd::Status { config } => ctl(
             &cli.ctl,

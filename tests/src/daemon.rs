@@ -186,7 +186,7 @@ impl Daemon {
         }
         let log_path = std::env::temp_dir().join(format!("farmlb-{}.log", rig.prefix()));
         let pins = crate::pins::pin_dir(rig.prefix(), "lb");
-        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path, &pins)?;
+        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path, &pins, &[])?;
         p.wait_attached(START_TIMEOUT, || xdp_attached(rig))?;
         // The program is attached; give the daemon a moment in case it fills maps afterwards.
         thread::sleep(Duration::from_millis(200));
@@ -194,12 +194,13 @@ impl Daemon {
         Ok(Daemon(p))
     }
 
-    /// Start farmlb on a rig whose data plane is still pinned and forwarding (after a kill,
-    /// a SIGTERM or for an upgrade): it adopts it; waits until it says it is attached.
-    pub fn restart(rig: &Rig, config_path: &Path) -> Result<Daemon> {
-        let log_path = std::env::temp_dir().join(format!("farmlb-{}.log", rig.prefix()));
+    /// Start farmlb (with `args`, e.g. `--replace`) on a rig whose data plane is still
+    /// pinned and forwarding (after a kill, a SIGTERM, or for an upgrade): it adopts it;
+    /// waits until it says it is attached. It logs to a file of its own.
+    pub fn restart(rig: &Rig, config_path: &Path, args: &[&str]) -> Result<Daemon> {
+        let log_path = std::env::temp_dir().join(format!("farmlb-{}.restart.log", rig.prefix()));
         let pins = crate::pins::pin_dir(rig.prefix(), "lb");
-        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path, &pins)?;
+        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path, &pins, args)?;
         let log = log_path.clone();
         p.wait_attached(START_TIMEOUT, move || {
             Ok(fs::read_to_string(&log)?.contains("XDP program attached"))

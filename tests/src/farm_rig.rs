@@ -386,7 +386,7 @@ impl FarmNode {
         let name = format!("farmlb on {tag}");
         let pins = crate::pins::pin_dir(rig.prefix(), tag);
         let log = temp_file(rig, tag, "log");
-        let mut process = Process::spawn(&name, &ns, &config_path, &log, &pins)?;
+        let mut process = Process::spawn(&name, &ns, &config_path, &log, &pins, &[])?;
         process.wait_attached(Duration::from_secs(20), || xdp_on(&ns))?;
         Ok(FarmNode {
             tag: tag.into(),

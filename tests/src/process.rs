@@ -31,13 +31,15 @@ pub struct Process {
 }
 
 impl Process {
-    /// Start `farmlb run --config <config_path>` in namespace `ns`, logging to `log_path`.
+    /// Start `farmlb run --config <config_path> <args>` in namespace `ns`, logging to
+    /// `log_path`.
     pub fn spawn(
         name: &str,
         ns: &str,
         config_path: &Path,
         log_path: &Path,
         pin_dir: &Path,
+        args: &[&str],
     ) -> Result<Process> {
         let bin = farmlb_bin();
         if !bin.exists() {
@@ -55,6 +57,7 @@ impl Process {
             .arg("run")
             .arg("--config")
             .arg(config_path)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("info".into()),

@@ -44,9 +44,12 @@ const API_QUEUE: usize = 64;
 const PROBE_QUEUE: usize = 4096;
 const SNAPSHOT_QUEUE: usize = 16;
 
-pub async fn run(config_path: &Path) -> Result<()> {
+pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     let file_cfg = Config::load(config_path)?;
     raise_nofile_limit();
+    if replace {
+        replace_running(&file_cfg.api_socket).await?;
+    }
     // API edits and runtime overrides of the previous daemon, if any.
     let state_path = file_cfg.state_file.clone();
     let mut saved = state::RuntimeState::load(&state_path);
@@ -198,6 +201,33 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// `--replace`: ask the daemon serving `socket` to exit (its data plane stays) and wait until
+/// it is gone, so this one adopts the data plane next.
+async fn replace_running(socket: &Path) -> Result<()> {
+    if !socket.exists() {
+        return Ok(());
+    }
+    let c = crate::cli::Client::new(socket);
+    let body = serde_json::json!({ "detach": false });
+    if let Err(e) = c.call("POST", "/v1/stop", Some(&body)).await {
+        tracing::warn!(
+            "--replace: no daemon answered on {}: {e:#}",
+            socket.display()
+        );
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while socket.exists() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "--replace: the running daemon did not exit within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!("--replace: the running daemon exited; taking over its data plane");
+    Ok(())
 }
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit: the default 1024 is what a flood of

@@ -12,19 +12,44 @@
 /// (`lb_ebpf::check_name!`): a rename on either side fails the build. Map roles are documented
 /// at the statics (`lb-ebpf/src/maps.rs`).
 pub mod maps {
+    /// `pub const NAME: &str = "NAME";` for each map.
+    macro_rules! names {
+        ($($name:ident),* $(,)?) => { $(pub const $name: &str = stringify!($name);)* };
+    }
+
     pub const PROGRAM: &str = "farmlb_xdp";
     /// The test rigs' pass-everything program (`lb-ebpf/src/bin/pass.rs`).
     pub const PASS_PROGRAM: &str = "farmlb_pass";
-    pub const SERVICES: &str = "SERVICES";
-    pub const VIP_ADDRS: &str = "VIP_ADDRS";
-    pub const RING: &str = "RING";
-    pub const BACKENDS: &str = "BACKENDS";
-    pub const CONNTRACK: &str = "CONNTRACK";
-    pub const CONFIG: &str = "CONFIG";
-    pub const STATS: &str = "STATS";
-    pub const SVC_STATS: &str = "SVC_STATS";
-    pub const BACKEND_STATS: &str = "BACKEND_STATS";
-    pub const FARM: &str = "FARM";
+    names!(
+        SERVICES,
+        VIP_ADDRS,
+        RING,
+        BACKENDS,
+        CONNTRACK,
+        CONFIG,
+        STATS,
+        SVC_STATS,
+        BACKEND_STATS,
+        FARM
+    );
+}
+
+/// Wire constants every parser and builder of frames uses (the program, the reference model,
+/// the fixtures' packet builder, the ARP/ND responder).
+pub mod wire {
+    pub const ETH_HLEN: usize = 14;
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_ARP: u16 = 0x0806;
+    pub const ETH_P_8021Q: u16 = 0x8100;
+    pub const ETH_P_IPV6: u16 = 0x86dd;
+    pub const IPV6_HLEN: usize = 40;
+    pub const NEXTHDR_FRAGMENT: u8 = 44;
+    pub const IPPROTO_ICMPV6: u8 = 58;
+    pub const TCP_FIN: u8 = 0x01;
+    pub const TCP_SYN: u8 = 0x02;
+    pub const TCP_RST: u8 = 0x04;
+    pub const TCP_PSH: u8 = 0x08;
+    pub const TCP_ACK: u8 = 0x10;
 }
 
 /// Addresses are 16 bytes on both sides; IPv4 is stored v4-mapped (`::ffff:a.b.c.d`).

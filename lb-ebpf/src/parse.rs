@@ -5,14 +5,11 @@
 use core::{marker::PhantomData, mem::size_of};
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{v4_mapped, Addr, FlowKey, Stat, PROTO_TCP, PROTO_UDP};
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const NEXTHDR_FRAGMENT: u8 = 44;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
+use lb_common::{
+    v4_mapped,
+    wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, NEXTHDR_FRAGMENT, TCP_ACK, TCP_SYN},
+    Addr, FlowKey, Stat, PROTO_TCP, PROTO_UDP,
+};
 
 /// A packet the pipeline can balance.
 pub struct Packet<'a> {
@@ -93,7 +90,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
                     reason: Stat::DropMalformed,
                 });
             };
-            let syn = tcp.flags & TCP_FLAG_SYN != 0 && tcp.flags & TCP_FLAG_ACK == 0;
+            let syn = tcp.flags & TCP_SYN != 0 && tcp.flags & TCP_ACK == 0;
             (
                 u16::from_be_bytes(tcp.sport),
                 u16::from_be_bytes(tcp.dport),

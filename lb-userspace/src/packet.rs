@@ -7,11 +7,8 @@ use lb_common::FlowKey;
 
 use crate::director::addr_of;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
+use lb_common::wire::{ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
+pub use lb_common::wire::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
 
 #[derive(Clone, Debug)]
 pub struct PacketBuilder {
@@ -125,13 +122,13 @@ impl PacketBuilder {
         p.extend_from_slice(&self.dst_mac);
         p.extend_from_slice(&self.src_mac);
         if let Some(id) = self.vlan {
-            p.extend_from_slice(&0x8100u16.to_be_bytes());
+            p.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
             p.extend_from_slice(&(id & 0x0fff).to_be_bytes());
         }
         let l4 = self.l4();
         match (self.src.ip(), self.dst.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                p.extend_from_slice(&0x0800u16.to_be_bytes());
+                p.extend_from_slice(&ETH_P_IP.to_be_bytes());
                 let hlen = 20 + 4 * self.ip_option_words as usize;
                 let mut h = vec![0u8; hlen];
                 h[0] = 0x40 | (5 + self.ip_option_words);
@@ -149,7 +146,7 @@ impl PacketBuilder {
                 p.extend_from_slice(&h);
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                p.extend_from_slice(&0x86ddu16.to_be_bytes());
+                p.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
                 let frag_hdr = self.frag != 0;
                 let plen = l4.len() + if frag_hdr { 8 } else { 0 };
                 let mut h = vec![0u8; 40];
@@ -189,7 +186,7 @@ pub fn checksum(data: &[u8]) -> u16 {
 pub fn arp_request(src_mac: [u8; 6], sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
     let mut p = vec![0xff; 6];
     p.extend_from_slice(&src_mac);
-    p.extend_from_slice(&0x0806u16.to_be_bytes());
+    p.extend_from_slice(&ETH_P_ARP.to_be_bytes());
     p.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
     p.extend_from_slice(&src_mac);
     p.extend_from_slice(&sender);

@@ -50,6 +50,9 @@ forwarding = "farm"
 table_size = 1009
 "#;
 
+/// The listener and the server side of a loopback connection.
+type Sockets = (TcpListener, TcpStream);
+
 struct Fixture {
     k: Twin,
     director: Director,
@@ -96,6 +99,27 @@ impl Fixture {
         self.director
             .set_members(&members(nodes), &mut self.k.maps())
             .expect("farm tables");
+    }
+
+    /// A real connection on 127.0.0.1 (a test run's packets arrive on `lo`, so the program's
+    /// socket lookup sees it) and a farm service on the server's address, sharing web4's
+    /// ownership ring, programmed directly (the config refuses loopback VIPs). Returns the
+    /// sockets (keep them alive), the server and client addresses.
+    fn loopback_service(&mut self) -> (Sockets, TcpStream, SocketAddr, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let conn = TcpStream::connect(server).unwrap();
+        let accepted = listener.accept().unwrap().0;
+        let local = conn.local_addr().unwrap();
+        let web = self.director.services["web4"].info;
+        let key = ServiceKey::new(addr_of(server.ip()), server.port(), PROTO_TCP);
+        let info = ServiceInfo {
+            id: 100,
+            fwd_mode: FWD_FARM,
+            ..web
+        };
+        self.k.maps().set_service(&key, &info).unwrap();
+        ((listener, accepted), conn, server, local)
     }
 
     /// One packet through kernel and model; they must agree on verdict, bytes and counters.
@@ -190,21 +214,7 @@ fn power_zero_node_owns_no_new_flows() {
 #[test]
 fn established_socket_keeps_its_flow_but_a_listener_does_not() {
     let mut f = Fixture::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = listener.local_addr().unwrap();
-    let conn = TcpStream::connect(server).unwrap();
-    let _accepted = listener.accept().unwrap();
-    let local = conn.local_addr().unwrap();
-    // A farm service on 127.0.0.1:port, sharing web4's ownership ring, programmed directly
-    // (the config refuses loopback VIPs).
-    let web = f.director.services["web4"].info;
-    let key = ServiceKey::new(addr_of(server.ip()), server.port(), PROTO_TCP);
-    let info = ServiceInfo {
-        id: 100,
-        fwd_mode: FWD_FARM,
-        ..web
-    };
-    f.k.maps().set_service(&key, &info).unwrap();
+    let (_listener, conn, server, local) = f.loopback_service();
     // Make sure another node owns everything: only the socket can keep the flow here.
     f.members(&[(1, 0), (2, 1)]);
     f.k.model.sockets.insert(flow_key(local, server, PROTO_TCP));
@@ -284,19 +294,7 @@ fn udp_flows_keep_their_owner_until_it_leaves() {
 #[test]
 fn an_expired_lease_takes_no_new_flows_but_keeps_live_connections() {
     let mut f = Fixture::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = listener.local_addr().unwrap();
-    let conn = TcpStream::connect(server).unwrap();
-    let _accepted = listener.accept().unwrap();
-    let local = conn.local_addr().unwrap();
-    let web = f.director.services["web4"].info;
-    let key = ServiceKey::new(addr_of(server.ip()), server.port(), PROTO_TCP);
-    let info = ServiceInfo {
-        id: 100,
-        fwd_mode: FWD_FARM,
-        ..web
-    };
-    f.k.maps().set_service(&key, &info).unwrap();
+    let (_listener, conn, server, local) = f.loopback_service();
     // This node owns everything, so only the lease can refuse.
     f.members(&[(1, 1)]);
     f.k.model.sockets.insert(flow_key(local, server, PROTO_TCP));

@@ -832,11 +832,17 @@ fn director_failover_serves_an_ipv6_vip() -> Result<()> {
             gap.as_secs_f64() * 1000.0,
             neigh(f)?
         );
-        ensure!(
-            neigh(f)?.contains("lladdr 02:99:00:00:00:04"),
-            "the VIP should now resolve to d2's MAC: {}",
-            neigh(f)?
-        );
+        // d1's pinned data plane keeps forwarding after its daemon died, so connections may
+        // never stop: wait for d2's advertisement instead of assuming it came first.
+        let moved = wait_until(Duration::from_secs(3), "the VIP to move to d2", || {
+            Ok(neigh(f)?.contains("lladdr 02:99:00:00:00:04"))
+        });
+        moved.with_context(|| {
+            format!(
+                "the VIP should now resolve to d2's MAC: {}",
+                neigh(f).unwrap_or_default()
+            )
+        })?;
         Ok(())
     })?;
     f.finish()

@@ -9,6 +9,8 @@ use lb_common::{
     Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
+use lb_common::wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, NEXTHDR_FRAGMENT, TCP_ACK, TCP_SYN};
+
 use crate::dataplane::{CounterKind, Maps};
 
 /// What the program does with a packet.
@@ -152,7 +154,7 @@ impl Model {
         }
         let mut eth_type = be16(p, 12);
         let mut l3 = 14;
-        if eth_type == 0x8100 {
+        if eth_type == ETH_P_8021Q {
             if p.len() < 18 {
                 return Decision::exit(Pass, Stat::PassMalformed);
             }
@@ -160,7 +162,7 @@ impl Model {
             l3 = 18;
         }
         let (src, dst, proto, l4) = match eth_type {
-            0x0800 => {
+            ETH_P_IP => {
                 if p.len() < l3 + 20 {
                     return Decision::exit(Pass, Stat::PassMalformed);
                 }
@@ -178,7 +180,7 @@ impl Model {
                 }
                 (v4_mapped([h[12], h[13], h[14], h[15]]), dst, h[9], l3 + 20)
             }
-            0x86dd => {
+            ETH_P_IPV6 => {
                 if p.len() < l3 + 40 {
                     return Decision::exit(Pass, Stat::PassMalformed);
                 }
@@ -188,7 +190,7 @@ impl Model {
                 if h[0] >> 4 != 6 {
                     return Decision::exit(Pass, Stat::PassMalformed);
                 }
-                if h[6] == 44 {
+                if h[6] == NEXTHDR_FRAGMENT {
                     return self.rare(&dst, Stat::DropFragment);
                 }
                 (src, dst, h[6], l3 + 40)
@@ -201,7 +203,11 @@ impl Model {
                     return self.rare(&dst, Stat::DropMalformed);
                 }
                 let f = p[l4 + 13];
-                (be16(p, l4), be16(p, l4 + 2), f & 0x02 != 0 && f & 0x10 == 0)
+                (
+                    be16(p, l4),
+                    be16(p, l4 + 2),
+                    f & TCP_SYN != 0 && f & TCP_ACK == 0,
+                )
             }
             PROTO_UDP => {
                 if p.len() < l4 + 8 {

@@ -24,17 +24,18 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ARP_LEN: usize = 14 + 28;
+use lb_common::wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IPV6, IPPROTO_ICMPV6, IPV6_HLEN};
+
+const ARP_LEN: usize = ETH_HLEN + 28;
+/// `sll_pkttype` of a frame this host sent (seen on a packet socket too).
 const PACKET_OUTGOING: u8 = 4;
-const IPPROTO_ICMPV6: u8 = 58;
+/// ICMPv6 types and options of neighbour discovery (RFC 4861).
 const ND_NEIGHBOR_SOLICIT: u8 = 135;
 const ND_NEIGHBOR_ADVERT: u8 = 136;
 const ND_OPT_SOURCE_LL: u8 = 1;
 const ND_OPT_TARGET_LL: u8 = 2;
 /// Ethernet + IPv6 header: where the ICMPv6 message starts.
-const ICMP6_OFF: usize = 14 + 40;
+const ICMP6_OFF: usize = ETH_HLEN + IPV6_HLEN;
 /// A neighbour solicitation without options.
 const NS_MIN_LEN: usize = 24;
 /// Neighbour advertisement flags.

@@ -122,6 +122,18 @@ impl Fixture {
         ((listener, accepted), conn, server, local)
     }
 
+    /// A data segment of the connection `local` → `server` is kept: passed to the stack,
+    /// addressed to this node's MAC.
+    fn socket_segment_passes(&mut self, local: SocketAddr, server: SocketAddr) {
+        let seg = PacketBuilder::tcp(local, server)
+            .flags(TCP_ACK)
+            .payload(5)
+            .build();
+        let (action, reason, out) = self.run(&seg);
+        assert_eq!((action, reason), (Action::Pass, Stat::FarmPassSocket));
+        assert_eq!(&out[0..6], &OWN_MAC);
+    }
+
     /// One packet through kernel and model; they must agree on verdict, bytes and counters.
     fn run(&mut self, pkt: &[u8]) -> (Action, Stat, Vec<u8>) {
         let (d, out) = self
@@ -220,13 +232,7 @@ fn established_socket_keeps_its_flow_but_a_listener_does_not() {
     f.k.model.sockets.insert(flow_key(local, server, PROTO_TCP));
 
     // The client's segments towards the server socket (the server's side is the "VIP").
-    let pkt = PacketBuilder::tcp(local, server)
-        .flags(TCP_ACK)
-        .payload(5)
-        .build();
-    let (action, reason, out) = f.run(&pkt);
-    assert_eq!((action, reason), (Action::Pass, Stat::FarmPassSocket));
-    assert_eq!(&out[0..6], &OWN_MAC);
+    f.socket_segment_passes(local, server);
 
     // Same server port, a client port with no connection: the lookup finds the listener.
     let stranger: SocketAddr = "127.0.0.1:9".parse().unwrap();
@@ -314,13 +320,7 @@ fn an_expired_lease_takes_no_new_flows_but_keeps_live_connections() {
         .build();
     let (action, reason, _) = f.run(&udp);
     assert_eq!((action, reason), (Action::Drop, Stat::FarmDropLease));
-    let seg = PacketBuilder::tcp(local, server)
-        .flags(TCP_ACK)
-        .payload(5)
-        .build();
-    let (action, reason, out) = f.run(&seg);
-    assert_eq!((action, reason), (Action::Pass, Stat::FarmPassSocket));
-    assert_eq!(&out[0..6], &OWN_MAC);
+    f.socket_segment_passes(local, server);
 
     // Renewed: new flows again.
     f.director.set_lease(u64::MAX, &mut f.k.maps()).unwrap();

@@ -377,10 +377,10 @@ fn encode_farm(enc: &mut DescriptorEncoder, f: &FarmStatus) -> std::fmt::Result 
             .zip(&nodes)
             .map(|(m, n)| (vec![("node", n.as_str())], ConstGauge::new(m.power as i64))),
     )?;
-    let alive_count = f.members.iter().filter(|m| alive(m)).count() as i64;
+    let in_view = f.members.len() as i64;
     let gauge = MetricType::Gauge;
     let (members, share) = (
-        "Members alive in this node's view",
+        "Members in this node's view (alive or suspect: those the ownership tables share the flows among)",
         "Fraction of the farm's flows this node owns",
     );
     scalar(
@@ -388,7 +388,7 @@ fn encode_farm(enc: &mut DescriptorEncoder, f: &FarmStatus) -> std::fmt::Result 
         "farmlb_farm_members",
         members,
         gauge,
-        ConstGauge::new(alive_count),
+        ConstGauge::new(in_view),
     )?;
     scalar(
         enc,
@@ -563,7 +563,7 @@ mod tests {
             "farmlb_farm_member_up{node=\"1\"} 1",
             "farmlb_farm_member_up{node=\"2\"} 0",
             "farmlb_farm_member_power{node=\"2\"} 0",
-            "farmlb_farm_members 1",
+            "farmlb_farm_members 2",
             "farmlb_farm_share 0.5",
             "farmlb_farm_active 1",
             "farmlb_farm_membership_rejected_total{reason=\"auth\"} 4",

@@ -30,7 +30,8 @@ pub mod maps {
         STATS,
         SVC_STATS,
         BACKEND_STATS,
-        FARM
+        FARM,
+        FLOOD,
     );
 }
 
@@ -250,6 +251,23 @@ pub struct GlobalConfig {
     /// [`LAYOUT_VERSION`] of the control plane that programmed the maps (0: never
     /// programmed). The program ignores it.
     pub layout_version: u16,
+    /// Flood guard: above this many new conntrack entries per second on one CPU, new flows
+    /// are forwarded by the ring without an entry (a SYN flood must not evict established
+    /// flows); 0 = no guard.
+    pub flood_rate: u32,
+    pub _pad: u32,
+}
+
+/// Default `GlobalConfig::flood_rate` (Katran's default cap on new flows per CPU).
+pub const DEFAULT_FLOOD_RATE: u32 = 125_000;
+
+/// The single per-CPU entry of `FLOOD`: new conntrack entries in the current one-second
+/// window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodWindow {
+    pub start_ns: u64,
+    pub count: u64,
 }
 
 /// Single entry of the `FARM` array: this node's identity in farm mode.
@@ -327,6 +345,9 @@ stats! {
     CtMissSyn = "ct_miss_syn",
     /// Non-SYN packet without a (live) conntrack entry: hashed on the current table.
     CtMissOther = "ct_miss_other",
+    /// A new flow was forwarded by the ring without a conntrack entry: this CPU is above
+    /// `flood_guard_rate` new flows per second (flood guard).
+    CtFloodSkip = "ct_flood_skip",
     /// Conntrack insert failed (map full beyond LRU eviction, should not happen).
     CtInsertFail = "ct_insert_fail",
     /// Farm: this node owns the flow (TCP SYN or UDP): passed to the local stack.
@@ -348,7 +369,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 28);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<CtEntry>() == 16);
-    assert!(core::mem::size_of::<GlobalConfig>() == 16);
+    assert!(core::mem::size_of::<GlobalConfig>() == 24);
+    assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<FarmConfig>() == 16);
     // `ALL[i]` is the stat with index `i`.
@@ -371,6 +393,7 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FarmConfig {}
+    unsafe impl aya::Pod for super::FloodWindow {}
 }
 
 /// v4-mapped form of an IPv4 address given as its 4 wire bytes.

@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{CtEntry, FlowKey, Stat, PROTO_UDP};
 
-use crate::maps::{count, CONNTRACK};
+use crate::maps::{count, CONNTRACK, FLOOD};
 
 /// Timestamp for the flow's entry. Only UDP entries expire, so TCP skips the helper call and
 /// stores 0.
@@ -37,9 +37,24 @@ pub fn touch(ct: &mut CtEntry, flow: &FlowKey, now: u64) {
     }
 }
 
-/// Remember that `flow` goes to `backend` (replacing any entry).
+/// Remember that `flow` goes to `backend`. An entry the flow already has (a SYN reusing a
+/// tuple, an expired or orphaned entry) is rewritten in place: an LRU update would take a
+/// fresh node and could evict another flow. Above `flood_rate` new entries per second on
+/// this CPU the flow is not remembered (counted): a flood of new flows must not evict the
+/// established ones.
 #[inline(always)]
-pub fn insert(flow: &FlowKey, backend: u32, now: u64) {
+pub fn insert(flow: &FlowKey, backend: u32, now: u64, flood_rate: u32) {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
+        // SAFETY: the LRU value stays valid for the duration of this program run.
+        let ct = unsafe { &mut *ct };
+        ct.backend = backend;
+        ct.last_seen_ns = now;
+        return;
+    }
+    if flooded(flood_rate) {
+        count(Stat::CtFloodSkip);
+        return;
+    }
     let entry = CtEntry {
         backend,
         _pad: 0,
@@ -48,4 +63,23 @@ pub fn insert(flow: &FlowKey, backend: u32, now: u64) {
     if CONNTRACK.insert(flow, entry, 0).is_err() {
         count(Stat::CtInsertFail);
     }
+}
+
+/// Count one new entry in this CPU's one-second window; whether it is over `rate`.
+#[inline(always)]
+fn flooded(rate: u32) -> bool {
+    if rate == 0 {
+        return false;
+    }
+    let Some(w) = FLOOD.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU; helper without side effects.
+    let (w, now) = unsafe { (&mut *w, bpf_ktime_get_ns()) };
+    if now.wrapping_sub(w.start_ns) >= 1_000_000_000 {
+        w.start_ns = now;
+        w.count = 0;
+    }
+    w.count += 1;
+    w.count > rate as u64
 }

@@ -47,7 +47,7 @@ pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalC
     let owner = if pkt.flow.proto == PROTO_TCP {
         select::ring_owner(svc, &pkt.flow)
     } else {
-        select::backend(svc, &pkt.flow, false, cfg.udp_timeout_ns)
+        select::backend(svc, &pkt.flow, false, cfg)
     };
     let Some(owner) = owner else {
         return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);

@@ -49,7 +49,7 @@ mod prog {
         if svc.fwd_mode == FWD_FARM {
             return farm::farm(&ctx, &mut pkt, &svc, cfg);
         }
-        match select::backend(&svc, &pkt.flow, pkt.is_syn, cfg.udp_timeout_ns) {
+        match select::backend(&svc, &pkt.flow, pkt.is_syn, cfg) {
             Some(dst) => forward::direct(&ctx, &mut pkt, &svc, cfg, &dst),
             None => verdict(Stat::DropNoBackend, xdp_action::XDP_DROP),
         }

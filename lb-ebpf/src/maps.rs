@@ -8,9 +8,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo, ServiceKey,
-    Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS, MAX_SERVICES,
-    MAX_VIP_ADDRS,
+    Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo,
+    ServiceKey, Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS,
+    MAX_SERVICES, MAX_VIP_ADDRS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
@@ -49,6 +49,9 @@ maps! {
     BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_SLOTS, 0);
     /// Farm mode: this node's member slot (consulted only on the farm branch).
     FARM: Array<FarmConfig> = Array::with_max_entries(1, 0);
+    /// Flood guard: per CPU, the new conntrack entries of the current second (consulted
+    /// only when a flow is about to be inserted).
+    FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
 }
 
 /// Bump a `STATS` counter.

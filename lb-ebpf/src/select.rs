@@ -1,7 +1,9 @@
 //! Which service a packet is for, and which backend gets it. Whoever decides that a backend is
 //! valid looks its entry up, once, and hands it on in a [`Dst`] (as Katran's `get_packet_dst`).
 
-use lb_common::{Backend, FlowKey, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, NO_BACKEND};
+use lb_common::{
+    Backend, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, NO_BACKEND,
+};
 
 use crate::{
     conntrack,
@@ -29,7 +31,8 @@ pub fn service(flow: &FlowKey) -> Option<ServiceInfo> {
 /// Conntrack first (except for SYNs, which always re-hash so a reused tuple follows the current
 /// table), then the service's Maglev ring. Counts the conntrack outcome.
 #[inline(always)]
-pub fn backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, udp_timeout: u64) -> Option<Dst> {
+pub fn backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, cfg: &GlobalConfig) -> Option<Dst> {
+    let udp_timeout = cfg.udp_timeout_ns;
     let now = conntrack::now(flow);
     if is_syn {
         count(Stat::CtMissSyn);
@@ -47,7 +50,7 @@ pub fn backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, udp_timeout: u64
     let id = ring_slot(svc, flow);
     // Recorded even if the backend turns out invalid (the model does the same).
     if id != NO_BACKEND {
-        conntrack::insert(flow, id, now);
+        conntrack::insert(flow, id, now, cfg.flood_rate);
     }
     valid(id)
 }

@@ -465,3 +465,89 @@ fn per_service_and_backend_counters() {
         0
     );
 }
+
+/// Run this thread on CPU 0 only: the flood guard counts per CPU, the model stands for one.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+/// Flood guard engaged: above `flood_guard_rate` new flows in a second (on this CPU), new
+/// flows are still forwarded by the ring but get no conntrack entry (`ct_flood_skip`), so the
+/// established ones are never evicted; a flow that already has an entry (a SYN reusing its
+/// tuple) is rewritten in place, whatever the rate. Disengaged (rate 0): every flow is
+/// remembered.
+#[test]
+fn flood_guard_keeps_new_flows_out_of_conntrack_above_its_rate() {
+    pin_to_cpu0();
+    let toml = |rate: u32| {
+        format!(
+            "interface = \"eth0\"\nflood_guard_rate = {rate}\n{}",
+            service_toml(
+                "web4",
+                "10.99.100.1",
+                80,
+                "tcp",
+                Some(1009),
+                &["10.99.0.11", "10.99.0.12"]
+            )
+        )
+    };
+    let cfg = Config::from_toml_str(&toml(10)).unwrap();
+    let mut f = Fixture::new(&cfg);
+    let vip = sa("10.99.100.1:80");
+    let (mut kept, mut skipped) = (Vec::new(), Vec::new());
+    for i in 0..25 {
+        let src = client(i, 20_000 + i as u16, false);
+        let (action, _, _) = f.run(&PacketBuilder::tcp(src, vip).syn().build());
+        assert_eq!(
+            action,
+            Action::Tx,
+            "flows over the rate are still forwarded"
+        );
+        match f
+            .k
+            .dp
+            .conntrack_get(&flow_key(src, vip, PROTO_TCP))
+            .unwrap()
+        {
+            Some(_) => kept.push(src),
+            None => skipped.push(src),
+        }
+    }
+    assert_eq!((kept.len(), skipped.len()), (10, 15), "{kept:?}");
+    // A remembered flow's SYN again (same tuple): rewritten in place, not refused.
+    let (action, _, _) = f.run(&PacketBuilder::tcp(kept[0], vip).syn().build());
+    assert_eq!(action, Action::Tx);
+    assert!(f
+        .k
+        .dp
+        .conntrack_get(&flow_key(kept[0], vip, PROTO_TCP))
+        .unwrap()
+        .is_some());
+    // Established packets of the remembered flows hit conntrack.
+    for &src in &kept {
+        let (action, _, _) = f.run(&PacketBuilder::tcp(src, vip).flags(TCP_ACK).build());
+        assert_eq!(action, Action::Tx);
+    }
+
+    // Disengaged: rate 0 remembers every flow.
+    f.apply(&Config::from_toml_str(&toml(0)).unwrap());
+    for i in 100..140 {
+        let src = client(i, 21_000 + i as u16, false);
+        f.run(&PacketBuilder::tcp(src, vip).syn().build());
+        assert!(f
+            .k
+            .dp
+            .conntrack_get(&flow_key(src, vip, PROTO_TCP))
+            .unwrap()
+            .is_some());
+    }
+}

@@ -158,6 +158,9 @@ pub struct Config {
     pub udp_timeout: Duration,
     /// Maximum conntrack entries.
     pub conntrack_size: u32,
+    /// Flood guard: new conntrack entries per second and CPU above which new flows are
+    /// forwarded without an entry; 0 = off.
+    pub flood_guard_rate: u32,
     /// Unix socket of the runtime API.
     pub api_socket: PathBuf,
     /// TCP address of the Prometheus endpoint; `None` = disabled.
@@ -529,7 +532,8 @@ impl Config {
     /// The global settings.
     fn globals(&self) -> Entries {
         entries!(self => Config {
-            interface, xdp_mode, udp_timeout, conntrack_size, api_socket, metrics_address,
+            interface, xdp_mode, udp_timeout, conntrack_size, flood_guard_rate, api_socket,
+            metrics_address,
             pin_path, state_file
         } skip { services, farm })
     }

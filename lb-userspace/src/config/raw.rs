@@ -30,6 +30,7 @@ pub(super) struct RawConfig {
     xdp_mode: Field<String>,
     udp_timeout: Field<String>,
     conntrack_size: Field<i64>,
+    flood_guard_rate: Field<i64>,
     api_socket: Field<String>,
     metrics_address: Field<String>,
     pin_path: Field<String>,
@@ -248,6 +249,8 @@ impl Ctx<'_> {
         let udp_timeout = self.opt("", "udp_timeout", &raw.udp_timeout, udp_timeout)?;
         let conntrack_size = int(MIN_CONNTRACK_SIZE, MAX_CONNTRACK_SIZE);
         let conntrack_size = self.opt("", "conntrack_size", &raw.conntrack_size, conntrack_size)?;
+        let flood = int(0u32, u32::MAX);
+        let flood_guard_rate = self.opt("", "flood_guard_rate", &raw.flood_guard_rate, flood)?;
         let api_socket = self.opt("", "api_socket", &raw.api_socket, api_socket)?;
         let metrics = self.opt("", "metrics_address", &raw.metrics_address, metrics_address)?;
         let pin_path = self.opt("", "pin_path", &raw.pin_path, absolute_path)?;
@@ -279,6 +282,7 @@ impl Ctx<'_> {
             xdp_mode: xdp_mode.unwrap_or_default(),
             udp_timeout: udp_timeout.unwrap_or(DEFAULT_UDP_TIMEOUT),
             conntrack_size: conntrack_size.unwrap_or(DEFAULT_CONNTRACK_SIZE),
+            flood_guard_rate: flood_guard_rate.unwrap_or(lb_common::DEFAULT_FLOOD_RATE),
             api_socket: api_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET)),
             metrics_address: metrics
                 .unwrap_or_else(|| Some(DEFAULT_METRICS_ADDRESS.parse().expect("valid default"))),

@@ -5,7 +5,12 @@
 use super::{Config, Entries, FarmCfg};
 
 /// Fields a reload may change although they are in the lists below.
-const RELOADABLE: &[&str] = &["udp_timeout", "farm.check", "farm.check_address"];
+const RELOADABLE: &[&str] = &[
+    "udp_timeout",
+    "flood_guard_rate",
+    "farm.check",
+    "farm.check_address",
+];
 
 /// A reload changes a field that only a restart applies.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

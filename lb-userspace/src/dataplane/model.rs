@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 
 use lb_common::{
-    v4_mapped, Addr, Backend, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo, ServiceKey,
-    Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    v4_mapped, Addr, Backend, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo,
+    ServiceKey, Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
 use lb_common::wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, NEXTHDR_FRAGMENT, TCP_ACK, TCP_SYN};
@@ -41,6 +41,8 @@ pub struct Decision {
     pub backend: u32,
     /// Conntrack counter bumped on the way (hit / miss-syn / miss-other), if any.
     pub ct: Option<Stat>,
+    /// The flood guard kept the new flow out of conntrack (`ct_flood_skip` bumped).
+    pub flood_skip: bool,
 }
 
 impl Decision {
@@ -50,6 +52,7 @@ impl Decision {
             reason,
             backend: NO_BACKEND,
             ct: None,
+            flood_skip: false,
         }
     }
 }
@@ -65,6 +68,8 @@ pub struct Model {
     pub config: GlobalConfig,
     /// Farm mode: this node's member slot.
     pub farm: FarmConfig,
+    /// The flood guard's window (the program keeps one per CPU).
+    pub flood: FloodWindow,
     /// Farm mode: connections that have a local (non-listener) TCP socket, standing in for
     /// the kernel's socket lookup.
     pub sockets: HashSet<FlowKey>,
@@ -232,10 +237,11 @@ impl Model {
         if svc.fwd_mode == FWD_FARM {
             return self.farm(&svc, &flow, syn, now);
         }
-        let (backend, ct) = self.pick_backend(&svc, &flow, syn, now);
+        let (backend, ct, flood_skip) = self.pick_backend(&svc, &flow, syn, now);
         if !self.backend_valid(backend) {
             return Decision {
                 ct: Some(ct),
+                flood_skip,
                 ..Decision::exit(Drop, Stat::DropNoBackend)
             };
         }
@@ -244,6 +250,7 @@ impl Model {
             reason: Stat::Tx,
             backend,
             ct: Some(ct),
+            flood_skip,
         }
     }
 
@@ -255,6 +262,7 @@ impl Model {
             reason,
             backend: own,
             ct: None,
+            flood_skip: false,
         };
         if flow.proto == PROTO_TCP && !syn {
             return if self.sockets.contains(flow) {
@@ -266,44 +274,46 @@ impl Model {
         if now > self.farm.lease_until_ns {
             return Decision::exit(Action::Drop, Stat::FarmDropLease);
         }
-        let (owner, ct) = if flow.proto == PROTO_TCP {
+        let (owner, ct, flood_skip) = if flow.proto == PROTO_TCP {
             let owner = if svc.ring_size == 0 {
                 NO_BACKEND
             } else {
                 self.expected_backend(svc, flow)
             };
-            (owner, None)
+            (owner, None, false)
         } else {
-            let (o, ct) = self.pick_backend(svc, flow, false, now);
-            (o, Some(ct))
+            let (o, ct, skip) = self.pick_backend(svc, flow, false, now);
+            (o, Some(ct), skip)
+        };
+        let exit = |reason| Decision {
+            ct,
+            flood_skip,
+            ..Decision::exit(Action::Drop, reason)
         };
         if !self.backend_valid(owner) {
-            return Decision {
-                ct,
-                ..Decision::exit(Action::Drop, Stat::DropNoBackend)
-            };
+            return exit(Stat::DropNoBackend);
         }
         if owner != own {
-            return Decision {
-                ct,
-                ..Decision::exit(Action::Drop, Stat::FarmDropNotOwner)
-            };
+            return exit(Stat::FarmDropNotOwner);
         }
         Decision {
             ct,
+            flood_skip,
             ..pass(Stat::FarmPassOwner)
         }
     }
 
+    /// The backend for `flow`, the conntrack counter bumped, and whether the flood guard
+    /// kept a new entry out. `clock` is `bpf_ktime_get_ns`'s.
     fn pick_backend(
         &mut self,
         svc: &ServiceInfo,
         flow: &FlowKey,
         syn: bool,
-        now: u64,
-    ) -> (u32, Stat) {
+        clock: u64,
+    ) -> (u32, Stat, bool) {
         let udp = flow.proto == PROTO_UDP;
-        let now = if udp { now } else { 0 };
+        let now = if udp { clock } else { 0 };
         let ct_stat = if syn {
             Stat::CtMissSyn
         } else {
@@ -313,26 +323,47 @@ impl Model {
                     if udp {
                         self.conntrack.get_mut(flow).unwrap().last_seen_ns = now;
                     }
-                    return (e.backend, Stat::CtHit);
+                    return (e.backend, Stat::CtHit, false);
                 }
             }
             Stat::CtMissOther
         };
         if svc.ring_size == 0 {
-            return (NO_BACKEND, ct_stat);
+            return (NO_BACKEND, ct_stat, false);
         }
         let backend = self.expected_backend(svc, flow);
+        let mut skipped = false;
         if backend != NO_BACKEND {
-            self.conntrack.insert(
-                *flow,
-                CtEntry {
-                    backend,
-                    _pad: 0,
-                    last_seen_ns: now,
-                },
-            );
+            let entry = CtEntry {
+                backend,
+                _pad: 0,
+                last_seen_ns: now,
+            };
+            // An existing entry is rewritten in place; only new ones meet the flood guard.
+            if let Some(e) = self.conntrack.get_mut(flow) {
+                *e = entry;
+            } else if self.flooded(clock) {
+                skipped = true;
+            } else {
+                self.conntrack.insert(*flow, entry);
+            }
         }
-        (backend, ct_stat)
+        (backend, ct_stat, skipped)
+    }
+
+    /// The program's per-CPU flood window (the model stands for one CPU).
+    fn flooded(&mut self, clock: u64) -> bool {
+        let rate = self.config.flood_rate;
+        if rate == 0 {
+            return false;
+        }
+        let w = &mut self.flood;
+        if clock.wrapping_sub(w.start_ns) >= 1_000_000_000 {
+            w.start_ns = clock;
+            w.count = 0;
+        }
+        w.count += 1;
+        w.count > rate as u64
     }
 
     /// Backend the current table gives a new flow (ignoring conntrack).
@@ -397,6 +428,9 @@ pub fn run_both(
     expect[d.reason as usize] += 1;
     if let Some(ct) = d.ct {
         expect[ct as usize] += 1;
+    }
+    if d.flood_skip {
+        expect[Stat::CtFloodSkip as usize] += 1;
     }
     let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
     anyhow::ensure!(

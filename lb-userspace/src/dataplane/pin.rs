@@ -10,8 +10,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
-    maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
+    maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig,
+    ServiceInfo, ServiceKey, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
 };
 
 /// `statfs` magic of bpffs.
@@ -23,7 +23,7 @@ pub const LINK: &str = "link";
 pub const PROGRAM: &str = "program";
 
 /// Every map, pinned under its own name.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 11] = [
     names::SERVICES,
     names::VIP_ADDRS,
     names::RING,
@@ -34,6 +34,7 @@ pub const MAPS: [&str; 10] = [
     names::STATS,
     names::SVC_STATS,
     names::BACKEND_STATS,
+    names::FLOOD,
 ];
 
 fn is_bpffs(p: &Path) -> bool {
@@ -90,7 +91,7 @@ struct Spec {
 
 /// The maps as this build lays them out, for a data plane of `ring_slots` and
 /// `conntrack_size`.
-fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 10] {
+fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 11] {
     use std::mem::size_of;
     let s = |name, key, value, max| Spec {
         name,
@@ -119,6 +120,7 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 10] {
         s(names::STATS, 4, 8, Stat::COUNT),
         s(names::SVC_STATS, 4, size_of::<Counter>(), MAX_SERVICES),
         s(names::BACKEND_STATS, 4, size_of::<Counter>(), BACKEND_SLOTS),
+        s(names::FLOOD, 4, size_of::<FloodWindow>(), 1),
     ]
 }
 

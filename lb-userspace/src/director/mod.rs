@@ -371,6 +371,8 @@ impl Director {
             udp_timeout_ns: cfg.udp_timeout.as_nanos().min(u64::MAX as u128) as u64,
             own_mac: self.own_mac,
             layout_version: lb_common::LAYOUT_VERSION as u16,
+            flood_rate: cfg.flood_guard_rate,
+            _pad: 0,
         })?;
         self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
         self.write_farm(maps)?;

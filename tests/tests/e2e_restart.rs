@@ -348,28 +348,40 @@ fn unresolvable_backends_never_slow_the_api() -> Result<()> {
     };
     let d = DirectorRig::up("rs6", 3, PORT, cfg)?;
     let sock = api_socket(&d.rig);
-    let mut worst = Duration::ZERO;
+    // Each call runs the CLI (a process start included); the median shows what the daemon
+    // costs, the worst what a loaded machine adds. Before, each took 3-6 s.
+    let mut took = Vec::new();
     for i in 0..10 {
         let t0 = Instant::now();
         status_json(&sock)?;
+        took.push(t0.elapsed());
         let w = if i % 2 == 0 { "3" } else { "1" };
+        let t0 = Instant::now();
         cli_ok(
             &sock,
             &["backend", "set", "web", "10.99.0.61", "--weight", w],
         )?;
-        worst = worst.max(t0.elapsed() / 2);
+        took.push(t0.elapsed());
     }
+    took.sort();
+    let (median, worst) = (took[took.len() / 2], took[took.len() - 1]);
     let st = status_json(&sock)?;
     let unresolved = find_backend(&st, "10.99.0.61").context("missing")?;
     println!(
-        "3 unresolvable backends: status / backend set answered in at most {:.1} ms",
+        "3 unresolvable backends: status / backend set answered in {:.1} ms (median), {:.1} ms \
+         (worst of 20)",
+        median.as_secs_f64() * 1000.0,
         worst.as_secs_f64() * 1000.0
     );
     ensure!(
         unresolved["resolved"] == false,
         "10.99.0.61 claims to be resolved: {unresolved}"
     );
-    ensure!(worst < Duration::from_millis(100), "the API took {worst:?}");
+    ensure!(
+        median < Duration::from_millis(100),
+        "the API took {median:?} (median)"
+    );
+    ensure!(worst < Duration::from_secs(1), "a call took {worst:?}");
     d.connect_to_ok(IpAddr::V4(VIP_V4), PORT, 60, "with 3 unresolved backends")?;
     d.finish(|_| Ok(()))
 }

@@ -9,7 +9,10 @@ use lb_common::{
     Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
-use lb_common::wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, NEXTHDR_FRAGMENT, TCP_ACK, TCP_SYN};
+use lb_common::wire::{
+    ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, MAX_IPV6_EXT_HDRS, NEXTHDR_DEST, NEXTHDR_FRAGMENT,
+    NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_ACK, TCP_SYN,
+};
 
 use crate::dataplane::{CounterKind, Maps};
 
@@ -115,6 +118,37 @@ fn be16(p: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([p[off], p[off + 1]])
 }
 
+fn is_ext_hdr(next: u8) -> bool {
+    matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST)
+}
+
+/// IPv6 extension headers from `off` (see `skip_ext_hdrs` in `lb-ebpf/src/parse.rs`): the
+/// protocol behind them and its offset, or the reason to drop a packet to a VIP.
+fn skip_ext_hdrs(p: &[u8], mut off: usize, mut next: u8) -> Result<(u8, usize), Stat> {
+    for _ in 0..MAX_IPV6_EXT_HDRS {
+        if next == NEXTHDR_FRAGMENT {
+            return Err(Stat::DropFragment);
+        }
+        if !is_ext_hdr(next) {
+            return Ok((next, off));
+        }
+        if p.len() < off + 2 {
+            return Err(Stat::DropMalformed);
+        }
+        let len = (p[off + 1] as usize + 1) * 8;
+        if p.len() < off + len {
+            return Err(Stat::DropMalformed);
+        }
+        next = p[off];
+        off += len;
+    }
+    match next {
+        NEXTHDR_FRAGMENT => Err(Stat::DropFragment),
+        n if is_ext_hdr(n) => Err(Stat::DropMalformed),
+        n => Ok((n, off)),
+    }
+}
+
 impl Model {
     fn rare(&self, dst: &Addr, reason: Stat) -> Decision {
         if self.vip_addrs.contains(dst) {
@@ -190,10 +224,10 @@ impl Model {
                 if h[0] >> 4 != 6 {
                     return Decision::exit(Pass, Stat::PassMalformed);
                 }
-                if h[6] == NEXTHDR_FRAGMENT {
-                    return self.rare(&dst, Stat::DropFragment);
+                match skip_ext_hdrs(p, l3 + 40, h[6]) {
+                    Ok((next, l4)) => (src, dst, next, l4),
+                    Err(reason) => return self.rare(&dst, reason),
                 }
-                (src, dst, h[6], l3 + 40)
             }
             _ => return Decision::exit(Pass, Stat::PassNotIp),
         };

@@ -636,3 +636,48 @@ fn ipv6_extension_headers() {
     assert_eq!(s[Stat::PassNotVip as usize], 4);
     assert_eq!(s[Stat::Tx as usize], 13);
 }
+
+/// Frames larger than a page: BPF_PROG_TEST_RUN gives the program a 3,520-byte first buffer
+/// and the rest as fragments. The byte counters still see the whole frame, and headers past
+/// the first buffer count as truncated (kernel and model agree on both).
+#[test]
+fn frames_larger_than_a_page() {
+    use farmlb::dataplane::model::TEST_RUN_LINEAR_MAX;
+    use farmlb::packet::Ext::DestOpts;
+    let mut f = Fixture::new(&base_config("30s"));
+    let mut rows = 0;
+    for (vip, v6) in [("10.99.100.1:80", false), ("[fd99:100::1]:80", true)] {
+        for payload in [TEST_RUN_LINEAR_MAX, 6000, 9000, 60_000] {
+            let src = client(payload as u32, 8000, v6);
+            let pkt = PacketBuilder::tcp(src, sa(vip))
+                .syn()
+                .payload(payload)
+                .build();
+            let (d, out) = f.k.run(&pkt).unwrap_or_else(|e| panic!("{payload}: {e:#}"));
+            assert_eq!(d.action, Action::Tx);
+            assert_eq!(d.bytes, pkt.len() as u64, "whole frame counted");
+            assert_eq!(out[12..], pkt[12..]);
+            rows += 1;
+        }
+    }
+    // Four 2 KiB destination-options headers put TCP past the first buffer.
+    let mut b = PacketBuilder::tcp(client(1, 8001, true), sa("[fd99:100::1]:80")).syn();
+    for _ in 0..4 {
+        b = b.ext(DestOpts(255));
+    }
+    let pkt = b.build();
+    assert!(pkt.len() > TEST_RUN_LINEAR_MAX);
+    ext_row(
+        &mut f,
+        "headers past the first buffer",
+        &pkt,
+        Action::Drop,
+        Stat::DropMalformed,
+    );
+    let svc =
+        f.k.dp
+            .counter(CounterKind::Service, f.service("web4").id)
+            .unwrap();
+    assert_eq!(svc.packets, 4);
+    assert!(svc.bytes > 4 * 4096 && rows == 8);
+}

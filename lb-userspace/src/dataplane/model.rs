@@ -44,6 +44,12 @@ pub struct Decision {
     pub backend: u32,
     /// Conntrack counter bumped on the way (hit / miss-syn / miss-other), if any.
     pub ct: Option<Stat>,
+    /// Service id whose counters (and `backend`'s) the packet is added to; meaningful only
+    /// when `bytes` is non-zero.
+    pub service: u32,
+    /// Bytes added to the service and backend counters: the whole frame (every fragment of a
+    /// multi-buffer frame), or 0 for exits that count no traffic.
+    pub bytes: u64,
 }
 
 impl Decision {
@@ -53,6 +59,8 @@ impl Decision {
             reason,
             backend: NO_BACKEND,
             ct: None,
+            service: 0,
+            bytes: 0,
         }
     }
 }
@@ -114,6 +122,11 @@ impl Maps for Model {
     }
 }
 
+/// The linear part BPF_PROG_TEST_RUN gives an XDP program: a page minus the XDP headroom (256)
+/// and the aligned `skb_shared_info` (320 on x86-64); the rest of a larger frame goes to
+/// fragments, which `bpf_xdp_get_buff_len` counts but the parser cannot see.
+pub const TEST_RUN_LINEAR_MAX: usize = 4096 - 256 - 320;
+
 fn be16(p: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([p[off], p[off + 1]])
 }
@@ -169,7 +182,15 @@ impl Model {
     /// Decide what the program does with `pkt` at time `now_ns`, updating conntrack like the
     /// program does. Returns the decision and, for `Tx`, the rewritten frame.
     pub fn process(&mut self, pkt: &[u8], now_ns: u64) -> (Decision, Vec<u8>) {
-        let d = self.decide(pkt, now_ns);
+        // The program sees only the first buffer of a larger frame (BPF_PROG_TEST_RUN puts the
+        // rest in fragments); headers past it count as truncated.
+        let mut d = self.decide(&pkt[..pkt.len().min(TEST_RUN_LINEAR_MAX)], now_ns);
+        if matches!(
+            d.reason,
+            Stat::Tx | Stat::FarmPassOwner | Stat::FarmPassSocket
+        ) {
+            d.bytes = pkt.len() as u64;
+        }
         let mut out = pkt.to_vec();
         if d.action == Action::Tx {
             out[0..6].copy_from_slice(&self.backends[&d.backend].mac);
@@ -264,7 +285,10 @@ impl Model {
         };
         let flow = FlowKey::new(src, dst, sport, dport, proto);
         if svc.fwd_mode == FWD_FARM {
-            return self.farm(&svc, &flow, syn, now);
+            return Decision {
+                service: svc.id,
+                ..self.farm(&svc, &flow, syn, now)
+            };
         }
         let (backend, ct) = self.pick_backend(&svc, &flow, syn, now);
         if !self.backend_valid(backend) {
@@ -278,6 +302,8 @@ impl Model {
             reason: Stat::Tx,
             backend,
             ct: Some(ct),
+            service: svc.id,
+            bytes: 0,
         }
     }
 
@@ -285,10 +311,8 @@ impl Model {
     fn farm(&mut self, svc: &ServiceInfo, flow: &FlowKey, syn: bool, now: u64) -> Decision {
         let own = self.farm.own_member;
         let pass = |reason| Decision {
-            action: Action::Pass,
-            reason,
             backend: own,
-            ct: None,
+            ..Decision::exit(Action::Pass, reason)
         };
         if flow.proto == PROTO_TCP && !syn {
             return if self.sockets.contains(flow) {
@@ -418,10 +442,22 @@ pub fn run_both(
     pkt: &[u8],
     now_ns: u64,
 ) -> anyhow::Result<(Decision, Vec<u8>)> {
+    use crate::dataplane::CounterKind::{Backend, Service};
+    let (d, model_out) = model.process(pkt, now_ns);
+    let traffic = |dp: &crate::dataplane::Dataplane| -> anyhow::Result<_> {
+        if d.bytes == 0 {
+            return Ok(None);
+        }
+        Ok(Some((
+            dp.counter(Service, d.service)?,
+            dp.counter(Backend, d.backend)?,
+        )))
+    };
     let before = dp.stats()?;
+    let traffic_before = traffic(dp)?;
     let (action, out) = dp.test_run(pkt)?;
     let after = dp.stats()?;
-    let (d, model_out) = model.process(pkt, now_ns);
+    let traffic_after = traffic(dp)?;
     anyhow::ensure!(
         action == d.action.xdp(),
         "verdict {action} differs from model: {d:?}"
@@ -437,5 +473,17 @@ pub fn run_both(
         delta == expect,
         "counter deltas {delta:?}, model expects {expect:?} ({d:?})"
     );
+    if let (Some((s0, b0)), Some((s1, b1))) = (traffic_before, traffic_after) {
+        let moved = [
+            (s1.packets - s0.packets, s1.bytes - s0.bytes),
+            (b1.packets - b0.packets, b1.bytes - b0.bytes),
+        ];
+        anyhow::ensure!(
+            moved == [(1, d.bytes); 2],
+            "service/backend counters moved by {moved:?}, model expects 1 packet of {} bytes \
+             ({d:?})",
+            d.bytes
+        );
+    }
     Ok((d, out))
 }

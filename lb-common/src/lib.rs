@@ -44,7 +44,13 @@ pub mod wire {
     pub const ETH_P_8021Q: u16 = 0x8100;
     pub const ETH_P_IPV6: u16 = 0x86dd;
     pub const IPV6_HLEN: usize = 40;
+    pub const NEXTHDR_HOP: u8 = 0;
+    pub const NEXTHDR_ROUTING: u8 = 43;
     pub const NEXTHDR_FRAGMENT: u8 = 44;
+    pub const NEXTHDR_DEST: u8 = 60;
+    /// IPv6 extension headers (hop-by-hop, routing, destination options) the parser walks
+    /// before giving up on a packet as malformed.
+    pub const MAX_IPV6_EXT_HDRS: usize = 4;
     pub const IPPROTO_ICMPV6: u8 = 58;
     pub const TCP_FIN: u8 = 0x01;
     pub const TCP_SYN: u8 = 0x02;

@@ -33,7 +33,10 @@ mod prog {
         select,
     };
 
-    #[xdp]
+    // `frags` (BPF_F_XDP_HAS_FRAGS): the program is multi-buffer safe (it reads headers from
+    // the first buffer only, rewrites only the MACs, and `account` counts every fragment), and
+    // without it native mode refuses devices whose MTU exceeds a page (jumbo frames).
+    #[xdp(frags)]
     pub fn farmlb_xdp(ctx: XdpContext) -> u32 {
         let mut pkt = match parse::parse(&ctx) {
             Ok(p) => p,

@@ -3,6 +3,7 @@
 //! is declared through `maps!`, which checks its name against that constant at compile time.
 
 use aya_ebpf::{
+    helpers::generated::bpf_xdp_get_buff_len,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -73,7 +74,9 @@ pub fn verdict(reason: Stat, action: u32) -> u32 {
 /// Count the frame, as it leaves for `backend`, in its service's and backend's counters.
 #[inline(always)]
 pub fn account(ctx: &XdpContext, svc: u32, backend: u32) {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    // The whole frame: `data_end - data` is only the first buffer of a multi-buffer frame.
+    // SAFETY: read-only helper on the program's own context.
+    let bytes = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
     add(&SVC_STATS, svc, bytes);
     add(&BACKEND_STATS, backend, bytes);
 }

@@ -1,5 +1,6 @@
-//! Frame -> [`Packet`]: Ethernet, at most one 802.1Q tag, IPv4 without options or IPv6, then
-//! the TCP or UDP ports. Headers are typed views handed out by a cursor that bounds-checks each
+//! Frame -> [`Packet`]: Ethernet, at most one 802.1Q tag, IPv4 without options or IPv6 (behind
+//! at most `MAX_IPV6_EXT_HDRS` hop-by-hop / routing / destination-options headers), then the
+//! TCP or UDP ports. Headers are typed views handed out by a cursor that bounds-checks each
 //! one against the end of the frame, as the verifier requires before any packet access.
 
 use core::{marker::PhantomData, mem::size_of};
@@ -7,7 +8,10 @@ use core::{marker::PhantomData, mem::size_of};
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     v4_mapped,
-    wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, NEXTHDR_FRAGMENT, TCP_ACK, TCP_SYN},
+    wire::{
+        ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, MAX_IPV6_EXT_HDRS, NEXTHDR_DEST, NEXTHDR_FRAGMENT,
+        NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_ACK, TCP_SYN,
+    },
     Addr, FlowKey, Stat, PROTO_TCP, PROTO_UDP,
 };
 
@@ -25,8 +29,9 @@ pub struct Packet<'a> {
 pub enum Unparsed {
     /// Not ours to balance (not IP, malformed, not TCP/UDP): leave it to the kernel.
     Pass(Stat),
-    /// Cannot be balanced (fragment, IP options, truncated L4): drop it, counting `reason`, if
-    /// it was addressed to a VIP, otherwise leave it to the kernel.
+    /// Cannot be balanced (fragment, IP options, truncated L4 or IPv6 extension header, too many
+    /// extension headers): drop it, counting `reason`, if it was addressed to a VIP, otherwise
+    /// leave it to the kernel.
     DropIfVip { dst: Addr, reason: Stat },
 }
 
@@ -71,13 +76,16 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
             if ip.ver_tc_flow[0] >> 4 != 6 {
                 return Err(Pass(Stat::PassMalformed));
             }
-            if ip.next_hdr == NEXTHDR_FRAGMENT {
-                return Err(DropIfVip {
+            let mut next = ip.next_hdr;
+            // The walk stays off the common path: only a packet with an extension header (or
+            // a fragment header) enters it.
+            if is_ext_hdr(next) || next == NEXTHDR_FRAGMENT {
+                next = skip_ext_hdrs(&mut cur, next).map_err(|reason| DropIfVip {
                     dst: ip.dst,
-                    reason: Stat::DropFragment,
-                });
+                    reason,
+                })?;
             }
-            (ip.src, ip.dst, ip.next_hdr, true)
+            (ip.src, ip.dst, next, true)
         }
         _ => return Err(Pass(Stat::PassNotIp)),
     };
@@ -121,6 +129,40 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
     })
 }
 
+#[inline(always)]
+fn is_ext_hdr(next: u8) -> bool {
+    matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST)
+}
+
+/// Walks hop-by-hop, routing and destination-options headers (each `(len + 1) * 8` bytes) and
+/// returns the protocol behind them. A fragment header anywhere in the chain (even right after
+/// the last one walked) means a fragment; more than `MAX_IPV6_EXT_HDRS` headers, or one the
+/// frame cuts short, is malformed. The loop has a constant bound, as the verifier wants.
+#[inline(always)]
+fn skip_ext_hdrs(cur: &mut Cursor, mut next: u8) -> Result<u8, Stat> {
+    for _ in 0..MAX_IPV6_EXT_HDRS {
+        if next == NEXTHDR_FRAGMENT {
+            return Err(Stat::DropFragment);
+        }
+        if !is_ext_hdr(next) {
+            return Ok(next);
+        }
+        let h: &ExtHdr = cur.take().ok_or(Stat::DropMalformed)?;
+        next = h.next_hdr;
+        // The two bytes just taken are part of the header's length.
+        if !cur.skip((h.hdr_ext_len as usize + 1) * 8 - size_of::<ExtHdr>()) {
+            return Err(Stat::DropMalformed);
+        }
+    }
+    if next == NEXTHDR_FRAGMENT {
+        Err(Stat::DropFragment)
+    } else if is_ext_hdr(next) {
+        Err(Stat::DropMalformed)
+    } else {
+        Ok(next)
+    }
+}
+
 /// Hands out the frame's headers front to back, each only once the frame is known to hold it
 /// entirely. Views never overlap, which is what makes handing out `&mut` sound.
 struct Cursor<'a> {
@@ -153,6 +195,17 @@ impl<'a> Cursor<'a> {
         // SAFETY: in bounds (checked above), alignment 1 (asserted), any bit pattern is a valid
         // `T` (`Header`), and no other view covers these bytes (the cursor moved past them).
         Some(unsafe { &mut *p })
+    }
+
+    /// Moves past `n` bytes the frame must hold (their content is not needed); `false` if the
+    /// frame ends first, leaving the cursor where it was.
+    #[inline(always)]
+    fn skip(&mut self, n: usize) -> bool {
+        if self.pos + n > self.end {
+            return false;
+        }
+        self.pos += n;
+        true
     }
 }
 
@@ -200,6 +253,13 @@ struct Ipv6Hdr {
     dst: Addr,
 }
 
+/// The common start of the hop-by-hop, routing and destination-options headers.
+#[repr(C)]
+struct ExtHdr {
+    next_hdr: u8,
+    hdr_ext_len: u8,
+}
+
 #[repr(C)]
 struct TcpHdr {
     sport: [u8; 2],
@@ -226,6 +286,7 @@ unsafe impl Header for EthHdr {}
 unsafe impl Header for VlanHdr {}
 unsafe impl Header for Ipv4Hdr {}
 unsafe impl Header for Ipv6Hdr {}
+unsafe impl Header for ExtHdr {}
 unsafe impl Header for TcpHdr {}
 unsafe impl Header for UdpHdr {}
 
@@ -234,6 +295,7 @@ const _: () = {
     assert!(size_of::<VlanHdr>() == 4);
     assert!(size_of::<Ipv4Hdr>() == 20);
     assert!(size_of::<Ipv6Hdr>() == 40);
+    assert!(size_of::<ExtHdr>() == 2);
     assert!(size_of::<TcpHdr>() == 20);
     assert!(size_of::<UdpHdr>() == 8);
 };

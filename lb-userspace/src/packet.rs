@@ -22,8 +22,62 @@ pub struct PacketBuilder {
     pub payload: usize,
     /// Extra IPv4 option words (IHL = 5 + n).
     pub ip_option_words: u8,
-    /// IPv4 fragment field (flags + offset), or an IPv6 fragment header when non-zero.
+    /// IPv4 fragment field (flags + offset), or an IPv6 fragment header when non-zero (first,
+    /// before `ext`).
     pub frag: u16,
+    /// IPv6 extension headers between the IPv6 header and L4, in order.
+    pub ext: Vec<Ext>,
+}
+
+/// An IPv6 extension header for [`PacketBuilder::ext`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ext {
+    /// Hop-by-hop options with this `hdr_ext_len` (`(len + 1) * 8` bytes of PadN).
+    HopByHop(u8),
+    /// Routing header (type 253, experimental; segments left 0) with this `hdr_ext_len`.
+    Routing(u8),
+    /// Destination options with this `hdr_ext_len`.
+    DestOpts(u8),
+    /// Fragment header with this offset/flags field (`0x0001` = more fragments).
+    Fragment(u16),
+}
+
+impl Ext {
+    /// The next-header value that announces this header.
+    pub fn code(self) -> u8 {
+        match self {
+            Ext::HopByHop(_) => 0,
+            Ext::Routing(_) => 43,
+            Ext::Fragment(_) => 44,
+            Ext::DestOpts(_) => 60,
+        }
+    }
+
+    /// The header's bytes, announcing `next` after it.
+    pub fn bytes(self, next: u8) -> Vec<u8> {
+        match self {
+            Ext::HopByHop(len) | Ext::DestOpts(len) | Ext::Routing(len) => {
+                let total = (len as usize + 1) * 8;
+                let mut h = vec![0u8; total];
+                h[0] = next;
+                h[1] = len;
+                if let Ext::Routing(_) = self {
+                    h[2] = 253;
+                } else {
+                    // One PadN option fills the header.
+                    h[2] = 1;
+                    h[3] = (total - 4) as u8;
+                }
+                h
+            }
+            Ext::Fragment(frag) => {
+                let mut h = vec![next, 0];
+                h.extend_from_slice(&frag.to_be_bytes());
+                h.extend_from_slice(&[0, 0, 0, 1]);
+                h
+            }
+        }
+    }
 }
 
 /// Builder methods that set one field.
@@ -59,6 +113,7 @@ impl PacketBuilder {
             payload: 0,
             ip_option_words: 0,
             frag: 0,
+            ext: Vec::new(),
         }
     }
 
@@ -82,6 +137,12 @@ impl PacketBuilder {
 
     pub fn vlan(mut self, id: u16) -> Self {
         self.vlan = Some(id);
+        self
+    }
+
+    /// Append an IPv6 extension header to the chain (ignored for IPv4).
+    pub fn ext(mut self, e: Ext) -> Self {
+        self.ext.push(e);
         self
     }
 
@@ -147,21 +208,25 @@ impl PacketBuilder {
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 p.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
-                let frag_hdr = self.frag != 0;
-                let plen = l4.len() + if frag_hdr { 8 } else { 0 };
+                let mut chain = self.ext.clone();
+                if self.frag != 0 {
+                    chain.insert(0, Ext::Fragment(self.frag));
+                }
+                let mut exts = Vec::new();
+                for (i, e) in chain.iter().enumerate() {
+                    let next = chain.get(i + 1).map_or(self.proto, |n| n.code());
+                    exts.extend(e.bytes(next));
+                }
+                let plen = exts.len() + l4.len();
                 let mut h = vec![0u8; 40];
                 h[0] = 0x60;
                 h[4..6].copy_from_slice(&(plen as u16).to_be_bytes());
-                h[6] = if frag_hdr { 44 } else { self.proto };
+                h[6] = chain.first().map_or(self.proto, |e| e.code());
                 h[7] = 64;
                 h[8..24].copy_from_slice(&s.octets());
                 h[24..40].copy_from_slice(&d.octets());
                 p.extend_from_slice(&h);
-                if frag_hdr {
-                    p.extend_from_slice(&[self.proto, 0]);
-                    p.extend_from_slice(&self.frag.to_be_bytes());
-                    p.extend_from_slice(&[0, 0, 0, 1]);
-                }
+                p.extend_from_slice(&exts);
             }
             _ => panic!("mixed address families"),
         }

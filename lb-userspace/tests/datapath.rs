@@ -551,3 +551,219 @@ fn flood_guard_keeps_new_flows_out_of_conntrack_above_its_rate() {
             .is_some());
     }
 }
+
+/// One IPv6 extension-header row: the packet, the verdict and the reason counter expected.
+fn ext_row(f: &mut Fixture, what: &str, pkt: &[u8], action: Action, reason: Stat) -> Vec<u8> {
+    let (d, out) =
+        f.k.run(pkt)
+            .unwrap_or_else(|e| panic!("{what}: kernel and model disagree: {e:#}"));
+    assert_eq!((d.action, d.reason), (action, reason), "{what}");
+    if action == Action::Tx {
+        assert_eq!(out[12..], pkt[12..], "{what}: only the MACs change");
+    } else {
+        assert_eq!(out, pkt, "{what}: not modified");
+    }
+    out
+}
+
+/// TCP and UDP behind hop-by-hop, routing and destination-options headers are balanced as
+/// without them (same backend); fragments anywhere in the chain, chains longer than four and
+/// cut-short headers are dropped when addressed to a VIP and passed otherwise.
+#[test]
+fn ipv6_extension_headers() {
+    use farmlb::packet::Ext::{DestOpts, Fragment, HopByHop, Routing};
+    let mut f = Fixture::new(&base_config("30s"));
+    let vip = sa("[fd99:100::1]:80");
+    let dns = sa("[fd99:100::1]:53");
+    let other = sa("[fd99:100::9]:80");
+    let web = f.service("web6");
+    let dns6 = f.service("dns6");
+    let chains: [(&str, Vec<_>); 6] = [
+        ("hop-by-hop", vec![HopByHop(0)]),
+        ("routing", vec![Routing(2)]),
+        ("destination options", vec![DestOpts(1)]),
+        ("HBH+DST+RT", vec![HopByHop(0), DestOpts(3), Routing(1)]),
+        (
+            "4 headers",
+            vec![HopByHop(1), DestOpts(0), Routing(0), DestOpts(2)],
+        ),
+        ("255-long header", vec![DestOpts(255)]),
+    ];
+    for (i, (what, chain)) in chains.iter().enumerate() {
+        let src = client(i as u32, 7000, true);
+        let mut b = PacketBuilder::tcp(src, vip).syn().payload(16);
+        for &e in chain {
+            b = b.ext(e);
+        }
+        let pkt = b.build();
+        ext_row(&mut f, what, &pkt, Action::Tx, Stat::Tx);
+        let d =
+            f.k.model
+                .expected_backend(&web, &flow_key(src, vip, PROTO_TCP));
+        let plain = PacketBuilder::tcp(src, vip).syn().payload(16).build();
+        assert_eq!(f.run(&plain).2, d, "{what}: same backend as without");
+    }
+    let udp = PacketBuilder::udp(client(9, 5300, true), dns)
+        .ext(DestOpts(0))
+        .ext(HopByHop(1))
+        .payload(20)
+        .build();
+    ext_row(&mut f, "UDP behind DST+HBH", &udp, Action::Tx, Stat::Tx);
+    assert!(dns6.ring_size > 0);
+
+    let c = client(20, 7100, true);
+    let five = || {
+        PacketBuilder::tcp(c, vip)
+            .ext(HopByHop(0))
+            .ext(DestOpts(0))
+            .ext(Routing(0))
+            .ext(DestOpts(0))
+            .ext(DestOpts(0))
+    };
+    ext_row(
+        &mut f,
+        "5 headers",
+        &five().build(),
+        Action::Drop,
+        Stat::DropMalformed,
+    );
+    let mut five_other = five();
+    five_other.dst = other;
+    let five_other = five_other.build();
+    ext_row(
+        &mut f,
+        "5 headers, not a VIP",
+        &five_other,
+        Action::Pass,
+        Stat::PassNotVip,
+    );
+
+    let long = PacketBuilder::tcp(c, vip).ext(HopByHop(3)).build(); // 32-byte header
+    let cut = &long[..14 + 40 + 20];
+    ext_row(
+        &mut f,
+        "header cut short",
+        cut,
+        Action::Drop,
+        Stat::DropMalformed,
+    );
+    let cut2 = &long[..14 + 40 + 1];
+    ext_row(
+        &mut f,
+        "header start cut",
+        cut2,
+        Action::Drop,
+        Stat::DropMalformed,
+    );
+    let l4_cut = &long[..14 + 40 + 32 + 10];
+    ext_row(
+        &mut f,
+        "TCP cut after ext",
+        l4_cut,
+        Action::Drop,
+        Stat::DropMalformed,
+    );
+    let long_other = PacketBuilder::tcp(c, other).ext(HopByHop(3)).build();
+    ext_row(
+        &mut f,
+        "header cut short, not a VIP",
+        &long_other[..14 + 40 + 20],
+        Action::Pass,
+        Stat::PassNotVip,
+    );
+
+    let frag_after = |dst| {
+        PacketBuilder::tcp(c, dst)
+            .ext(HopByHop(0))
+            .ext(Fragment(0x0001))
+            .build()
+    };
+    let (fv, fo) = (frag_after(vip), frag_after(other));
+    ext_row(
+        &mut f,
+        "fragment after HBH",
+        &fv,
+        Action::Drop,
+        Stat::DropFragment,
+    );
+    ext_row(
+        &mut f,
+        "fragment after HBH, not a VIP",
+        &fo,
+        Action::Pass,
+        Stat::PassNotVip,
+    );
+    let frag_fifth = PacketBuilder::tcp(c, vip)
+        .ext(HopByHop(0))
+        .ext(DestOpts(0))
+        .ext(Routing(0))
+        .ext(DestOpts(0))
+        .ext(Fragment(0x0008))
+        .build();
+    ext_row(
+        &mut f,
+        "fragment 5th",
+        &frag_fifth,
+        Action::Drop,
+        Stat::DropFragment,
+    );
+    let icmp = PacketBuilder::ip_proto(58, c, vip).ext(DestOpts(0)).build();
+    ext_row(
+        &mut f,
+        "ICMPv6 behind DST",
+        &icmp,
+        Action::Pass,
+        Stat::PassNotVip,
+    );
+
+    let s = f.k.dp.stats().unwrap();
+    assert_eq!(s[Stat::DropFragment as usize], 2);
+    assert_eq!(s[Stat::DropMalformed as usize], 4);
+    assert_eq!(s[Stat::PassNotVip as usize], 4);
+    assert_eq!(s[Stat::Tx as usize], 13);
+}
+
+/// Frames larger than a page: BPF_PROG_TEST_RUN gives the program a 3,520-byte first buffer
+/// and the rest as fragments. The byte counters still see the whole frame, and headers past
+/// the first buffer count as truncated (kernel and model agree on both).
+#[test]
+fn frames_larger_than_a_page() {
+    use farmlb::dataplane::model::TEST_RUN_LINEAR_MAX;
+    use farmlb::packet::Ext::DestOpts;
+    let mut f = Fixture::new(&base_config("30s"));
+    let mut rows = 0;
+    for (vip, v6) in [("10.99.100.1:80", false), ("[fd99:100::1]:80", true)] {
+        for payload in [TEST_RUN_LINEAR_MAX, 6000, 9000, 60_000] {
+            let src = client(payload as u32, 8000, v6);
+            let pkt = PacketBuilder::tcp(src, sa(vip))
+                .syn()
+                .payload(payload)
+                .build();
+            let (d, out) = f.k.run(&pkt).unwrap_or_else(|e| panic!("{payload}: {e:#}"));
+            assert_eq!(d.action, Action::Tx);
+            assert_eq!(d.bytes, pkt.len() as u64, "whole frame counted");
+            assert_eq!(out[12..], pkt[12..]);
+            rows += 1;
+        }
+    }
+    // Four 2 KiB destination-options headers put TCP past the first buffer.
+    let mut b = PacketBuilder::tcp(client(1, 8001, true), sa("[fd99:100::1]:80")).syn();
+    for _ in 0..4 {
+        b = b.ext(DestOpts(255));
+    }
+    let pkt = b.build();
+    assert!(pkt.len() > TEST_RUN_LINEAR_MAX);
+    ext_row(
+        &mut f,
+        "headers past the first buffer",
+        &pkt,
+        Action::Drop,
+        Stat::DropMalformed,
+    );
+    let svc =
+        f.k.dp
+            .counter(CounterKind::Service, f.service("web4").id)
+            .unwrap();
+    assert_eq!(svc.packets, 4);
+    assert!(svc.bytes > 4 * 4096 && rows == 8);
+}

@@ -9,7 +9,10 @@ use lb_common::{
     ServiceKey, Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
-use lb_common::wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, NEXTHDR_FRAGMENT, TCP_ACK, TCP_SYN};
+use lb_common::wire::{
+    ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, MAX_IPV6_EXT_HDRS, NEXTHDR_DEST, NEXTHDR_FRAGMENT,
+    NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_ACK, TCP_SYN,
+};
 
 use crate::dataplane::{CounterKind, Maps};
 
@@ -43,6 +46,12 @@ pub struct Decision {
     pub ct: Option<Stat>,
     /// The flood guard kept the new flow out of conntrack (`ct_flood_skip` bumped).
     pub flood_skip: bool,
+    /// Service id whose counters (and `backend`'s) the packet is added to; meaningful only
+    /// when `bytes` is non-zero.
+    pub service: u32,
+    /// Bytes added to the service and backend counters: the whole frame (every fragment of a
+    /// multi-buffer frame), or 0 for exits that count no traffic.
+    pub bytes: u64,
 }
 
 impl Decision {
@@ -53,6 +62,8 @@ impl Decision {
             backend: NO_BACKEND,
             ct: None,
             flood_skip: false,
+            service: 0,
+            bytes: 0,
         }
     }
 }
@@ -116,8 +127,44 @@ impl Maps for Model {
     }
 }
 
+/// The linear part BPF_PROG_TEST_RUN gives an XDP program: a page minus the XDP headroom (256)
+/// and the aligned `skb_shared_info` (320 on x86-64); the rest of a larger frame goes to
+/// fragments, which `bpf_xdp_get_buff_len` counts but the parser cannot see.
+pub const TEST_RUN_LINEAR_MAX: usize = 4096 - 256 - 320;
+
 fn be16(p: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([p[off], p[off + 1]])
+}
+
+fn is_ext_hdr(next: u8) -> bool {
+    matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST)
+}
+
+/// IPv6 extension headers from `off` (see `skip_ext_hdrs` in `lb-ebpf/src/parse.rs`): the
+/// protocol behind them and its offset, or the reason to drop a packet to a VIP.
+fn skip_ext_hdrs(p: &[u8], mut off: usize, mut next: u8) -> Result<(u8, usize), Stat> {
+    for _ in 0..MAX_IPV6_EXT_HDRS {
+        if next == NEXTHDR_FRAGMENT {
+            return Err(Stat::DropFragment);
+        }
+        if !is_ext_hdr(next) {
+            return Ok((next, off));
+        }
+        if p.len() < off + 2 {
+            return Err(Stat::DropMalformed);
+        }
+        let len = (p[off + 1] as usize + 1) * 8;
+        if p.len() < off + len {
+            return Err(Stat::DropMalformed);
+        }
+        next = p[off];
+        off += len;
+    }
+    match next {
+        NEXTHDR_FRAGMENT => Err(Stat::DropFragment),
+        n if is_ext_hdr(n) => Err(Stat::DropMalformed),
+        n => Ok((n, off)),
+    }
 }
 
 impl Model {
@@ -140,7 +187,15 @@ impl Model {
     /// Decide what the program does with `pkt` at time `now_ns`, updating conntrack like the
     /// program does. Returns the decision and, for `Tx`, the rewritten frame.
     pub fn process(&mut self, pkt: &[u8], now_ns: u64) -> (Decision, Vec<u8>) {
-        let d = self.decide(pkt, now_ns);
+        // The program sees only the first buffer of a larger frame (BPF_PROG_TEST_RUN puts the
+        // rest in fragments); headers past it count as truncated.
+        let mut d = self.decide(&pkt[..pkt.len().min(TEST_RUN_LINEAR_MAX)], now_ns);
+        if matches!(
+            d.reason,
+            Stat::Tx | Stat::FarmPassOwner | Stat::FarmPassSocket
+        ) {
+            d.bytes = pkt.len() as u64;
+        }
         let mut out = pkt.to_vec();
         if d.action == Action::Tx {
             out[0..6].copy_from_slice(&self.backends[&d.backend].mac);
@@ -195,10 +250,10 @@ impl Model {
                 if h[0] >> 4 != 6 {
                     return Decision::exit(Pass, Stat::PassMalformed);
                 }
-                if h[6] == NEXTHDR_FRAGMENT {
-                    return self.rare(&dst, Stat::DropFragment);
+                match skip_ext_hdrs(p, l3 + 40, h[6]) {
+                    Ok((next, l4)) => (src, dst, next, l4),
+                    Err(reason) => return self.rare(&dst, reason),
                 }
-                (src, dst, h[6], l3 + 40)
             }
             _ => return Decision::exit(Pass, Stat::PassNotIp),
         };
@@ -235,7 +290,10 @@ impl Model {
         };
         let flow = FlowKey::new(src, dst, sport, dport, proto);
         if svc.fwd_mode == FWD_FARM {
-            return self.farm(&svc, &flow, syn, now);
+            return Decision {
+                service: svc.id,
+                ..self.farm(&svc, &flow, syn, now)
+            };
         }
         let (backend, ct, flood_skip) = self.pick_backend(&svc, &flow, syn, now);
         if !self.backend_valid(backend) {
@@ -251,6 +309,8 @@ impl Model {
             backend,
             ct: Some(ct),
             flood_skip,
+            service: svc.id,
+            bytes: 0,
         }
     }
 
@@ -258,11 +318,8 @@ impl Model {
     fn farm(&mut self, svc: &ServiceInfo, flow: &FlowKey, syn: bool, now: u64) -> Decision {
         let own = self.farm.own_member;
         let pass = |reason| Decision {
-            action: Action::Pass,
-            reason,
             backend: own,
-            ct: None,
-            flood_skip: false,
+            ..Decision::exit(Action::Pass, reason)
         };
         if flow.proto == PROTO_TCP && !syn {
             return if self.sockets.contains(flow) {
@@ -415,10 +472,22 @@ pub fn run_both(
     pkt: &[u8],
     now_ns: u64,
 ) -> anyhow::Result<(Decision, Vec<u8>)> {
+    use crate::dataplane::CounterKind::{Backend, Service};
+    let (d, model_out) = model.process(pkt, now_ns);
+    let traffic = |dp: &crate::dataplane::Dataplane| -> anyhow::Result<_> {
+        if d.bytes == 0 {
+            return Ok(None);
+        }
+        Ok(Some((
+            dp.counter(Service, d.service)?,
+            dp.counter(Backend, d.backend)?,
+        )))
+    };
     let before = dp.stats()?;
+    let traffic_before = traffic(dp)?;
     let (action, out) = dp.test_run(pkt)?;
     let after = dp.stats()?;
-    let (d, model_out) = model.process(pkt, now_ns);
+    let traffic_after = traffic(dp)?;
     anyhow::ensure!(
         action == d.action.xdp(),
         "verdict {action} differs from model: {d:?}"
@@ -437,5 +506,17 @@ pub fn run_both(
         delta == expect,
         "counter deltas {delta:?}, model expects {expect:?} ({d:?})"
     );
+    if let (Some((s0, b0)), Some((s1, b1))) = (traffic_before, traffic_after) {
+        let moved = [
+            (s1.packets - s0.packets, s1.bytes - s0.bytes),
+            (b1.packets - b0.packets, b1.bytes - b0.bytes),
+        ];
+        anyhow::ensure!(
+            moved == [(1, d.bytes); 2],
+            "service/backend counters moved by {moved:?}, model expects 1 packet of {} bytes \
+             ({d:?})",
+            d.bytes
+        );
+    }
     Ok((d, out))
 }

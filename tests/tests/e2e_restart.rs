@@ -440,3 +440,58 @@ fn a_membership_flood_causes_no_false_downs() -> Result<()> {
     })?;
     f.finish()
 }
+
+/// A pinned data plane this configuration cannot adopt (its conntrack has another size) is
+/// refused with one line naming the difference, and left forwarding untouched; the API
+/// refuses an oversized body with a JSON 413.
+#[test]
+fn an_incompatible_pinned_data_plane_is_refused_and_left_running() -> Result<()> {
+    let mut d = up("rs8")?;
+    let sock = api_socket(&d.rig);
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(80 * 1024));
+    let (code, body) = lb_tests::ctl::raw_api(&sock, "POST", "/v1/services", Some(&big))?;
+    ensure!(code == 413, "a 80 KiB body got HTTP {code}: {body}");
+    ensure!(
+        body.contains("\"error\""),
+        "the 413 is not a JSON error: {body}"
+    );
+    println!("an 80 KiB body: HTTP {code} {body}");
+
+    let path = d.daemon.config_path().to_path_buf();
+    d.daemon.exit(libc::SIGTERM)?;
+    let cfg = std::fs::read_to_string(&path)?;
+    std::fs::write(&path, format!("conntrack_size = 65536\n{cfg}"))?;
+    let out = netns::run(&[
+        "ip",
+        "netns",
+        "exec",
+        &d.rig.ns_lb(),
+        &lb_tests::farmlb_bin().to_string_lossy(),
+        "run",
+        "--config",
+        &path.to_string_lossy(),
+    ]);
+    let err = format!(
+        "{:#}",
+        out.err()
+            .context("farmlb started on an incompatible data plane")?
+    );
+    let line = err
+        .lines()
+        .find(|l| l.contains("farmlb: error:"))
+        .unwrap_or_default()
+        .to_string();
+    println!("refused: {line}");
+    ensure!(
+        line.contains("incompatible") && line.contains("conntrack_size"),
+        "the refusal does not name conntrack_size: {err}"
+    );
+    ensure!(
+        lb_tests::xdp_attached(&d.rig)?,
+        "the refused start detached the data plane"
+    );
+    d.connect_to_ok(IpAddr::V4(VIP_V4), PORT, 60, "after the refused start")?;
+    std::fs::write(&path, cfg)?;
+    d.daemon = Daemon::restart(&d.rig, &path, &[])?;
+    d.finish(|_| Ok(()))
+}

@@ -50,7 +50,7 @@ pub struct FarmCfg {
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     pub suspect_timeout: Duration,
-    /// Where the daemon publishes its farm state for `farmlb status`.
+    /// Where the daemon also writes the farm part of `farmlb status`, as JSON, for scripts.
     pub status_file: PathBuf,
     /// `check`: the node's check of its own service, as written; the same table (and the
     /// same engine, `health/`) as a service's `check`. While it fails the node withdraws

@@ -190,7 +190,7 @@ pub async fn probe(t: &Target) -> Outcome {
 
 /// Probe `t` every `check.interval` (after its [`spread_offset`]) and send each result, tagged
 /// with `generation`, to `tx`; returns when the receiver is gone. The [`Supervisor`] runs one
-/// per checked backend; a farm node runs one for its own service (`farm.rs`).
+/// per checked backend; a farm node runs one for its own service (`farm/check.rs`).
 pub async fn run_task(t: Target, generation: u64, tx: mpsc::Sender<ProbeResult>) {
     tokio::time::sleep(spread_offset(&t.service, t.addr, t.check.interval)).await;
     let mut tick = tokio::time::interval(t.check.interval);

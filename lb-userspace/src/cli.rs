@@ -600,6 +600,15 @@ pub fn render_stats(s: &StatusView, prev: Option<(&StatusView, f64)>) -> String 
         }
         r
     };
+    if let Some(ct) = &s.conntrack {
+        let pct = ct.entries as f64 * 100.0 / ct.capacity.max(1) as f64;
+        out += &format!(
+            "conntrack: {} of {} entries ({pct:.1}%), at most {} evicted\n",
+            human(ct.entries),
+            human(ct.capacity as u64),
+            human(ct.evicted_at_most)
+        );
+    }
     let mut rows = Vec::new();
     for svc in &s.services {
         let p = prev.and_then(|(p, _)| p.services.iter().find(|x| x.name == svc.name));

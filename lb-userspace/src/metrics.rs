@@ -21,6 +21,7 @@
 //! | `farmlb_passed_total` | reason (`not_ip`, `not_vip`, `malformed`, ...) |
 //! | `farmlb_forwarded_packets_total` | |
 //! | `farmlb_datapath_events_total` (any other data-plane counter) | event |
+//! | `farmlb_conntrack_entries`, `farmlb_conntrack_capacity`, `farmlb_conntrack_evicted_at_most` | |
 //! | `farmlb_farm_member_up`, `farmlb_farm_member_power` (farm role) | node |
 //! | `farmlb_farm_members`, `farmlb_farm_share`, `farmlb_farm_active` (farm role) | |
 //! | `farmlb_farm_membership_rejected_total` (farm role) | reason (`auth`, `replay`, `unknown_source`) |
@@ -338,6 +339,29 @@ impl Collector for Snapshot {
         if let Some(f) = &v.farm {
             encode_farm(&mut enc, f)?;
         }
+        if let Some(ct) = &v.conntrack {
+            let g = MetricType::Gauge;
+            let entries = ConstGauge::new(ct.entries as i64);
+            scalar(
+                &mut enc,
+                "farmlb_conntrack_entries",
+                "Conntrack entries at the last count (every 30 s)",
+                g,
+                entries,
+            )?;
+            let cap = ConstGauge::new(ct.capacity as i64);
+            scalar(
+                &mut enc,
+                "farmlb_conntrack_capacity",
+                "Conntrack capacity (conntrack_size)",
+                g,
+                cap,
+            )?;
+            let ev = ConstGauge::new(ct.evicted_at_most as i64);
+            let help =
+                "Upper bound of the conntrack entries evicted since the data plane was created";
+            scalar(&mut enc, "farmlb_conntrack_evicted_at_most", help, g, ev)?;
+        }
         Ok(())
     }
 }
@@ -502,6 +526,11 @@ mod tests {
         };
         StatusView {
             farm: None,
+            conntrack: Some(crate::api::ConntrackView {
+                entries: 5,
+                capacity: 1024,
+                evicted_at_most: 0,
+            }),
             services: vec![ServiceView {
                 name: "web".into(),
                 vip: "10.0.0.1".parse().unwrap(),
@@ -592,6 +621,8 @@ mod tests {
             "farmlb_conntrack_lookups_total{result=\"hit\"} 7",
             "farmlb_drops_total{reason=\"no_backend\"} 3",
             "farmlb_forwarded_packets_total 12",
+            "farmlb_conntrack_entries 5",
+            "farmlb_conntrack_capacity 1024",
             "farmlb_checks_total{service=\"web\",backend=\"10.0.0.11\",result=\"up\"} 1",
             "farmlb_check_duration_seconds_count{service=\"web\",backend=\"10.0.0.11\"} 1",
         ] {

@@ -204,6 +204,7 @@ fn runtime_state_survives_kill_9() -> Result<()> {
     d.servers
         .push(lb_tests::start_on_backend(&d.rig, extra, PORT)?);
     cli_ok(&sock, &["backend", "add", "web", &b4])?;
+    d.connect_to_ok(IpAddr::V4(VIP_V4), PORT, 30, "before the kill")?;
     d.daemon.kill9()?;
     let path = d.daemon.config_path().to_path_buf();
     d.daemon = Daemon::restart(&d.rig, &path, &[])?;
@@ -217,6 +218,19 @@ fn runtime_state_survives_kill_9() -> Result<()> {
         find_backend(&st, &b4).is_some(),
         "the API-added backend was lost: {st}"
     );
+    // The adopted conntrack table still holds the flows of before the kill (counted at start).
+    wait_until(Duration::from_secs(5), "a conntrack count", || {
+        Ok(status_json(&sock)?["conntrack"]["entries"]
+            .as_u64()
+            .is_some())
+    })?;
+    let ct = status_json(&sock)?["conntrack"].clone();
+    println!("conntrack after kill -9 + restart: {ct}");
+    ensure!(
+        ct["entries"].as_u64() > Some(0),
+        "the adopted conntrack is empty: {ct}"
+    );
+    ensure!(ct["capacity"] == 1_048_576, "capacity: {ct}");
     let counts = d.connect_to_ok(IpAddr::V4(VIP_V4), PORT, 120, "after kill -9 + restart")?;
     ensure!(
         !counts.contains_key("b2"),

@@ -51,7 +51,7 @@ use crate::config::{AdminState, BackendCfg, ServiceCfg};
 
 pub use body::{parse_addr, parse_set};
 pub use error::{ApiError, ErrorKind};
-pub use views::{BackendView, CheckView, ServiceView, StatusView};
+pub use views::{BackendView, CheckView, ConntrackView, ServiceView, StatusView};
 
 // --- requests to the owner task ---------------------------------------------------------
 

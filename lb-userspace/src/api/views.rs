@@ -13,6 +13,20 @@ pub struct StatusView {
     /// Farm role: members, role and share (absent on a node without `[farm]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub farm: Option<crate::farm::FarmStatus>,
+    /// Conntrack occupancy, as last counted (absent until the first count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackView>,
+}
+
+/// How full the conntrack table is.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConntrackView {
+    /// Entries at the last count (the table is counted every 30 s, off the owner loop).
+    pub entries: u64,
+    pub capacity: u32,
+    /// At most this many entries were evicted since the data plane was created: new entries
+    /// made minus those still there (a rewrite in place is counted as new, hence "at most").
+    pub evicted_at_most: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -94,8 +94,8 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     }
     director.apply(&cfg, &mut dp, &mut macs)?;
 
-    let (node_probe_tx, mut node_probe_rx) = mpsc::channel::<ProbeResult>(64);
-    let (farm, mut view_rx) = match cfg.farm {
+    let (node_probe_tx, node_probe_rx) = mpsc::channel::<ProbeResult>(64);
+    let (farm, view_rx) = match cfg.farm {
         Some(_) => {
             let (role, rx) = FarmRole::start(&cfg, own_mac, node_probe_tx).await?;
             director.set_members(&role.members(), &mut dp)?;
@@ -104,9 +104,9 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
         None => (None, None),
     };
 
-    let (api_tx, mut api_rx) = mpsc::channel::<api::Call>(API_QUEUE);
-    let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(PROBE_QUEUE);
-    let (snap_tx, mut snap_rx) = mpsc::channel::<oneshot::Sender<StatusView>>(SNAPSHOT_QUEUE);
+    let (api_tx, api_rx) = mpsc::channel::<api::Call>(API_QUEUE);
+    let (probe_tx, probe_rx) = mpsc::channel::<ProbeResult>(PROBE_QUEUE);
+    let (snap_tx, snap_rx) = mpsc::channel::<oneshot::Sender<StatusView>>(SNAPSHOT_QUEUE);
     let listener = api::bind(&cfg.api_socket)?;
     let api_task = tokio::spawn(api::serve(listener, api_tx));
     let live = LiveMetrics::default();
@@ -128,6 +128,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
         supervisor: Supervisor::new(probe_tx),
         live,
         farm,
+        conntrack_entries: None,
         state: state::RuntimeState {
             edits: std::mem::take(&mut saved.edits),
             ..Default::default()
@@ -138,6 +139,8 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     owner.persist();
     owner.sync_checks();
     owner.renew_lease();
+    let (count_tx, count_rx) = mpsc::channel::<u64>(1);
+    let count_task = tokio::spawn(count_conntrack(pin_dir.clone(), count_tx));
     let attached = owner
         .dp
         .attach(&owner.cfg.interface, owner.cfg.xdp_mode.into());
@@ -154,16 +157,16 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
                 "XDP program attached"
             );
             owner.started();
-            serve(
-                &mut owner,
-                &mut api_rx,
-                &mut probe_rx,
-                &mut node_probe_rx,
-                &mut snap_rx,
-                &mut view_rx,
-                &mut resolved_rx,
-            )
-            .await
+            let mut inbox = Inbox {
+                api: api_rx,
+                probe: probe_rx,
+                node_probe: node_probe_rx,
+                snapshot: snap_rx,
+                view: view_rx,
+                resolved: resolved_rx,
+                count: count_rx,
+            };
+            serve(&mut owner, &mut inbox).await
         }
         Err(e) => Err(e),
     };
@@ -171,6 +174,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     // Every way out, error or signal, leaves the same way: stop serving, leave the farm (its
     // peers take our share at once), run `on_stop`, detach.
     owner.supervisor.shutdown();
+    count_task.abort();
     api_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
@@ -200,6 +204,28 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// How often the conntrack table is counted (a walk of every entry).
+const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(30);
+
+/// Count the pinned conntrack table now and every [`CONNTRACK_COUNT_EVERY`], on a blocking
+/// thread, and send the counts to the owner loop.
+async fn count_conntrack(pin_dir: std::path::PathBuf, tx: mpsc::Sender<u64>) {
+    let mut tick = tokio::time::interval(CONNTRACK_COUNT_EVERY);
+    loop {
+        tick.tick().await;
+        let dir = pin_dir.clone();
+        match tokio::task::spawn_blocking(move || crate::dataplane::pin::count_conntrack(&dir))
+            .await
+        {
+            Ok(Ok(n)) => {
+                let _ = tx.try_send(n);
+            }
+            Ok(Err(e)) => tracing::warn!("counting conntrack entries: {e:#}"),
+            Err(e) => tracing::warn!("counting conntrack entries: {e}"),
+        }
     }
 }
 
@@ -257,6 +283,17 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Everything the owner loop receives, one channel per source.
+struct Inbox {
+    api: mpsc::Receiver<api::Call>,
+    probe: mpsc::Receiver<ProbeResult>,
+    node_probe: mpsc::Receiver<ProbeResult>,
+    snapshot: mpsc::Receiver<oneshot::Sender<StatusView>>,
+    view: Option<tokio::sync::watch::Receiver<crate::farm::membership::View>>,
+    resolved: mpsc::Receiver<Resolved>,
+    count: mpsc::Receiver<u64>,
+}
+
 /// How the owner loop ended.
 pub struct Exit {
     /// Remove the data plane too (`farmlb stop --detach`).
@@ -265,15 +302,16 @@ pub struct Exit {
 
 /// The owner loop, until SIGINT, SIGTERM or `farmlb stop`. A failing change is logged and the
 /// loop goes on: the data plane keeps the last tables that were written.
-async fn serve(
-    owner: &mut Owner,
-    api_rx: &mut mpsc::Receiver<api::Call>,
-    probe_rx: &mut mpsc::Receiver<ProbeResult>,
-    node_probe_rx: &mut mpsc::Receiver<ProbeResult>,
-    snap_rx: &mut mpsc::Receiver<oneshot::Sender<StatusView>>,
-    view_rx: &mut Option<tokio::sync::watch::Receiver<crate::farm::membership::View>>,
-    resolved_rx: &mut mpsc::Receiver<Resolved>,
-) -> Result<Exit> {
+async fn serve(owner: &mut Owner, inbox: &mut Inbox) -> Result<Exit> {
+    let Inbox {
+        api: api_rx,
+        probe: probe_rx,
+        node_probe: node_probe_rx,
+        snapshot: snap_rx,
+        view: view_rx,
+        resolved: resolved_rx,
+        count: count_rx,
+    } = inbox;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -320,6 +358,7 @@ async fn serve(
                 owner.on_view(view);
             }
             Some(r) = resolved_rx.recv() => owner.on_resolved(r),
+            Some(n) = count_rx.recv() => owner.conntrack_entries = Some(n),
             _ = lease.tick() => owner.renew_lease(),
             _ = retry.tick() => owner.tick(),
             _ = garp.tick() => {

@@ -58,6 +58,8 @@ pub(super) struct Owner {
     pub supervisor: Supervisor,
     pub live: LiveMetrics,
     pub farm: Option<FarmRole>,
+    /// The last conntrack count (entries).
+    pub conntrack_entries: Option<u64>,
     /// Runtime state saved to `state_path` after every change.
     pub state: RuntimeState,
     pub state_path: PathBuf,

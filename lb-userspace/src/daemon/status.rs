@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use lb_common::Stat;
 
 use super::owner::Owner;
-use crate::api::{ApiError, BackendView, CheckView, ServiceView, StatusView};
+use crate::api::{ApiError, BackendView, CheckView, ConntrackView, ServiceView, StatusView};
 use crate::config::hash_mode_name;
 use crate::dataplane::CounterKind;
 use crate::director::Health;
@@ -110,7 +110,7 @@ impl Owner {
             .iter()
             .filter_map(|s| self.service_view(&s.name).ok())
             .collect();
-        let stats = match self.dp.stats() {
+        let stats: std::collections::BTreeMap<String, u64> = match self.dp.stats() {
             Ok(s) => Stat::ALL
                 .iter()
                 .map(|st| (st.name().to_string(), s[*st as usize]))
@@ -120,10 +120,21 @@ impl Owner {
                 Default::default()
             }
         };
+        let conntrack = self.conntrack_entries.map(|entries| {
+            let stat = |n: &str| stats.get(n).copied().unwrap_or(0);
+            let made = (stat("ct_miss_syn") + stat("ct_miss_other"))
+                .saturating_sub(stat("ct_flood_skip") + stat("ct_insert_fail"));
+            ConntrackView {
+                entries,
+                capacity: self.cfg.conntrack_size,
+                evicted_at_most: made.saturating_sub(entries),
+            }
+        });
         StatusView {
             services,
             stats,
             farm: self.farm.as_ref().map(|f| f.status(&self.director)),
+            conntrack,
         }
     }
 }

@@ -172,7 +172,8 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     };
 
     // Every way out, error or signal, leaves the same way: stop serving, leave the farm (its
-    // peers take our share at once), run `on_stop`, detach.
+    // peers take our share at once), run `on_stop`; then detach if `farmlb stop --detach`
+    // asked for it, else leave the pinned data plane forwarding for the next daemon.
     owner.supervisor.shutdown();
     count_task.abort();
     api_task.abort();

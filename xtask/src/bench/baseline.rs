@@ -130,7 +130,8 @@ fn build(tree: &Path, target_dir: &Path) -> Result<PathBuf> {
             .lines()
             .rev()
             .find(|l| l.starts_with("error"))
-            .unwrap_or("");
+            .or_else(|| err.lines().rev().find(|l| !l.trim().is_empty()))
+            .unwrap_or("no output");
         bail!("building lb-ebpf at the baseline failed: {last}");
     }
     let obj = target_dir.join("bpfel-unknown-none/release/lb-ebpf");

@@ -52,6 +52,10 @@ enum Cmd {
         /// Fewer and shorter runs (under 2 minutes once built).
         #[arg(long)]
         quick: bool,
+        /// Git revision whose XDP program the per-packet probes are also compared with
+        /// (default: the tag `bench-baseline` if it exists, else `HEAD~1`).
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
     },
 }
 
@@ -84,7 +88,7 @@ fn main() {
             prefix,
         } => lab::demo(connections, &prefix),
         #[cfg(feature = "lab")]
-        Cmd::Bench { quick } => bench::run(quick),
+        Cmd::Bench { quick, baseline } => bench::run(quick, baseline),
         #[cfg(not(feature = "lab"))]
         _ => setup().and_then(|()| rerun_with_lab()),
     };

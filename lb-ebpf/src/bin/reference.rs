@@ -21,8 +21,12 @@ mod prog {
     use aya_ebpf::{
         bindings::xdp_action,
         helpers::{bpf_get_prandom_u32, bpf_redirect},
-        macros::xdp,
+        macros::{map, xdp},
+        maps::LruHashMap,
         programs::XdpContext,
+    };
+    use lb_common::{
+        v4_mapped, CtEntry, FlowKey, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, PROTO_TCP, PROTO_UDP,
     };
 
     const ETH_HLEN: usize = 14;
@@ -67,6 +71,117 @@ mod prog {
             core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], dst);
         }
         xdp_action::XDP_TX
+    }
+
+    /// The floors' conntrack: farmlb's key, value and flags (the loader sets its size).
+    #[map]
+    static FLOOR_CT: LruHashMap<FlowKey, CtEntry> =
+        LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+    /// Ethernet + IPv4 (no options) or IPv6 (no extension headers) + TCP/UDP ports → the
+    /// flow's key; `None` for anything else.
+    #[inline(always)]
+    fn flow(ctx: &XdpContext) -> Option<FlowKey> {
+        let start = ctx.data();
+        let end = ctx.data_end();
+        if start + ETH_HLEN > end {
+            return None;
+        }
+        let p = start as *const u8;
+        // SAFETY: the Ethernet header is bounds-checked above.
+        let eth_type = unsafe { u16::from_be_bytes([*p.add(12), *p.add(13)]) };
+        let ip = ETH_HLEN;
+        let (src, dst, proto, l4) = match eth_type {
+            ETH_P_IP => {
+                if start + ip + 20 > end {
+                    return None;
+                }
+                // SAFETY: the 20-byte IPv4 header is bounds-checked above.
+                unsafe {
+                    if *p.add(ip) != 0x45 {
+                        return None;
+                    }
+                    let src = core::ptr::read_unaligned(p.add(ip + 12) as *const [u8; 4]);
+                    let dst = core::ptr::read_unaligned(p.add(ip + 16) as *const [u8; 4]);
+                    (v4_mapped(src), v4_mapped(dst), *p.add(ip + 9), ip + 20)
+                }
+            }
+            ETH_P_IPV6 => {
+                if start + ip + 40 > end {
+                    return None;
+                }
+                // SAFETY: the 40-byte IPv6 header is bounds-checked above.
+                unsafe {
+                    if *p.add(ip) >> 4 != 6 {
+                        return None;
+                    }
+                    let src = core::ptr::read_unaligned(p.add(ip + 8) as *const [u8; 16]);
+                    let dst = core::ptr::read_unaligned(p.add(ip + 24) as *const [u8; 16]);
+                    (src, dst, *p.add(ip + 6), ip + 40)
+                }
+            }
+            _ => return None,
+        };
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        if start + l4 + 4 > end {
+            return None;
+        }
+        // SAFETY: the ports are bounds-checked above.
+        let (sport, dport) = unsafe {
+            (
+                u16::from_be_bytes([*p.add(l4), *p.add(l4 + 1)]),
+                u16::from_be_bytes([*p.add(l4 + 2), *p.add(l4 + 3)]),
+            )
+        };
+        Some(FlowKey::new(src, dst, sport, dport, proto))
+    }
+
+    /// Swap the MACs and transmit (the frame was bounds-checked by `flow`).
+    #[inline(always)]
+    fn swap_tx(ctx: &XdpContext) -> u32 {
+        let start = ctx.data();
+        if start + ETH_HLEN > ctx.data_end() {
+            return xdp_action::XDP_PASS;
+        }
+        let p = start as *mut u8;
+        // SAFETY: 12 bytes of MACs inside the checked Ethernet header; unaligned accesses.
+        unsafe {
+            let dst = core::ptr::read_unaligned(p as *const [u8; 6]);
+            let src = core::ptr::read_unaligned(p.add(6) as *const [u8; 6]);
+            core::ptr::write_unaligned(p as *mut [u8; 6], src);
+            core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], dst);
+        }
+        xdp_action::XDP_TX
+    }
+
+    #[xdp]
+    pub fn floor_hit_xdp(ctx: XdpContext) -> u32 {
+        let Some(key) = flow(&ctx) else {
+            return xdp_action::XDP_PASS;
+        };
+        // SAFETY: read-only lookup of a plain value.
+        match unsafe { FLOOR_CT.get(&key) } {
+            Some(ct) if ct.backend != 0 => swap_tx(&ctx),
+            _ => xdp_action::XDP_PASS,
+        }
+    }
+
+    #[xdp]
+    pub fn floor_insert_xdp(ctx: XdpContext) -> u32 {
+        let Some(key) = flow(&ctx) else {
+            return xdp_action::XDP_PASS;
+        };
+        let entry = CtEntry {
+            backend: 1,
+            _pad: 0,
+            last_seen_ns: 0,
+        };
+        if FLOOR_CT.insert(&key, &entry, 0).is_err() {
+            return xdp_action::XDP_PASS;
+        }
+        swap_tx(&ctx)
     }
 
     #[xdp]

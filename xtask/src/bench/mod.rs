@@ -1,8 +1,10 @@
 //! `cargo xtask bench [--quick]`: farmlb against baselines measured in the same run, on the
 //! same machine, side by side (issue #5).
 //!
-//! 1. Per-packet cost with BPF_PROG_TEST_RUN against a minimal reference XDP program
-//!    ([`pkt`]).
+//! 1. Per-packet cost with BPF_PROG_TEST_RUN against a minimal reference XDP program, the
+//!    stateful floors (conntrack hit, conntrack insert) and the previous version of farmlb's
+//!    program (`--baseline REV`, default the tag `bench-baseline` or `HEAD~1`) ([`pkt`],
+//!    [`baseline`]).
 //! 2. Forwarding on the namespace rig against an nftables balancer ([`forward`]).
 //! 3. TCP connections/s and added latency against HAProxy ([`conns`]).
 //! 4. Maglev build time and disruption ([`maglev`]).
@@ -17,6 +19,7 @@
 //! For work on the benchmark itself, `FARMLB_BENCH_ONLY=pkt,maglev,conn,fwd` (any subset)
 //! (and `fail`) runs only those parts and prints their lines without writing the report.
 
+mod baseline;
 mod conns;
 mod env;
 mod failure;
@@ -107,11 +110,11 @@ impl Plan {
     }
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, baseline: Option<String>) -> Result<()> {
     if cfg!(debug_assertions) {
-        relaunch_release(quick)
+        relaunch_release(quick, baseline)
     } else {
-        measure(quick)
+        measure(quick, baseline)
     }
 }
 
@@ -123,7 +126,7 @@ fn target_dir() -> PathBuf {
 
 /// Build xtask (this command) and the daemon with optimisations and run the benchmark
 /// from that build.
-fn relaunch_release(quick: bool) -> Result<()> {
+fn relaunch_release(quick: bool, baseline: Option<String>) -> Result<()> {
     run_cmd(cargo().args([
         "build",
         "--release",
@@ -139,6 +142,9 @@ fn relaunch_release(quick: bool) -> Result<()> {
     cmd.arg("bench");
     if quick {
         cmd.arg("--quick");
+    }
+    if let Some(rev) = baseline {
+        cmd.args(["--baseline", &rev]);
     }
     let st = cmd
         .env("FARMLB_BIN", target.join("farmlb"))
@@ -241,7 +247,7 @@ fn machine() -> Vec<(String, String)> {
     ]
 }
 
-fn measure(quick: bool) -> Result<()> {
+fn measure(quick: bool, baseline: Option<String>) -> Result<()> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (XDP, network namespaces)");
@@ -326,7 +332,7 @@ fn measure(quick: bool) -> Result<()> {
     };
 
     eprintln!("xtask bench: [1/5] per-packet cost (BPF_PROG_TEST_RUN)");
-    let pkt_sec = part(PKT, &mut || pkt::run(&plan));
+    let pkt_sec = part(PKT, &mut || pkt::run(&plan, baseline.as_deref()));
     eprintln!("xtask bench: [2/5] Maglev");
     let maglev_sec = part(MAGLEV, &mut || maglev::run(&plan));
     let rig = if want("conn") || want("fail") || want("fwd") {

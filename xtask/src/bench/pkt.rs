@@ -1,28 +1,43 @@
 //! Per-packet cost: farmlb's XDP program against the reference program
-//! (`lb-ebpf/src/bin/reference.rs`: parse Ethernet + IP, swap MACs, XDP_TX), both timed by the
-//! kernel with BPF_PROG_TEST_RUN and a large repeat count, in alternating order.
+//! (`lb-ebpf/src/bin/reference.rs`: parse Ethernet + IP, swap MACs, XDP_TX), against the
+//! stateful floors of the same object (parse, then one conntrack lookup that hits or one
+//! insert, then MAC swap and XDP_TX) and against the previous version of farmlb's program
+//! ([`super::baseline`]), all timed by the kernel with BPF_PROG_TEST_RUN and a large repeat
+//! count, in alternating order.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::{programs::Xdp, Ebpf};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData},
+    programs::Xdp,
+    Ebpf, EbpfLoader,
+};
 use farmlb::{
     config::Config,
     dataplane::{test_run_repeat, Dataplane, LoadOpts},
     director::{addr_of, Director},
     packet::PacketBuilder,
 };
-use lb_common::Stat;
+use lb_common::{CtEntry, FlowKey, Stat, PROTO_TCP};
 use lb_tests::{daemon::services_toml, Service, VIP_V4, VIP_V6};
 use serde_json::json;
 
+use super::baseline::{self, OldDataplane, Rev};
 use super::stats::{Dist, Goal, Metric, Section};
 use super::Plan;
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
+/// Conntrack size of farmlb and of the floors' map.
+const CT_SIZE: u32 = 65536;
+/// The established flows' 5-tuples (`packets()`), pre-filled in the hit floor's map.
+const EST_FLOWS: [(&str, &str); 2] = [
+    ("198.51.100.7:40000", "10.99.100.1:80"),
+    ("[2001:db8::7]:40000", "[fd99:100::1]:80"),
+];
 
 /// The services the program is timed with: what the rig and the examples use (3 backends,
 /// 65537-slot tables).
@@ -52,10 +67,16 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("literal socket address")
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Prog {
     Farmlb,
     Reference,
+    /// `floor_hit_xdp`: parse + conntrack hit + MAC swap.
+    FloorHit,
+    /// `floor_insert_xdp`: parse + conntrack insert + MAC swap.
+    FloorInsert,
+    /// The previous version of farmlb's program.
+    Old,
 }
 
 /// One timed (program, packet) combination.
@@ -69,9 +90,18 @@ struct Probe {
     path: Option<Stat>,
 }
 
+/// The floor each farmlb probe is compared with, if any.
+fn floor_of(key: &str) -> Option<Prog> {
+    match key {
+        "v4_est" | "v6_est" => Some(Prog::FloorHit),
+        "v4_syn" | "v6_syn" => Some(Prog::FloorInsert),
+        _ => None,
+    }
+}
+
 fn packets() -> Vec<(&'static str, Vec<u8>, u32, Stat)> {
-    let v4 = sa("198.51.100.7:40000");
-    let v6 = sa("[2001:db8::7]:40000");
+    let v4 = sa(EST_FLOWS[0].0);
+    let v6 = sa(EST_FLOWS[1].0);
     vec![
         (
             "v4_est",
@@ -114,7 +144,7 @@ fn packets() -> Vec<(&'static str, Vec<u8>, u32, Stat)> {
     ]
 }
 
-fn probes() -> Vec<Probe> {
+fn probes(with_old: bool) -> Vec<Probe> {
     let mut out = Vec::new();
     for (key, packet, action, stat) in packets() {
         out.push(Probe {
@@ -124,6 +154,24 @@ fn probes() -> Vec<Probe> {
             action,
             path: Some(stat),
         });
+        if with_old {
+            out.push(Probe {
+                key,
+                prog: Prog::Old,
+                packet: packet.clone(),
+                action,
+                path: Some(stat),
+            });
+        }
+        if let Some(floor) = floor_of(key) {
+            out.push(Probe {
+                key,
+                prog: floor,
+                packet: packet.clone(),
+                action: XDP_TX,
+                path: None,
+            });
+        }
         out.push(Probe {
             key,
             prog: Prog::Reference,
@@ -135,17 +183,30 @@ fn probes() -> Vec<Probe> {
     out
 }
 
+/// Name of each program of the reference object the benchmark times.
+fn ref_prog(p: Prog) -> &'static str {
+    match p {
+        Prog::FloorHit => "floor_hit_xdp",
+        Prog::FloorInsert => "floor_insert_xdp",
+        _ => "reference_xdp",
+    }
+}
+
 struct Programs {
     dp: Dataplane,
+    /// The reference object: `reference_xdp` and the floors, loaded.
     reference: Ebpf,
+    /// The previous version, or why it is not available.
+    old: std::result::Result<OldDataplane, String>,
 }
 
 impl Programs {
-    fn load() -> Result<Programs> {
+    fn load(old: std::result::Result<Vec<u8>, String>) -> Result<Programs> {
         let cfg = Config::from_toml_str(&config()).map_err(|e| anyhow!("{}", e.message()))?;
+        let ring_slots = Director::ring_slots_for(&cfg);
         let mut dp = Dataplane::load(LoadOpts {
-            ring_slots: Director::ring_slots_for(&cfg),
-            conntrack_size: 65536,
+            ring_slots,
+            conntrack_size: CT_SIZE,
             ..Default::default()
         })
         .context("loading farmlb's XDP program (needs root)")?;
@@ -158,19 +219,53 @@ impl Programs {
             .collect();
         director.apply(&cfg, &mut dp, &mut macs)?;
 
-        let mut reference =
-            Ebpf::load(farmlb::REFERENCE_OBJECT).context("loading the reference object")?;
-        let prog: &mut Xdp = reference
-            .program_mut("reference_xdp")
-            .context("reference_xdp missing from the reference object")?
-            .try_into()?;
-        prog.load().context("verifier rejected reference_xdp")?;
-        Ok(Programs { dp, reference })
+        let mut reference = EbpfLoader::new()
+            .map_max_entries("FLOOR_CT", CT_SIZE)
+            .load(farmlb::REFERENCE_OBJECT)
+            .context("loading the reference object")?;
+        for name in ["reference_xdp", "floor_hit_xdp", "floor_insert_xdp"] {
+            let prog: &mut Xdp = reference
+                .program_mut(name)
+                .with_context(|| format!("{name} missing from the reference object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        // The hit floor's map holds the established probes' flows (as farmlb's conntrack
+        // will after the warm-up run).
+        let mut ct: BpfHashMap<MapData, FlowKey, CtEntry> = BpfHashMap::try_from(
+            reference
+                .take_map("FLOOR_CT")
+                .context("FLOOR_CT missing from the reference object")?,
+        )?;
+        for (src, dst) in EST_FLOWS {
+            let (src, dst) = (sa(src), sa(dst));
+            let key = FlowKey::new(
+                addr_of(src.ip()),
+                addr_of(dst.ip()),
+                src.port(),
+                dst.port(),
+                PROTO_TCP,
+            );
+            let entry = CtEntry {
+                backend: 1,
+                _pad: 0,
+                last_seen_ns: 0,
+            };
+            ct.insert(key, entry, 0)
+                .context("pre-filling the hit floor's conntrack")?;
+        }
+
+        let old = old.and_then(|obj| {
+            OldDataplane::load(&obj, &cfg, ring_slots, CT_SIZE, OWN_MAC, &mut macs)
+                .map_err(|e| format!("{e:#}"))
+        });
+        Ok(Programs { dp, reference, old })
     }
 
-    fn reference(&self) -> &Xdp {
+    fn reference(&self, p: Prog) -> &Xdp {
         self.reference
-            .program("reference_xdp")
+            .program(ref_prog(p))
             .expect("loaded")
             .try_into()
             .expect("loaded as XDP")
@@ -180,7 +275,27 @@ impl Programs {
     /// for farmlb, that every run took the probe's path.
     fn time(&mut self, p: &Probe, repeat: u32) -> Result<f64> {
         let (action, dt) = match p.prog {
-            Prog::Reference => test_run_repeat(self.reference(), &p.packet, repeat)?,
+            Prog::Reference | Prog::FloorHit | Prog::FloorInsert => {
+                test_run_repeat(self.reference(p.prog), &p.packet, repeat)?
+            }
+            Prog::Old => {
+                let old = self.old.as_ref().map_err(|e| anyhow!("{e}"))?;
+                let before = old.stats()?;
+                let r = old.test_run_repeat(&p.packet, repeat)?;
+                let after = old.stats()?;
+                let stat = p.path.expect("farmlb probes name their path") as usize;
+                let grew =
+                    after.get(stat).copied().unwrap_or(0) - before.get(stat).copied().unwrap_or(0);
+                if grew != repeat as u64 {
+                    bail!(
+                        "{}: the baseline's counter {stat} (today's {:?}) grew by {grew} over \
+                         {repeat} runs: not the intended path, or counters numbered differently",
+                        p.key,
+                        p.path.expect("set")
+                    );
+                }
+                r
+            }
             Prog::Farmlb => {
                 let before = self.dp.stats()?;
                 let r = self.dp.test_run_repeat(&p.packet, repeat)?;
@@ -213,6 +328,9 @@ fn prog_name(p: Prog) -> &'static str {
     match p {
         Prog::Farmlb => "farmlb",
         Prog::Reference => "reference",
+        Prog::FloorHit => "floor_hit",
+        Prog::FloorInsert => "floor_insert",
+        Prog::Old => "baseline",
     }
 }
 
@@ -221,31 +339,60 @@ const CPU: usize = 0;
 
 /// Measure on a thread pinned to one CPU: a flow's conntrack entry then lives on the CPU
 /// that handles its packets, as with a NIC's RSS (the conntrack LRU keeps per-CPU lists).
-pub fn run(plan: &Plan) -> Result<Section> {
+pub fn run(plan: &Plan, baseline_rev: Option<&str>) -> Result<Section> {
+    // Built before the thread is pinned: the build uses every CPU.
+    let rev = baseline::resolve(baseline_rev).map_err(|e| format!("{e:#}"));
+    let old = rev.clone().and_then(|r| {
+        eprintln!(
+            "xtask bench: baseline {} ({})",
+            r.name,
+            &r.commit[..r.commit.len().min(12)]
+        );
+        baseline::object(&r).map_err(|e| format!("{e:#}"))
+    });
     std::thread::scope(|s| {
         s.spawn(|| {
             super::sys::pin(0, CPU)?;
-            measure(plan)
+            measure(plan, rev, old)
         })
         .join()
         .map_err(|_| anyhow!("per-packet benchmark thread panicked"))?
     })
 }
 
-fn measure(plan: &Plan) -> Result<Section> {
-    let mut progs = Programs::load()?;
-    let probes = probes();
+fn measure(
+    plan: &Plan,
+    rev: std::result::Result<Rev, String>,
+    old: std::result::Result<Vec<u8>, String>,
+) -> Result<Section> {
+    let mut progs = Programs::load(old)?;
+    let mut probes = probes(progs.old.is_ok());
     // Warm-up: creates the conntrack entries of the established-flow probes (their first run
-    // is a miss), faults in code and maps.
+    // is a miss), faults in code and maps. A baseline probe that fails is left out, its
+    // reason reported.
+    let mut old_unavailable: HashMap<&str, String> = HashMap::new();
     for p in &probes {
+        if p.prog == Prog::Old {
+            let r = progs
+                .old
+                .as_ref()
+                .map_err(|e| anyhow!("{e}"))
+                .and_then(|o| o.test_run_repeat(&p.packet, 1))
+                .and_then(|_| progs.time(p, 1000));
+            if let Err(e) = r {
+                old_unavailable.insert(p.key, format!("{e:#}"));
+            }
+            continue;
+        }
         if p.prog == Prog::Farmlb {
             progs.dp.test_run(&p.packet)?;
         }
         progs.time(p, 1000)?;
     }
+    probes.retain(|p| !(p.prog == Prog::Old && old_unavailable.contains_key(p.key)));
 
     // samples[key][prog] = ns per packet, one per run.
-    let mut samples: HashMap<(&str, bool), Vec<f64>> = HashMap::new();
+    let mut samples: HashMap<(&str, Prog), Vec<f64>> = HashMap::new();
     for run in 0..plan.runs {
         // Alternate the order every run so neither program always goes first.
         let order: Vec<&Probe> = if run % 2 == 0 {
@@ -255,49 +402,47 @@ fn measure(plan: &Plan) -> Result<Section> {
         };
         for p in order {
             let ns = progs.time(p, plan.repeat)?;
-            samples
-                .entry((p.key, p.prog == Prog::Farmlb))
-                .or_default()
-                .push(ns);
+            samples.entry((p.key, p.prog)).or_default().push(ns);
         }
     }
-    let f = |k: &str| Dist::new(samples[&(k, true)].clone());
-    let r = |k: &str| Dist::new(samples[&(k, false)].clone());
+    let d = |k: &str, p: Prog| Dist::new(samples[&(k, p)].clone());
+    let f = |k: &str| d(k, Prog::Farmlb);
+    let r = |k: &str| d(k, Prog::Reference);
 
     let mut s = Section::new("per_packet", "Per-packet cost (BPF_PROG_TEST_RUN)");
     let unit = "ns/pkt";
-    // (probe, metric key after `pkt.`, name, goal: at most 1.5 × the baseline)
+    // (probe, metric key after `pkt.`, name, goal: at most this × the baseline)
     let rows = [
         (
             "v4_est",
             "ipv4_tcp_established",
             "IPv4 TCP established (conntrack hit)",
-            true,
+            Some(1.5),
         ),
         (
             "v6_est",
             "ipv6_tcp_established",
             "IPv6 TCP established (conntrack hit)",
-            true,
+            Some(1.5),
         ),
         (
             "v4_syn",
             "ipv4_tcp_syn",
             "IPv4 TCP SYN (conntrack miss + Maglev)",
-            true,
+            Some(1.5),
         ),
         (
             "v6_syn",
             "ipv6_tcp_syn",
             "IPv6 TCP SYN (conntrack miss + Maglev)",
-            true,
+            Some(1.5),
         ),
-        ("v4_udp", "ipv4_udp", "IPv4 UDP (conntrack hit)", false),
+        ("v4_udp", "ipv4_udp", "IPv4 UDP (conntrack hit)", None),
         (
             "v4_pass",
             "ipv4_non_vip_pass",
             "IPv4 non-VIP (XDP_PASS)",
-            false,
+            Some(1.2),
         ),
     ];
     // A SYN costs a Maglev lookup more than farmlb's own established path; everything else
@@ -308,38 +453,90 @@ fn measure(plan: &Plan) -> Result<Section> {
         _ => ("reference XDP", r(probe)),
     };
     s.metrics = rows
-        .into_iter()
-        .map(|(probe, key, name, goal)| {
+        .iter()
+        .map(|&(probe, key, name, goal)| {
             let (label, base) = baseline(probe);
             let m = Metric::new(&format!("pkt.{key}"), name, unit)
                 .value(f(probe))
                 .against(label, base);
-            if goal {
-                m.goal(Goal::ratio_at_most(1.5))
-            } else {
-                m
+            match goal {
+                Some(g) => m.goal(Goal::ratio_at_most(g)),
+                None => m,
             }
         })
         .collect();
+    // farmlb against the stateful floors: the least a balancer with a conntrack map does.
+    for &(probe, key, name, _) in &rows {
+        let Some(floor) = floor_of(probe) else {
+            continue;
+        };
+        let label = match floor {
+            Prog::FloorHit => "stateful floor, hit",
+            _ => "floor, insert",
+        };
+        s.metrics.push(
+            Metric::new(
+                &format!("pkt.{key}.vs_floor"),
+                &format!("{name} vs floor"),
+                unit,
+            )
+            .value(f(probe))
+            .against(label, d(probe, floor))
+            .goal(Goal::ratio_at_most(1.25)),
+        );
+    }
+    // Today's program against the previous version, on every probe.
+    let rev_label = match &rev {
+        Ok(r) => format!(
+            "farmlb at {} ({})",
+            r.name,
+            &r.commit[..r.commit.len().min(12)]
+        ),
+        Err(_) => "farmlb baseline".to_string(),
+    };
+    for &(probe, key, name, _) in &rows {
+        let mkey = format!("pkt.{key}.vs_baseline");
+        let mname = format!("{name}, new vs previous version");
+        let why = match (&progs.old, old_unavailable.get(probe)) {
+            (Err(e), _) => Some(e.clone()),
+            (Ok(_), Some(e)) => Some(e.clone()),
+            _ => None,
+        };
+        s.metrics.push(match why {
+            Some(e) => {
+                let line = e.lines().next().unwrap_or("").to_string();
+                Metric::unavailable(&mkey, &mname, &line)
+            }
+            None => Metric::new(&mkey, &mname, unit)
+                .value(f(probe))
+                .against(&rev_label, d(probe, Prog::Old))
+                .goal(Goal::ratio_at_most(0.6)),
+        });
+    }
 
-    let mut details =
-        String::from("| probe | farmlb ns/pkt (median [min–max]) | reference ns/pkt |\n");
-    details += "|---|---|---|\n";
+    let mut details = String::from(
+        "| probe | farmlb ns/pkt (median [min–max]) | reference ns/pkt | floor ns/pkt | \
+         previous version ns/pkt |\n",
+    );
+    details += "|---|---|---|---|---|\n";
+    let cell = |x: Option<Dist>| match x {
+        Some(x) => format!("{:.0} [{:.0}–{:.0}]", x.median(), x.min(), x.max()),
+        None => "–".to_string(),
+    };
     for (key, ..) in packets() {
-        let (a, b) = (f(key), r(key));
+        let floor = floor_of(key).map(|p| d(key, p));
+        let old = samples.get(&(key, Prog::Old)).map(|v| Dist::new(v.clone()));
         details += &format!(
-            "| {key} | {:.0} [{:.0}–{:.0}] | {:.0} [{:.0}–{:.0}] |\n",
-            a.median(),
-            a.min(),
-            a.max(),
-            b.median(),
-            b.min(),
-            b.max()
+            "| {key} | {} | {} | {} | {} |\n",
+            cell(Some(f(key))),
+            cell(Some(r(key))),
+            cell(floor),
+            cell(old)
         );
     }
     s.details = details;
     s.method = format!(
-        "Both programs are loaded in this process; farmlb's maps are programmed by its own \
+        "All programs are loaded in this process; farmlb's maps are programmed by its own \
          `Director` from a fixed config (3 services, 3 backends each, 65537-slot Maglev \
          tables, fixed backend MACs). Each sample is one `BPF_PROG_TEST_RUN` call with \
          repeat = {repeat}; the value is the kernel's mean time per run (1 ns resolution). \
@@ -357,8 +554,33 @@ fn measure(plan: &Plan) -> Result<Section> {
          while building this benchmark: the SYN path's cost is bimodal, about 155–160 ns or \
          about 225–235 ns, mostly fixed for one probe within one process but differing \
          between processes and between the IPv4 and IPv6 probes (cause not pinned down; the LRU map's rewrite of \
-         the entry is the likely place); the min–max range shows which mode(s) this run hit.",
+         the entry is the likely place); the min–max range shows which mode(s) this run hit. \
+         Floors (reference object): *stateful floor, hit* (`floor_hit_xdp`) parses Ethernet, \
+         IPv4 without options or IPv6 without extension headers and the ports into a \
+         `FlowKey`, looks it up in its own LRU hash (`FlowKey -> CtEntry`, farmlb's types and \
+         `BPF_F_NO_COMMON_LRU`, {ct} entries like farmlb's conntrack here; the benchmark \
+         pre-fills it with the two established flows), swaps the MACs and returns XDP_TX \
+         (XDP_PASS on a miss, so the verdict check proves every repeat hit); *floor, insert* \
+         (`floor_insert_xdp`) does the same parse, one `bpf_map_update_elem` of the flow \
+         (the repeated SYN re-inserts an existing key: the LRU map takes a fresh node and \
+         frees the old one, where farmlb rewrites its existing entry in place), MAC swap, \
+         XDP_TX. Neither changes the packet's length, so repeat = N timing applies. \
+         Previous version: {old}.",
         repeat = plan.repeat,
+        ct = CT_SIZE,
+        old = match (&rev, &progs.old) {
+            (Ok(r), Ok(_)) => format!(
+                "`farmlb_xdp` of {} ({}), built from a temporary git worktree of that commit \
+                 with the eBPF crate's own build (nightly, `-Z build-std=core`, \
+                 bpfel-unknown-none, as aya-build does; cached by commit in \
+                 target/bench-baseline/), loaded with its own maps sized as today's and \
+                 programmed by today's `Director` with the same config; each farmlb probe \
+                 checks the path counter of today's numbering",
+                r.name, r.commit
+            ),
+            (_, Err(e)) => format!("not available: {e}"),
+            (Err(e), _) => format!("not available: {e}"),
+        },
         runs = plan.runs,
         n = probes.len(),
         cpu = CPU,
@@ -368,7 +590,7 @@ fn measure(plan: &Plan) -> Result<Section> {
         "runs": plan.runs,
         "samples_ns": samples
             .iter()
-            .map(|((k, farm), v)| (format!("{}.{k}", if *farm { "farmlb" } else { "reference" }), json!(v)))
+            .map(|((k, p), v)| (format!("{}.{k}", prog_name(*p)), json!(v)))
             .collect::<serde_json::Map<_, _>>(),
     });
     Ok(s)

@@ -55,6 +55,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     let mut saved = state::RuntimeState::load(&state_path);
     let cfg = owner::replay(file_cfg, &mut saved.edits);
     let own_mac = iface_mac(&cfg.interface)?;
+    warn_about_veth(&cfg);
     let pin_dir = cfg.pin_path.clone();
     let mut dp = Dataplane::load(LoadOpts {
         ring_slots: Director::ring_slots_for(&cfg),
@@ -205,6 +206,39 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// A veth behaves unlike a NIC in ways that silently lose traffic; say so at start.
+fn warn_about_veth(cfg: &Config) {
+    let out = std::process::Command::new("ip")
+        .args(["-d", "-j", "link", "show", "dev", &cfg.interface])
+        .output();
+    let Ok(out) = out else { return };
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if info[0]["linkinfo"]["info_kind"] != "veth" {
+        return;
+    }
+    use crate::config::{Forwarding, XdpModeCfg};
+    if cfg.services.iter().any(|s| s.forwarding == Forwarding::Dr) {
+        tracing::warn!(
+            interface = %cfg.interface,
+            "this is a veth: frames sent back out with XDP_TX reach the peer only if the peer \
+             runs an XDP program too (any, e.g. one that passes everything), and clients on \
+             veths need tx checksum offload off (`ethtool -K IF tx off`), or the backends \
+             drop the forwarded TCP segments"
+        );
+    }
+    let farm = cfg
+        .services
+        .iter()
+        .any(|s| s.forwarding == Forwarding::Farm);
+    if farm && cfg.xdp_mode != XdpModeCfg::Generic {
+        tracing::warn!(
+            interface = %cfg.interface,
+            "this is a veth: in native mode it drops frames addressed to the farm's virtual \
+             MAC before XDP runs; farm nodes on veths need xdp_mode = \"generic\""
+        );
     }
 }
 

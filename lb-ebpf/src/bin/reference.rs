@@ -63,13 +63,8 @@ mod prog {
         if unsafe { *p.add(ETH_HLEN) } >> 4 != version {
             return xdp_action::XDP_PASS;
         }
-        // SAFETY: 12 bytes of MACs inside the checked Ethernet header; unaligned accesses.
-        unsafe {
-            let dst = core::ptr::read_unaligned(p as *const [u8; 6]);
-            let src = core::ptr::read_unaligned(p.add(6) as *const [u8; 6]);
-            core::ptr::write_unaligned(p as *mut [u8; 6], src);
-            core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], dst);
-        }
+        // SAFETY: the Ethernet header is bounds-checked above.
+        unsafe { swap_macs(p) };
         xdp_action::XDP_TX
     }
 
@@ -138,6 +133,21 @@ mod prog {
         Some(FlowKey::new(src, dst, sport, dport, proto))
     }
 
+    /// Swap destination and source MAC.
+    ///
+    /// # Safety
+    /// `p` points at an Ethernet header inside the frame (12 bytes bounds-checked).
+    #[inline(always)]
+    unsafe fn swap_macs(p: *mut u8) {
+        // SAFETY: per the contract; unaligned accesses.
+        unsafe {
+            let dst = core::ptr::read_unaligned(p as *const [u8; 6]);
+            let src = core::ptr::read_unaligned(p.add(6) as *const [u8; 6]);
+            core::ptr::write_unaligned(p as *mut [u8; 6], src);
+            core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], dst);
+        }
+    }
+
     /// Swap the MACs and transmit (the frame was bounds-checked by `flow`).
     #[inline(always)]
     fn swap_tx(ctx: &XdpContext) -> u32 {
@@ -146,13 +156,8 @@ mod prog {
             return xdp_action::XDP_PASS;
         }
         let p = start as *mut u8;
-        // SAFETY: 12 bytes of MACs inside the checked Ethernet header; unaligned accesses.
-        unsafe {
-            let dst = core::ptr::read_unaligned(p as *const [u8; 6]);
-            let src = core::ptr::read_unaligned(p.add(6) as *const [u8; 6]);
-            core::ptr::write_unaligned(p as *mut [u8; 6], src);
-            core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], dst);
-        }
+        // SAFETY: the Ethernet header is bounds-checked above.
+        unsafe { swap_macs(p) };
         xdp_action::XDP_TX
     }
 

@@ -338,15 +338,6 @@ pub struct Exit {
 /// The owner loop, until SIGINT, SIGTERM or `farmlb stop`. A failing change is logged and the
 /// loop goes on: the data plane keeps the last tables that were written.
 async fn serve(owner: &mut Owner, inbox: &mut Inbox) -> Result<Exit> {
-    let Inbox {
-        api: api_rx,
-        probe: probe_rx,
-        node_probe: node_probe_rx,
-        snapshot: snap_rx,
-        view: view_rx,
-        resolved: resolved_rx,
-        count: count_rx,
-    } = inbox;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -365,7 +356,7 @@ async fn serve(owner: &mut Owner, inbox: &mut Inbox) -> Result<Exit> {
                 Ok(summary) => tracing::info!("SIGHUP: {summary}"),
                 Err(e) => tracing::error!("SIGHUP: {}: {e}", owner::REJECTED),
             },
-            Some((req, reply)) = api_rx.recv() => {
+            Some((req, reply)) = inbox.api.recv() => {
                 if let api::ApiRequest::Stop { detach } = req {
                     let _ = reply.send(Ok((
                         axum::http::StatusCode::OK,
@@ -375,25 +366,25 @@ async fn serve(owner: &mut Owner, inbox: &mut Inbox) -> Result<Exit> {
                 }
                 let _ = reply.send(owner.handle(req));
             }
-            Some(p) = probe_rx.recv() => owner.on_probe(p),
-            Some(p) = node_probe_rx.recv() => owner.on_node_probe(&p),
-            Some(otx) = snap_rx.recv() => {
+            Some(p) = inbox.probe.recv() => owner.on_probe(p),
+            Some(p) = inbox.node_probe.recv() => owner.on_node_probe(&p),
+            Some(otx) = inbox.snapshot.recv() => {
                 let _ = otx.send(owner.status());
             }
             changed = async {
-                match view_rx.as_mut() {
+                match inbox.view.as_mut() {
                     Some(rx) => rx.changed().await,
                     None => std::future::pending().await,
                 }
             } => {
-                let Some(rx) = view_rx.as_mut().filter(|_| changed.is_ok()) else {
+                let Some(rx) = inbox.view.as_mut().filter(|_| changed.is_ok()) else {
                     anyhow::bail!("the membership task stopped");
                 };
                 let view = rx.borrow_and_update().clone();
                 owner.on_view(view);
             }
-            Some(r) = resolved_rx.recv() => owner.on_resolved(r),
-            Some(n) = count_rx.recv() => owner.conntrack_entries = Some(n),
+            Some(r) = inbox.resolved.recv() => owner.on_resolved(r),
+            Some(n) = inbox.count.recv() => owner.conntrack_entries = Some(n),
             _ = lease.tick() => owner.renew_lease(),
             _ = retry.tick() => owner.tick(),
             _ = garp.tick() => {

@@ -90,14 +90,15 @@ struct KernelMaps {
     backend_stats: PerCpuArray<MapData, Counter>,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+/// Take map `name` out of a loaded object as a typed handle (it is taken once).
+pub fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &str,
 ) -> Result<T> {
     let m = ebpf
         .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
-    T::try_from(m).with_context(|| format!("map {name} has an unexpected type"))
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    T::try_from(m).map_err(|e| anyhow!("map {name} has another type or layout: {e}"))
 }
 
 impl KernelMaps {

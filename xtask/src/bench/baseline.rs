@@ -154,15 +154,7 @@ struct OldMaps {
     cpus: usize,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &str,
-) -> Result<T> {
-    let m = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the baseline object"))?;
-    T::try_from(m).map_err(|e| anyhow!("map {name} differs from today's: {e}"))
-}
+use farmlb::dataplane::take;
 
 impl Maps for OldMaps {
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {

@@ -1,4 +1,4 @@
-//! The operator commands (`farmlb status`, `stats`, `service`, `backend`, `reload`): a small
+//! The operator commands (`farmlb status`, `stats`, `top`, `service`, `backend`, `reload`): a small
 //! HTTP/1.1 client (hyper) on the daemon's unix socket, printing tables or, with `--json`,
 //! the API's JSON.
 
@@ -49,6 +49,13 @@ pub enum CtlCmd {
         /// Refresh every SECONDS (default 1) until interrupted.
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
         watch: Option<f64>,
+    },
+    /// Full-screen live view of services and backends: rates, health, weights, sparklines
+    /// (`q` quits).
+    Top {
+        /// Seconds between polls of the daemon.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
     },
     /// Add or remove a service (runtime only: `reload` makes the running set match the file).
     #[command(subcommand)]
@@ -244,6 +251,10 @@ pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
     };
     let c = Client::new(&socket);
     match cmd {
+        CtlCmd::Top { interval } => {
+            let every = period(*interval, "--interval")?;
+            crate::top::run(c, &socket, every).await?
+        }
         CtlCmd::Stop { detach, config } => {
             let body = json!({ "detach": detach });
             match c.call("POST", "/v1/stop", Some(&body)).await {
@@ -402,11 +413,16 @@ fn done(opts: &CtlOpts, v: &Value, msg: &str) -> Result<()> {
     Ok(())
 }
 
-async fn watch_stats(c: &Client, json: bool, secs: f64) -> Result<()> {
-    if !(secs.is_finite() && secs >= 0.1) {
-        bail!("--watch: the interval must be at least 0.1 seconds");
+/// A refresh period given in seconds on the command line (`flag` names it in the error).
+fn period(secs: f64, flag: &str) -> Result<Duration> {
+    if !(secs.is_finite() && (0.1..=3600.0).contains(&secs)) {
+        bail!("{flag}: the interval must be between 0.1 and 3600 seconds");
     }
-    let every = Duration::from_secs_f64(secs);
+    Ok(Duration::from_secs_f64(secs))
+}
+
+async fn watch_stats(c: &Client, json: bool, secs: f64) -> Result<()> {
+    let every = period(secs, "--watch")?;
     let tty = std::io::stdout().is_terminal();
     let mut prev: Option<(StatusView, Instant)> = None;
     loop {
@@ -465,7 +481,7 @@ pub fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn human(n: u64) -> String {
+pub(crate) fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
     let mut v = n as f64;
     let mut u = 0;
@@ -480,7 +496,7 @@ fn human(n: u64) -> String {
     }
 }
 
-fn endpoint(s: &ServiceView) -> String {
+pub(crate) fn endpoint(s: &ServiceView) -> String {
     match s.vip {
         IpAddr::V4(a) => format!("{a}:{}", s.port),
         IpAddr::V6(a) => format!("[{a}]:{}", s.port),
@@ -488,11 +504,20 @@ fn endpoint(s: &ServiceView) -> String {
 }
 
 /// `1`, `3*` (runtime), `4 (dynamic)`.
-fn weight_str(b: &BackendView) -> String {
+pub(crate) fn weight_str(b: &BackendView) -> String {
     match (b.weight_runtime, b.weight_dynamic) {
         (Some(w), _) => format!("{w}*"),
         (None, Some(w)) => format!("{w} (dyn)"),
         (None, None) => b.weight.to_string(),
+    }
+}
+
+/// `up`, `down`, `unresolved` (no MAC yet), `up (unchecked)`.
+pub(crate) fn health_str(b: &BackendView) -> String {
+    match (b.checked, b.resolved) {
+        (_, false) => "unresolved".to_string(),
+        (false, true) => format!("{} (unchecked)", b.health),
+        (true, true) => b.health.clone(),
     }
 }
 
@@ -532,11 +557,6 @@ pub fn render_status(s: &StatusView) -> String {
             .iter()
             .map(|b| {
                 runtime |= b.state_runtime || b.weight_runtime.is_some();
-                let health = match (b.checked, b.resolved) {
-                    (_, false) => "unresolved".to_string(),
-                    (false, true) => format!("{} (unchecked)", b.health),
-                    (true, true) => b.health.clone(),
-                };
                 let last = b.last_check.as_ref().map_or("-".to_string(), |c| {
                     if c.ok {
                         format!("{} {:.1}ms", c.detail, c.latency_ms)
@@ -546,7 +566,7 @@ pub fn render_status(s: &StatusView) -> String {
                 });
                 vec![
                     b.address.to_string(),
-                    health,
+                    health_str(b),
                     format!("{}{}", b.state, if b.state_runtime { "*" } else { "" }),
                     weight_str(b),
                     b.effective_weight.to_string(),

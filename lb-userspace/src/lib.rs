@@ -13,6 +13,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod neigh;
 pub mod packet;
+pub mod top;
 
 /// The XDP object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

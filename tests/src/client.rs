@@ -115,12 +115,27 @@ impl Traffic {
         dst: SocketAddr,
         timeout: Duration,
     ) -> Result<Traffic> {
+        Self::paced(ns, sources, dst, timeout, Duration::ZERO)
+    }
+
+    /// [`Traffic::start`], attempt `i` starting no earlier than `i × gap` after the start
+    /// (a steady rate of new connections while attempts take less than `gap`).
+    pub fn paced(
+        ns: &str,
+        sources: Vec<IpAddr>,
+        dst: SocketAddr,
+        timeout: Duration,
+        gap: Duration,
+    ) -> Result<Traffic> {
         let start = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = spawn_in_netns(ns, move || {
             let mut attempts = Vec::new();
-            for src in sources.iter().cycle() {
+            for (i, src) in sources.iter().cycle().enumerate() {
+                if let Some(wait) = (start + gap * i as u32).checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
                 if flag.load(Ordering::SeqCst) {
                     break;
                 }

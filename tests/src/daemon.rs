@@ -54,6 +54,8 @@ pub struct Service {
     pub hash: HashMode,
     pub table_size: u32,
     pub backends: Vec<BackendSpec>,
+    /// The service's `check = { … }` line, if any.
+    pub check: Option<String>,
 }
 
 impl Service {
@@ -67,6 +69,7 @@ impl Service {
             hash: HashMode::FiveTuple,
             table_size: 65537,
             backends: Vec::new(),
+            check: None,
         }
     }
 
@@ -105,6 +108,9 @@ pub fn services_toml(services: &[Service]) -> String {
         let hash = svc.hash.as_str();
         service_table(&mut s, &svc.name, svc.vip, svc.port, hash, svc.table_size);
         let _ = writeln!(s, "protocol = \"{}\"", svc.protocol);
+        if let Some(c) = &svc.check {
+            let _ = writeln!(s, "{c}");
+        }
         for b in &svc.backends {
             let _ = writeln!(s, "\n  [[service.backend]]");
             let _ = writeln!(s, "  address = \"{}\"", b.address);

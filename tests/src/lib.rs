@@ -9,12 +9,15 @@ pub mod client;
 pub mod cluster;
 pub mod ctl;
 pub mod daemon;
+pub mod demo;
 pub mod farm_rig;
 pub mod netns;
 pub mod pins;
 pub mod process;
+pub mod pty;
 pub mod rig;
 pub mod server;
+pub mod svg;
 pub mod wait;
 
 pub use client::{connect_many, connect_tallied, ping_all, try_identify, LongConn};

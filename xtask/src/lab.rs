@@ -1,14 +1,13 @@
 //! Rig, demo (and benchmarks): the commands that link farmlb and the namespace rig.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
-use lb_tests::{
-    connect_many, farmlb_config, format_distribution, tally, write_config, Daemon, IdentityServer,
-    Rig, RigOpts, Service, VIP_V4,
-};
+use lb_tests::demo::{self, DemoOpts};
+use lb_tests::{Rig, RigOpts, VIP_V4};
 
-use crate::{cargo, run, RigAction};
+use crate::{cargo, run, DemoKind, RigAction};
 
 pub fn rig(action: RigAction) -> Result<()> {
     match action {
@@ -51,66 +50,41 @@ pub fn rig(action: RigAction) -> Result<()> {
     Ok(())
 }
 
-pub fn demo(connections: usize, prefix: &str) -> Result<()> {
+pub fn demo(
+    kind: DemoKind,
+    connections: usize,
+    rate: u32,
+    prefix: String,
+    svg: Option<PathBuf>,
+) -> Result<()> {
     run(cargo().args(["build", "-p", "lb-userspace"]))?;
-    let mut rig = Rig::up(RigOpts::new(prefix, 3))?;
-    let port = 80;
-    let mut servers = Vec::new();
-    for i in 0..rig.backend_count() {
-        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-        servers.push(IdentityServer::start(
-            &rig.ns_backend(i),
-            any,
-            &format!("b{}", i + 1),
-        )?);
-    }
-    let backends = (0..rig.backend_count()).map(|i| IpAddr::V4(rig.backend_v4(i)));
-    let config = farmlb_config(
-        &rig,
-        &[Service::tcp("web", IpAddr::V4(VIP_V4), port).backends(backends)],
-    );
-    let path = write_config(&rig, &config)?;
-    println!("config ({}):\n{config}", path.display());
-    let mut daemon = Daemon::start(&rig, &path)?;
-    let link = rig.exec(&rig.ns_lb(), &["ip", "link", "show", rig.lb_iface()])?;
-    let mode = if link.contains("xdpgeneric") {
-        "generic"
-    } else {
-        "native"
+    let name = match kind {
+        DemoKind::Director => "director",
+        DemoKind::Farm => "farm",
     };
-    println!(
-        "farmlb attached to {} in {} ({mode} XDP; log: {})",
-        rig.lb_iface(),
-        rig.ns_lb(),
-        daemon.log_path().display()
-    );
-
-    let sources = rig.client_sources_v4();
-    let results = connect_many(
-        &rig.ns_client(),
-        IpAddr::V4(VIP_V4),
-        port,
+    let svg = svg.unwrap_or_else(|| {
+        crate::workspace_root().join(format!("target/demo/timeline-{name}.svg"))
+    });
+    let opts = DemoOpts {
+        prefix,
         connections,
-        &sources,
-    );
-    let (counts, failures) = tally(&results);
-    println!(
-        "{} connections from {} source addresses to {VIP_V4}:{port}:",
-        connections,
-        sources.len()
-    );
-    print!("{}", format_distribution(&counts));
-    println!("  failed {:>5}", failures.len());
-    for f in failures.iter().take(5) {
-        println!("    {f}");
+        rate,
+        before: Duration::from_secs(3),
+        after: Duration::from_secs(3),
+        svg,
+    };
+    let out = match kind {
+        DemoKind::Director => demo::director(&opts)?,
+        DemoKind::Farm => demo::farm(&opts)?,
+    };
+    if !out.balance_failures.is_empty() || connections == 0 {
+        bail!(
+            "{} of {connections} connections failed",
+            out.balance_failures.len()
+        );
     }
-
-    let stopped = daemon.stop();
-    drop(servers);
-    rig.down()?;
-    stopped?;
-    if !failures.is_empty() || connections == 0 {
-        bail!("{} of {connections} connections failed", failures.len());
+    if out.timeline.removed.is_none() {
+        bail!("farmlb did not take {} out", out.timeline.victim);
     }
     Ok(())
 }

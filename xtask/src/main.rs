@@ -37,14 +37,26 @@ enum Cmd {
         #[command(subcommand)]
         action: RigAction,
     },
-    /// Run farmlb on the rig and show how connections spread over three backends. Needs root.
+    /// Run farmlb on the rig and show how connections spread over three backends, then kill
+    /// one under a steady stream of new connections and show the redistribution (timing,
+    /// connections per backend, failures) and an SVG timeline. Needs root.
     Demo {
-        /// Number of TCP connections to open.
+        /// `director` (farmlb in front of three backends) or `farm` (three farm nodes, one
+        /// of which dies).
+        #[arg(value_enum, default_value = "director")]
+        kind: DemoKind,
+        /// Number of TCP connections of the balance phase.
         #[arg(long, default_value_t = 300)]
         connections: usize,
+        /// New connections per second while a backend dies.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
         /// Namespace prefix of the rig.
         #[arg(long, default_value = "flb")]
         prefix: String,
+        /// Where to write the SVG timeline (default: target/demo/timeline-KIND.svg).
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
     /// Benchmark farmlb against baselines measured in the same run; writes bench/report.*.
     /// Needs root.
@@ -57,6 +69,12 @@ enum Cmd {
         #[arg(long, value_name = "REV")]
         baseline: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DemoKind {
+    Director,
+    Farm,
 }
 
 #[derive(Subcommand)]
@@ -84,9 +102,12 @@ fn main() {
         Cmd::Rig { action } => lab::rig(action),
         #[cfg(feature = "lab")]
         Cmd::Demo {
+            kind,
             connections,
+            rate,
             prefix,
-        } => lab::demo(connections, &prefix),
+            svg,
+        } => lab::demo(kind, connections, rate, prefix, svg),
         #[cfg(feature = "lab")]
         Cmd::Bench { quick, baseline } => bench::run(quick, baseline),
         #[cfg(not(feature = "lab"))]

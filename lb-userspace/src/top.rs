@@ -31,7 +31,9 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Run the live view until the operator quits.
 pub async fn run(client: Client, socket: &std::path::Path, every: Duration) -> Result<()> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
-        bail!("farmlb top needs a terminal (`farmlb stats --watch` prints rates to a pipe or file)");
+        bail!(
+            "farmlb top needs a terminal (`farmlb stats --watch` prints rates to a pipe or file)"
+        );
     }
     let mut polls = poller(client, every);
     let keys = keys();
@@ -214,7 +216,10 @@ impl Model {
                     .map(|b| ((s.name.clone(), Some(b.address)), b.packets, b.bytes)),
             );
             for (key, p, b) in rows {
-                self.series.entry(key.clone()).or_default().observe(p, b, at);
+                self.series
+                    .entry(key.clone())
+                    .or_default()
+                    .observe(p, b, at);
                 seen.insert(key);
             }
         }
@@ -472,7 +477,7 @@ fn rate(r: Option<f64>) -> String {
     match r {
         None => "-".into(),
         Some(r) if r >= 1000.0 => human(r as u64),
-        Some(r) if r == 0.0 => "0".into(),
+        Some(0.0) => "0".into(),
         Some(r) => format!("{r:.1}"),
     }
 }
@@ -559,7 +564,10 @@ mod tests {
     #[test]
     fn flows_column_appears_when_reported() {
         let mut m = Model::new("s".into(), Duration::from_secs(1));
-        m.update(Instant::now(), Ok(status([1, 2], ["up", "up"], Some([42, 7]))));
+        m.update(
+            Instant::now(),
+            Ok(status([1, 2], ["up", "up"], Some([42, 7]))),
+        );
         let s = screen(&m);
         assert!(line(&s, "SERVICE").contains("FLOWS"), "{s}");
         assert!(line(&s, "10.0.0.11").contains(" 42 "), "{s}");
@@ -572,8 +580,14 @@ mod tests {
         m.update(Instant::now(), Ok(status([1, 2], ["up", "up"], None)));
         m.update(Instant::now(), Err(anyhow::anyhow!("connection refused")));
         let s = screen(&m);
-        assert!(s.contains("daemon unreachable (retrying; data 0s old)"), "{s}");
-        assert!(line(&s, "connection refused").starts_with("connection refused"), "{s}");
+        assert!(
+            s.contains("daemon unreachable (retrying; data 0s old)"),
+            "{s}"
+        );
+        assert!(
+            line(&s, "connection refused").starts_with("connection refused"),
+            "{s}"
+        );
         assert!(s.contains("10.0.0.12"), "{s}");
         m.update(Instant::now(), Ok(status([1, 2], ["up", "up"], None)));
         assert!(!screen(&m).contains("unreachable"));

@@ -115,27 +115,30 @@ impl Traffic {
         dst: SocketAddr,
         timeout: Duration,
     ) -> Result<Traffic> {
-        Self::paced(ns, sources, dst, timeout, Duration::ZERO)
+        Self::paced(ns, sources, dst, timeout, Duration::ZERO, Instant::now())
     }
 
-    /// [`Traffic::start`], attempt `i` starting no earlier than `i × gap` after the start
-    /// (a steady rate of new connections while attempts take less than `gap`).
+    /// [`Traffic::start`] at most one attempt per `gap` (a steady rate of new connections
+    /// while attempts take less; a slow one delays the next, no burst catches up), its
+    /// [`Attempt::at`] counted from `start` (several loops can share one clock).
     pub fn paced(
         ns: &str,
         sources: Vec<IpAddr>,
         dst: SocketAddr,
         timeout: Duration,
         gap: Duration,
+        start: Instant,
     ) -> Result<Traffic> {
-        let start = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = spawn_in_netns(ns, move || {
             let mut attempts = Vec::new();
-            for (i, src) in sources.iter().cycle().enumerate() {
-                if let Some(wait) = (start + gap * i as u32).checked_duration_since(Instant::now()) {
+            let mut next = Instant::now();
+            for src in sources.iter().cycle() {
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
+                next = next.max(Instant::now()) + gap;
                 if flag.load(Ordering::SeqCst) {
                     break;
                 }

@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -33,6 +33,8 @@ const CHECK: &str =
 /// How long a new connection may take in the failure phase (a dead farm node's share hangs
 /// until then).
 const ATTEMPT: Duration = Duration::from_millis(300);
+/// Connection loops of the failure phase (fewer than the client's 33 source addresses).
+const LOOPS: usize = 16;
 /// Give up waiting for farmlb to take the victim out after this long.
 const REMOVAL_LIMIT: Duration = Duration::from_secs(10);
 
@@ -172,24 +174,37 @@ impl Timeline {
 }
 
 /// New connections at `rate` per second from `sources` to `dst` in `ns`: `before`, then
-/// `kill()`, then until `removed()` holds (polled), then `after`.
+/// `kill()`, then until `removed()` holds (polled), then `after`. The connections come from
+/// [`LOOPS`] paced loops, as from many clients: the attempts a dead node swallows wait out
+/// their timeout without holding up the rest.
 fn kill_under_traffic(
     ns: &str,
     sources: Vec<IpAddr>,
     dst: SocketAddr,
     o: &DemoOpts,
     kill: impl FnOnce() -> Result<()>,
-    mut removed: impl FnMut() -> Result<bool>,
+    removed: impl FnMut() -> Result<bool>,
 ) -> Result<(Vec<Attempt>, Duration, Option<Duration>)> {
-    let gap = Duration::from_secs(1) / o.rate.max(1);
-    let traffic = Traffic::paced(ns, sources, dst, ATTEMPT, gap)?;
+    let gap = Duration::from_secs(1) * LOOPS as u32 / o.rate.max(1);
+    let start = Instant::now();
+    let loops = (0..LOOPS)
+        .map(|k| {
+            let mine = sources.iter().skip(k).step_by(LOOPS).copied().collect();
+            Traffic::paced(ns, mine, dst, ATTEMPT, gap, start)
+        })
+        .collect::<Result<Vec<_>>>()?;
     thread::sleep(o.before);
-    let killed = traffic.elapsed();
+    let killed = start.elapsed();
     kill()?;
-    let out = wait_until(REMOVAL_LIMIT, "the victim to be taken out", || removed()).ok();
-    let removed = out.map(|_| traffic.elapsed());
+    let out = wait_until(REMOVAL_LIMIT, "the victim to be taken out", removed).ok();
+    let removed = out.map(|_| start.elapsed());
     thread::sleep(o.after);
-    Ok((traffic.stop()?, killed, removed))
+    let mut attempts = Vec::new();
+    for l in loops {
+        attempts.extend(l.stop()?);
+    }
+    attempts.sort_by_key(|a| a.at);
+    Ok((attempts, killed, removed))
 }
 
 /// The director demo: farmlb in front of three backends; backend b2's server is stopped
@@ -330,12 +345,7 @@ pub fn farm(o: &DemoOpts) -> Result<Outcome> {
     finish(o, balance, balance_failures, timeline)
 }
 
-fn print_balance(
-    n: usize,
-    sources: usize,
-    counts: &BTreeMap<String, usize>,
-    failures: &[String],
-) {
+fn print_balance(n: usize, sources: usize, counts: &BTreeMap<String, usize>, failures: &[String]) {
     println!("{n} connections from {sources} source addresses:");
     print!("{}", format_distribution(counts));
     println!("  failed {:>5}", failures.len());

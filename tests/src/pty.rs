@@ -45,15 +45,8 @@ impl Pty {
         let (mut m, mut s) = (0, 0);
         let ws = winsize(rows, cols);
         // SAFETY: openpty writes two descriptors we then own.
-        let rc = unsafe {
-            libc::openpty(
-                &mut m,
-                &mut s,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                &ws,
-            )
-        };
+        let rc =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("openpty");
         }
@@ -137,9 +130,12 @@ impl Pty {
     /// Wait for the child to exit; kills it after `within`.
     pub fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
         let child = &mut self.child;
-        let waited = poll(within, Duration::from_millis(10), "the program to exit", || {
-            Ok(child.try_wait()?.is_some())
-        });
+        let waited = poll(
+            within,
+            Duration::from_millis(10),
+            "the program to exit",
+            || Ok(child.try_wait()?.is_some()),
+        );
         if let Err(e) = waited {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -27,9 +27,12 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Per bucket: connections per second of `id` (`None`: the failures).
+/// Per whole bucket (a partial last one is left out): connections per second of `id`
+/// (`None`: the failures).
 pub fn rates(t: &Timeline, id: Option<&str>) -> Vec<f64> {
-    let n = (t.end().as_secs_f64() / BUCKET.as_secs_f64()).ceil().max(1.0) as usize;
+    let n = (t.end().as_secs_f64() / BUCKET.as_secs_f64())
+        .floor()
+        .max(1.0) as usize;
     let mut v = vec![0.0; n];
     for a in &t.attempts {
         let hit = match (&a.result, id) {
@@ -37,8 +40,8 @@ pub fn rates(t: &Timeline, id: Option<&str>) -> Vec<f64> {
             (Err(_), None) => true,
             _ => false,
         };
-        if hit {
-            let i = ((a.at.as_secs_f64() / BUCKET.as_secs_f64()) as usize).min(n - 1);
+        let i = (a.at.as_secs_f64() / BUCKET.as_secs_f64()) as usize;
+        if hit && i < n {
             v[i] += 1.0 / BUCKET.as_secs_f64();
         }
     }
@@ -218,9 +221,10 @@ mod tests {
                 ok(700, "b1"),
             ],
         };
-        assert_eq!(rates(&t, Some("b1")), vec![4.0, 4.0, 4.0]);
-        assert_eq!(rates(&t, Some("b2")), vec![4.0, 0.0, 0.0]);
-        assert_eq!(rates(&t, None), vec![0.0, 4.0, 0.0]);
+        // The partial last bucket (500-700 ms) is left out.
+        assert_eq!(rates(&t, Some("b1")), vec![4.0, 4.0]);
+        assert_eq!(rates(&t, Some("b2")), vec![4.0, 0.0]);
+        assert_eq!(rates(&t, None), vec![0.0, 4.0]);
         assert_eq!(step(37.0), 10.0);
         assert_eq!(step(4.0), 1.0);
         let svg = timeline(&t);

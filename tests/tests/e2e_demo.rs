@@ -35,7 +35,10 @@ fn check_redistribution(out: &Outcome, bound: Duration) -> Result<()> {
     );
     let removed = t.removed.context("the victim was never taken out")?;
     let took = removed - t.killed;
-    ensure!(took <= bound, "taken out {took:?} after the kill (bound {bound:?})");
+    ensure!(
+        took <= bound,
+        "taken out {took:?} after the kill (bound {bound:?})"
+    );
     let [before, _, _] = t.phases();
     // Attempts under way at the removal may still fail (a dead node's hang until their
     // timeout): judge "after" from the removal plus one attempt's timeout.
@@ -44,7 +47,11 @@ fn check_redistribution(out: &Outcome, bound: Duration) -> Result<()> {
         before.1 == 0 && before.0.values().all(|&n| n > 20),
         "before the kill: {before:?}"
     );
-    ensure!(after.1 == 0, "{} connections failed after the removal", after.1);
+    ensure!(
+        after.1 == 0,
+        "{} connections failed after the removal",
+        after.1
+    );
     for (id, n) in &after.0 {
         if *id == t.victim {
             ensure!(*n == 0, "{id} still got {n} connections after the removal");
@@ -62,7 +69,11 @@ fn check_svg(out: &Outcome, path: &std::path::Path) -> Result<()> {
     let text = std::fs::read_to_string(path)?;
     let doc = roxmltree::Document::parse(&text).context("the SVG is not well-formed XML")?;
     let root = doc.root_element();
-    ensure!(root.tag_name().name() == "svg", "root is {:?}", root.tag_name());
+    ensure!(
+        root.tag_name().name() == "svg",
+        "root is {:?}",
+        root.tag_name()
+    );
     let (w, h): (f64, f64) = (
         root.attribute("width").context("width")?.parse()?,
         root.attribute("height").context("height")?.parse()?,
@@ -71,7 +82,10 @@ fn check_svg(out: &Outcome, path: &std::path::Path) -> Result<()> {
         .descendants()
         .filter(|n| n.has_tag_name("polyline") && n.attribute("class") == Some("series"))
         .collect();
-    let ids: Vec<&str> = series.iter().filter_map(|n| n.attribute("data-id")).collect();
+    let ids: Vec<&str> = series
+        .iter()
+        .filter_map(|n| n.attribute("data-id"))
+        .collect();
     ensure!(ids == t.ids, "series {ids:?}, backends {:?}", t.ids);
     let points = |n: &roxmltree::Node| -> Result<Vec<(f64, f64)>> {
         n.attribute("points")
@@ -87,9 +101,14 @@ fn check_svg(out: &Outcome, path: &std::path::Path) -> Result<()> {
     let mut baseline = 0.0f64;
     for n in &series {
         let pts = points(n)?;
-        ensure!(pts.len() == buckets, "{} points, {buckets} buckets", pts.len());
         ensure!(
-            pts.iter().all(|&(x, y)| (0.0..=w).contains(&x) && (0.0..=h).contains(&y)),
+            pts.len() == buckets,
+            "{} points, {buckets} buckets",
+            pts.len()
+        );
+        ensure!(
+            pts.iter()
+                .all(|&(x, y)| (0.0..=w).contains(&x) && (0.0..=h).contains(&y)),
             "points outside the picture"
         );
         baseline = baseline.max(pts.iter().map(|p| p.1).fold(0.0, f64::max));

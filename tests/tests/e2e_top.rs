@@ -65,7 +65,10 @@ fn top_shows_live_rates_and_health_and_outlives_the_daemon() -> Result<()> {
             check: Some(CHECK.into()),
             ..Service::tcp("web", IpAddr::V4(VIP_V4), PORT)
         };
-        farmlb_config(rig, &[web.backends((0..3).map(|i| rig.backend_v4(i).into()))])
+        farmlb_config(
+            rig,
+            &[web.backends((0..3).map(|i| rig.backend_v4(i).into()))],
+        )
     })?;
     let sock = api_socket(&s.rig);
     let b = |i: usize| s.rig.backend_v4(i).to_string();
@@ -81,6 +84,7 @@ fn top_shows_live_rates_and_health_and_outlives_the_daemon() -> Result<()> {
         SocketAddr::new(IpAddr::V4(VIP_V4), PORT),
         TIMEOUT,
         Duration::from_millis(5),
+        Instant::now(),
     )?;
 
     let mut top = top(&sock, 30, 140)?;
@@ -127,7 +131,11 @@ fn top_shows_live_rates_and_health_and_outlives_the_daemon() -> Result<()> {
         t.lines().nth(19).is_some_and(|l| l.contains("q quit")) && row(t, &b(2)).is_some()
     })?;
     let attempts = traffic.stop()?;
-    ensure!(attempts.len() > 100, "traffic ran {} attempts", attempts.len());
+    ensure!(
+        attempts.len() > 100,
+        "traffic ran {} attempts",
+        attempts.len()
+    );
 
     // The daemon goes away: top says so and keeps running, then finds the next one.
     let config = s.daemon.config_path().to_path_buf();

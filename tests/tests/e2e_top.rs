@@ -58,6 +58,20 @@ fn pkt_rate(screen: &str, needle: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|v| v * mult)
 }
 
+/// Type `key`: top must exit 0, leaving the alternate screen, the cursor shown and the
+/// terminal back in cooked mode.
+fn quit(top: &mut Pty, key: &[u8]) -> Result<()> {
+    top.send(key)?;
+    let st = top.wait_exit(Duration::from_secs(3))?;
+    ensure!(st.success(), "farmlb top exited with {st}");
+    ensure!(
+        top.with_screen(|sc| !sc.alternate_screen() && !sc.hide_cursor()),
+        "the terminal was not restored (alternate screen or hidden cursor left)"
+    );
+    ensure!(top.cooked()?, "the terminal was left in raw mode");
+    Ok(())
+}
+
 #[test]
 fn top_shows_live_rates_and_health_and_outlives_the_daemon() -> Result<()> {
     let mut s = DirectorRig::up("etop", 3, PORT, |rig| {
@@ -149,15 +163,7 @@ fn top_shows_live_rates_and_health_and_outlives_the_daemon() -> Result<()> {
         !t.contains("unreachable") && t.contains("live") && row(t, &b(0)).is_some()
     })?;
 
-    // q quits with status 0, leaving the alternate screen, the cursor shown, cooked mode.
-    top.send(b"q")?;
-    let st = top.wait_exit(Duration::from_secs(3))?;
-    ensure!(st.success(), "farmlb top exited with {st}");
-    ensure!(
-        top.with_screen(|sc| !sc.alternate_screen() && !sc.hide_cursor()),
-        "the terminal was not restored (alternate screen or hidden cursor left)"
-    );
-    ensure!(top.cooked()?, "the terminal was left in raw mode");
+    quit(&mut top, b"q")?;
     s.finish(|_| Ok(()))
 }
 
@@ -170,14 +176,7 @@ fn top_without_a_daemon_retries_and_quits_on_ctrl_c() -> Result<()> {
         t.contains("daemon unreachable") && t.contains("no data yet")
     })?;
     // In raw mode Ctrl-C is a key, not a signal: it must still quit cleanly.
-    top.send(b"\x03")?;
-    let st = top.wait_exit(Duration::from_secs(3))?;
-    ensure!(st.success(), "farmlb top exited with {st}");
-    ensure!(
-        top.with_screen(|sc| !sc.alternate_screen() && !sc.hide_cursor()),
-        "terminal not restored"
-    );
-    ensure!(top.cooked()?, "the terminal was left in raw mode");
+    quit(&mut top, b"\x03")?;
 
     // Not a terminal, or a bad interval: one clear line each.
     let (ok, _, err) = cli(&sock, &["top"])?;

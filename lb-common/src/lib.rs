@@ -267,6 +267,10 @@ pub struct GlobalConfig {
 /// Default `GlobalConfig::flood_rate` (Katran's default cap on new flows per CPU).
 pub const DEFAULT_FLOOD_RATE: u32 = 125_000;
 
+/// The flood guard reads the clock every this many new entries (and at a window's first,
+/// and above the rate), not on every one.
+pub const FLOOD_CLOCK_EVERY: u64 = 64;
+
 /// The single per-CPU entry of `FLOOD`: new conntrack entries in the current one-second
 /// window.
 #[repr(C)]

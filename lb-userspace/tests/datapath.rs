@@ -532,6 +532,18 @@ fn flood_guard_keeps_new_flows_out_of_conntrack_above_its_rate() {
         .conntrack_get(&flow_key(kept[0], vip, PROTO_TCP))
         .unwrap()
         .is_some());
+    // The second is up: the next new flow reads the clock (it is over the rate), starts a
+    // new window and is remembered again.
+    std::thread::sleep(std::time::Duration::from_millis(1050));
+    let late = client(60, 20_060, false);
+    f.run(&PacketBuilder::tcp(late, vip).syn().build());
+    assert!(
+        f.k.dp
+            .conntrack_get(&flow_key(late, vip, PROTO_TCP))
+            .unwrap()
+            .is_some(),
+        "a new window remembers flows again"
+    );
     // Established packets of the remembered flows hit conntrack.
     for &src in &kept {
         let (action, _, _) = f.run(&PacketBuilder::tcp(src, vip).flags(TCP_ACK).build());

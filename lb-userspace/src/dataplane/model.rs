@@ -6,7 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use lb_common::{
     v4_mapped, Addr, Backend, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat, BACKEND_F_VALID, FWD_FARM, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    ServiceKey, Stat, BACKEND_F_VALID, FLOOD_CLOCK_EVERY, FWD_FARM, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP,
 };
 
 use lb_common::wire::{
@@ -415,11 +416,13 @@ impl Model {
             return false;
         }
         let w = &mut self.flood;
-        if clock.wrapping_sub(w.start_ns) >= 1_000_000_000 {
-            w.start_ns = clock;
-            w.count = 0;
-        }
         w.count += 1;
+        if (w.count == 1 || w.count > rate as u64 || w.count % FLOOD_CLOCK_EVERY == 0)
+            && (w.count == 1 || clock.wrapping_sub(w.start_ns) >= 1_000_000_000)
+        {
+            w.start_ns = clock;
+            w.count = 1;
+        }
         w.count > rate as u64
     }
 

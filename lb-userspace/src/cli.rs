@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::Request;
@@ -18,6 +18,86 @@ use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
 use crate::api::{BackendView, ServiceView, StatusView};
+
+/// The whole command line of `farmlb` (here, not in `main.rs`, so that the packaging builds
+/// man pages and completions from the same definitions).
+#[derive(Parser)]
+#[command(
+    name = "farmlb",
+    version,
+    about = "XDP layer-4 load balancer",
+    after_long_help = "Configuration: /etc/farmlb/farmlb.toml (reference: \
+        /usr/share/doc/farmlb/config.md). Deployment, systemd, upgrades: \
+        /usr/share/doc/farmlb/deploying.md. Logs: RUST_LOG sets the level (default info)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+    #[command(flatten)]
+    pub ctl: CtlOpts,
+    /// Log lines as text (coloured on a terminal, syslog-prefixed under journald) or JSON.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    pub log_format: crate::logging::LogFormat,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Load the XDP program onto the configured interface and serve until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
+        config: PathBuf,
+        /// Take over from a daemon already running this config (an upgrade): ask it to exit,
+        /// leaving the data plane forwarding, then adopt the data plane and replace its
+        /// program in place.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Validate a configuration file; warn about what this host lacks (the interface, an exec
+    /// check's program).
+    CheckConfig {
+        file: PathBuf,
+        /// Treat warnings as errors (exit non-zero).
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Operator commands, talking to the running daemon's API socket.
+    #[command(flatten)]
+    Ctl(CtlCmd),
+    /// The same as `farmlb status --config FILE`: services, and on a farm node its members,
+    /// their state and power, and this node's share.
+    #[command(name = "farm-status")]
+    Status {
+        #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
+        config: PathBuf,
+    },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+}
+
+/// The command definition every consumer uses (parsing, man pages, completions): every
+/// value may be a negative number, so `--weight -5` reaches the range check that names the
+/// field instead of failing as an unknown flag.
+pub fn command() -> clap::Command {
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            let takes = a.get_action().takes_values();
+            a.allow_negative_numbers(takes)
+        })
+        .mut_subcommands(negatives)
+    }
+    negatives(<Cli as clap::CommandFactory>::command())
+}
+
+/// Parse the process's arguments (exits with clap's message on a usage error).
+pub fn parse() -> Cli {
+    let m = command().get_matches();
+    <Cli as clap::FromArgMatches>::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
+}
+
+/// `farmlb completions SHELL`.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut command(), "farmlb", out);
+}
 
 /// Options shared by every operator command.
 #[derive(Args, Debug, Clone)]
@@ -125,7 +205,7 @@ pub enum BackendCmd {
     Set {
         service: String,
         address: String,
-        #[arg(long, allow_negative_numbers = true)]
+        #[arg(long)]
         weight: Option<i64>,
         /// ready, drain (no new flows, established ones continue) or maint.
         #[arg(long)]
@@ -719,6 +799,47 @@ mod tests {
         assert!(out.contains("drain*"), "{out}");
         assert!(out.contains("* set at runtime"), "{out}");
         assert!(out.contains("  check tcp :80 every 2s"), "{out}");
+    }
+
+    #[test]
+    fn negative_numbers_parse_as_values() {
+        command().debug_assert();
+        let parse = |args: &[&str]| {
+            let m = command()
+                .try_get_matches_from(args)
+                .map_err(|e| e.to_string())?;
+            <Cli as clap::FromArgMatches>::from_arg_matches(&m).map_err(|e| e.to_string())
+        };
+        let cli = parse(&[
+            "farmlb",
+            "backend",
+            "add",
+            "web",
+            "10.0.0.13",
+            "--weight",
+            "-5",
+        ]);
+        let Ok(Cli {
+            cmd: Cmd::Ctl(CtlCmd::Backend(BackendCmd::Add { weight, .. })),
+            ..
+        }) = cli
+        else {
+            panic!("not parsed as backend add");
+        };
+        assert_eq!(weight, Some(-5));
+        let cli = parse(&["farmlb", "service", "add", "x", "10.0.0.1", "-80"]);
+        assert!(
+            matches!(
+                cli,
+                Ok(Cli {
+                    cmd: Cmd::Ctl(CtlCmd::Service(ServiceCmd::Add { port: -80, .. })),
+                    ..
+                })
+            ),
+            "positional -80"
+        );
+        // A flag-like word is still refused as a value.
+        assert!(parse(&["farmlb", "backend", "add", "w", "a", "--weight", "-x"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod director;
 pub mod farm;
 pub mod health;
 pub mod http;
+pub mod logging;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;

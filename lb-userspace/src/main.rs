@@ -1,53 +1,13 @@
 //! `farmlb`: the daemon and its CLI. Everything of substance lives in the library.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(name = "farmlb", version, about = "XDP layer-4 load balancer")]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-    #[command(flatten)]
-    ctl: farmlb::cli::CtlOpts,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Load the XDP program onto the configured interface and serve until SIGINT/SIGTERM.
-    Run {
-        #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
-        config: PathBuf,
-        /// Take over from a daemon already running this config (an upgrade): ask it to exit,
-        /// leaving the data plane forwarding, then adopt the data plane and replace its
-        /// program in place.
-        #[arg(long)]
-        replace: bool,
-    },
-    /// Validate a configuration file without touching the system.
-    CheckConfig { file: PathBuf },
-    /// Operator commands, talking to the running daemon's API socket.
-    #[command(flatten)]
-    Ctl(farmlb::cli::CtlCmd),
-    /// The same as `farmlb status --config FILE`: services, and on a farm node its members,
-    /// their state and power, and this node's share.
-    #[command(name = "farm-status")]
-    Status {
-        #[arg(long, short, default_value = "/etc/farmlb/farmlb.toml")]
-        config: PathBuf,
-    },
-}
+use farmlb::cli::Cmd;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    let cli = farmlb::cli::parse();
+    farmlb::logging::init(cli.log_format);
     let res = match cli.cmd {
         // The owner loop runs on this thread; API, metrics and health checks on two workers.
         Cmd::Run { config, replace } => tokio::runtime::Builder::new_multi_thread()
@@ -63,16 +23,11 @@ fn main() -> ExitCode {
                 config: Some(config),
             },
         ),
-        Cmd::CheckConfig { file } => farmlb::config::Config::load(&file)
-            .map(|c| {
-                let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
-                println!(
-                    "{}: ok ({} services, {backends} backends)",
-                    file.display(),
-                    c.services.len()
-                );
-            })
-            .map_err(Into::into),
+        Cmd::CheckConfig { file, strict } => check_config(&file, strict),
+        Cmd::Completions { shell } => {
+            farmlb::cli::completions(shell, &mut std::io::stdout());
+            Ok(())
+        }
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,4 +45,25 @@ fn ctl(opts: &farmlb::cli::CtlOpts, cmd: &farmlb::cli::CtlCmd) -> anyhow::Result
         .enable_all()
         .build()?
         .block_on(farmlb::cli::run(opts, cmd))
+}
+
+/// `check-config FILE [--strict]`: the file's errors, then what this host lacks (warnings,
+/// errors with `--strict`).
+fn check_config(file: &Path, strict: bool) -> anyhow::Result<()> {
+    let c = farmlb::config::Config::load(file)?;
+    let shown = file.display();
+    let warnings = farmlb::config::host::check(&c).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    let level = if strict { "error" } else { "warning" };
+    for w in &warnings {
+        eprintln!("farmlb: {level}: {shown}: {w}");
+    }
+    if strict && !warnings.is_empty() {
+        std::process::exit(1);
+    }
+    let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
+    println!(
+        "{shown}: ok ({} services, {backends} backends)",
+        c.services.len()
+    );
+    Ok(())
 }

@@ -18,18 +18,27 @@ use crate::{daemon::farmlb_bin, netns::in_netns};
 
 /// Run the `farmlb` CLI against `sock`: (success, stdout, stderr). Prints the exchange.
 pub fn cli(sock: &Path, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = Command::new(farmlb_bin())
-        .arg("--socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .context("running farmlb")?;
+    let (code, so, se) = farmlb_with(Some(sock), args)?;
+    Ok((code == 0, so, se))
+}
+
+/// Run `farmlb ARGS`: (exit code, stdout, stderr). Prints the exchange.
+pub fn farmlb(args: &[&str]) -> Result<(i32, String, String)> {
+    farmlb_with(None, args)
+}
+
+fn farmlb_with(sock: Option<&Path>, args: &[&str]) -> Result<(i32, String, String)> {
+    let mut cmd = Command::new(farmlb_bin());
+    if let Some(sock) = sock {
+        cmd.arg("--socket").arg(sock);
+    }
+    let out = cmd.args(args).output().context("running farmlb")?;
     let (so, se) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     );
     println!("$ farmlb {}\n{so}{se}", args.join(" "));
-    Ok((out.status.success(), so, se))
+    Ok((out.status.code().unwrap_or(-1), so, se))
 }
 
 /// [`cli`] that must succeed; its stdout.

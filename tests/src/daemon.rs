@@ -187,17 +187,41 @@ impl Daemon {
     /// Start `farmlb run --config <config_path>` in the rig's director namespace, logging to a
     /// file, and wait until its XDP program shows on the interface.
     pub fn start(rig: &Rig, config_path: &Path) -> Result<Daemon> {
+        Self::start_with(rig, config_path, &[], &[])
+    }
+
+    /// [`Daemon::start`] with more arguments (`--log-format json`) and environment variables
+    /// (`NOTIFY_SOCKET`, `JOURNAL_STREAM`); the log is [`Daemon::log_path_for`].
+    pub fn start_with(
+        rig: &Rig,
+        config_path: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<Daemon> {
         if xdp_attached(rig)? {
             bail!("an XDP program is already attached in {}", rig.ns_lb());
         }
-        let log_path = std::env::temp_dir().join(format!("farmlb-{}.log", rig.prefix()));
+        let log_path = Self::log_path_for(rig);
         let pins = crate::pins::pin_dir(rig.prefix(), "lb");
-        let mut p = Process::spawn("farmlb", &rig.ns_lb(), config_path, &log_path, &pins, &[])?;
+        let mut p = Process::spawn_env(
+            "farmlb",
+            &rig.ns_lb(),
+            config_path,
+            &log_path,
+            &pins,
+            args,
+            env,
+        )?;
         p.wait_attached(START_TIMEOUT, || xdp_attached(rig))?;
         // The program is attached; give the daemon a moment in case it fills maps afterwards.
         thread::sleep(Duration::from_millis(200));
         p.exited("right after attaching")?;
         Ok(Daemon(p))
+    }
+
+    /// The log file [`Daemon::start`] writes (truncated, same inode, on every start).
+    pub fn log_path_for(rig: &Rig) -> PathBuf {
+        std::env::temp_dir().join(format!("farmlb-{}.log", rig.prefix()))
     }
 
     /// Start farmlb (with `args`, e.g. `--replace`) on a rig whose data plane is still

@@ -41,6 +41,19 @@ impl Process {
         pin_dir: &Path,
         args: &[&str],
     ) -> Result<Process> {
+        Self::spawn_env(name, ns, config_path, log_path, pin_dir, args, &[])
+    }
+
+    /// [`Process::spawn`] with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn spawn_env(
+        name: &str,
+        ns: &str,
+        config_path: &Path,
+        log_path: &Path,
+        pin_dir: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Result<Process> {
         let bin = farmlb_bin();
         if !bin.exists() {
             bail!(
@@ -62,6 +75,7 @@ impl Process {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -19,6 +19,10 @@ mod lab;
 #[cfg(feature = "lab")]
 mod bench;
 
+/// `cargo xtask deb`: the Debian package.
+#[cfg(feature = "lab")]
+mod deb;
+
 #[derive(Parser)]
 #[command(about = "farmlb project tasks")]
 struct Cli {
@@ -69,6 +73,16 @@ enum Cmd {
         #[arg(long, value_name = "REV")]
         baseline: Option<String>,
     },
+    /// Build the Debian package (binary, systemd unit, /etc/farmlb/farmlb.toml, man pages,
+    /// completions) with cargo-deb; prints its path.
+    Deb {
+        /// Cargo profile of the packaged binary (`dev`: the debug build, quicker).
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// The .deb file (or a directory) to write (default: target/debian/).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -110,6 +124,8 @@ fn main() {
         } => lab::demo(kind, connections, rate, prefix, svg),
         #[cfg(feature = "lab")]
         Cmd::Bench { quick, baseline } => bench::run(quick, baseline),
+        #[cfg(feature = "lab")]
+        Cmd::Deb { profile, output } => deb::build(&profile, output.as_deref()).map(drop),
         #[cfg(not(feature = "lab"))]
         _ => setup().and_then(|()| rerun_with_lab()),
     };
@@ -149,6 +165,13 @@ fn farmlb_bin() -> PathBuf {
     std::env::var_os("FARMLB_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/debug/farmlb"))
+}
+
+/// The package of the debug build that the packaging tests (tests/tests/packaging.rs) read.
+fn test_deb() -> PathBuf {
+    std::env::var_os("FARMLB_DEB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debian/farmlb-dev.deb"))
 }
 
 fn workspace_root() -> PathBuf {
@@ -210,7 +233,18 @@ fn setup() -> Result<()> {
     if !Path::new("/usr/lib/llvm-22/bin/llvm-config").exists() {
         missing.push("llvm-22-dev");
     }
-    for pkg in ["iproute2", "ethtool", "nftables", "iputils-ping"] {
+    // systemd (systemd-analyze), man-db and groff-base (man -l), dpkg-dev (cargo-deb's
+    // dpkg-shlibdeps): the packaging tests.
+    for pkg in [
+        "iproute2",
+        "ethtool",
+        "nftables",
+        "iputils-ping",
+        "systemd",
+        "man-db",
+        "groff-base",
+        "dpkg-dev",
+    ] {
         if !dpkg_installed(pkg) {
             missing.push(pkg);
         }
@@ -252,6 +286,9 @@ fn setup() -> Result<()> {
             "llvm-22",
         ]))?;
     }
+    if !succeeds(cargo().args(["deb", "--version"])) {
+        run(cargo().args(["install", "cargo-deb", "--version", "3.8.0", "--locked"]))?;
+    }
     Ok(())
 }
 
@@ -292,6 +329,7 @@ fn cargo_test(args: &[&str], totals: &mut Totals) -> Result<bool> {
     let mut child = cmd
         .current_dir(workspace_root())
         .env("FARMLB_BIN", farmlb_bin())
+        .env("FARMLB_DEB", test_deb())
         .stdout(Stdio::piped())
         .spawn()
         .context("spawning cargo test")?;
@@ -317,8 +355,12 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The end-to-end tests run the daemon binary.
+    // The end-to-end tests run the daemon binary; the packaging tests read its package.
     run(cargo().args(["build", "-p", "lb-userspace"]))?;
+    run(cargo()
+        .args(["run", "--quiet", "-p", "xtask", "--features", "lab", "--"])
+        .args(["deb", "--profile", "dev", "--output"])
+        .arg(test_deb()))?;
 
     let ws = [
         "--workspace",

@@ -11,6 +11,7 @@
 //! | `raw.rs` | the file as written, and the field validators that check it |
 //! | `check.rs` | `check` tables: as written, merged, resolved |
 //! | `farm.rs` | the `[farm]` section |
+//! | `host.rs` | what the file asks of this host (interface, programs, the farm key file) |
 //! | `rules.rs` | the rules between backends and services, shared by the file and the API |
 //! | `edit.rs` | the runtime API's typed edits of a running configuration |
 //! | `reload.rs` | the fields only a restart can change |
@@ -48,6 +49,7 @@ macro_rules! entries {
 mod check;
 mod edit;
 mod farm;
+pub mod host;
 mod raw;
 mod reload;
 mod rules;

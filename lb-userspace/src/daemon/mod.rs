@@ -26,6 +26,7 @@ use crate::health::{ProbeResult, Supervisor};
 use crate::metrics::{self, LiveMetrics};
 use crate::neigh::{iface_mac, Neighbours, Resolved, RESOLVE_TIMEOUT};
 
+mod notify;
 mod owner;
 mod state;
 mod status;
@@ -46,6 +47,11 @@ const SNAPSHOT_QUEUE: usize = 16;
 
 pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     let file_cfg = Config::load(config_path)?;
+    // What `check-config` says about this host; a key file that cannot be a key stops here,
+    // before anything touches the system.
+    for w in crate::config::host::check(&file_cfg).map_err(anyhow::Error::msg)? {
+        tracing::warn!("{}: {w}", config_path.display());
+    }
     raise_nofile_limit();
     if replace {
         replace_running(&file_cfg.api_socket).await?;
@@ -158,6 +164,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
                 "XDP program attached"
             );
             owner.started();
+            notify::ready();
             let mut inbox = Inbox {
                 api: api_rx,
                 probe: probe_rx,
@@ -175,6 +182,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     // Every way out, error or signal, leaves the same way: stop serving, leave the farm (its
     // peers take our share at once), run `on_stop`; then detach if `farmlb stop --detach`
     // asked for it, else leave the pinned data plane forwarding for the next daemon.
+    notify::stopping();
     owner.supervisor.shutdown();
     count_task.abort();
     api_task.abort();

@@ -216,6 +216,7 @@ impl Owner {
 
     /// Re-read the file and apply it (SIGHUP, `farmlb reload`).
     pub fn reload(&mut self) -> Result<String, ReloadError> {
+        let _reloading = super::notify::Reloading::start();
         let new = Config::load(&self.path)?;
         self.apply(new)?;
         // The running set matches the file again.

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use foca::{AccumulatingRuntime, Foca, PostcardCodec, State, Timer};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::{FarmCfg, MIN_KEY_LEN};
+use crate::config::FarmCfg;
 
 const MAGIC: &[u8; 4] = b"FLB1";
 const HEADER_LEN: usize = 4 + 2 + 8;
@@ -151,21 +151,6 @@ impl Auth {
         }
         Ok(&body[HEADER_LEN..])
     }
-}
-
-/// Read the shared key: the file's bytes with surrounding whitespace removed.
-pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>> {
-    let raw =
-        std::fs::read(path).with_context(|| format!("reading farm key {}", path.display()))?;
-    let key = raw.trim_ascii().to_vec();
-    if key.len() < MIN_KEY_LEN {
-        bail!(
-            "farm key {} is {} bytes, at least {MIN_KEY_LEN} are needed",
-            path.display(),
-            key.len()
-        );
-    }
-    Ok(key)
 }
 
 /// One member as published to the rest of the daemon.

@@ -41,7 +41,7 @@ pub use crate::director::Member;
 use arp::{ArpResponder, ArpState};
 use check::{node_target, NodeCheck};
 pub use hooks::{run_hook, HookEvent};
-use membership::{read_key, MemberInfo, Membership, View};
+use membership::{MemberInfo, Membership, View};
 pub use status::{FarmStatus, MemberStatus};
 
 /// The member that answers ARP for farm VIPs / is the active director: the lowest node id
@@ -128,7 +128,7 @@ impl FarmRole {
         probe_tx: mpsc::Sender<ProbeResult>,
     ) -> Result<(FarmRole, watch::Receiver<View>)> {
         let farm = cfg.farm.clone().context("no [farm] section")?;
-        let key = read_key(&farm.key_file)?;
+        let key = crate::config::host::read_key(&farm.key_file).map_err(anyhow::Error::msg)?;
         let arp = ArpResponder::start(&cfg.interface, own_mac)?;
         let membership = Membership::start(&farm, key, farm.power).await?;
         let mut view_rx = membership.view.clone();

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod conns;
 pub mod daemon;
 pub mod dataplane;
 pub mod director;
@@ -13,6 +14,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod neigh;
 pub mod packet;
+pub mod simulate;
 
 /// The XDP object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -79,7 +79,9 @@ impl Job {
                 director
                     .services
                     .get(name)
-                    .ok_or_else(|| ApiError::not_found(format!("service: no service named {name:?}")))?
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("service: no service named {name:?}"))
+                    })?
                     .info
                     .id,
             ),
@@ -191,7 +193,8 @@ pub async fn cli(
     let mut path = format!("/v1/conns?limit={limit}");
     if let Some(s) = service {
         anyhow::ensure!(
-            s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
             "service: {s:?} is not a service name ([A-Za-z0-9_.-])"
         );
         path += &format!("&service={s}");

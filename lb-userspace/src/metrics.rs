@@ -371,11 +371,24 @@ impl Collector for Snapshot {
         if let Some(r) = &v.reload {
             let g = MetricType::Gauge;
             let ok = ConstGauge::new(r.ok as i64);
-            let help = "1 if the last reload (SIGHUP, farmlb reload) succeeded; the start counts as one";
-            scalar(&mut enc, "farmlb_config_last_reload_successful", help, g, ok)?;
+            let help =
+                "1 if the last reload (SIGHUP, farmlb reload) succeeded; the start counts as one";
+            scalar(
+                &mut enc,
+                "farmlb_config_last_reload_successful",
+                help,
+                g,
+                ok,
+            )?;
             let at = ConstGauge::new(r.last_success_unix);
             let help = "Unix time of the last successful reload (or of the start)";
-            scalar(&mut enc, "farmlb_config_last_reload_success_timestamp_seconds", help, g, at)?;
+            scalar(
+                &mut enc,
+                "farmlb_config_last_reload_success_timestamp_seconds",
+                help,
+                g,
+                at,
+            )?;
         }
         if let Some(ct) = &v.conntrack {
             let g = MetricType::Gauge;
@@ -712,7 +725,9 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
-        assert!(!render(view(), &LiveMetrics::default(), Format::OpenMetrics).contains("farmlb_farm_"));
+        assert!(
+            !render(view(), &LiveMetrics::default(), Format::OpenMetrics).contains("farmlb_farm_")
+        );
     }
 
     #[test]
@@ -755,9 +770,15 @@ mod tests {
         let live = LiveMetrics::default();
         live.observe_check("web", "10.0.0.11", "up", Duration::from_millis(2));
         let text = render(view(), &live, Format::Text);
-        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
         let version = env!("CARGO_PKG_VERSION");
-        let info = format!("farmlb_build_info{{version=\"{version}\",layout=\"{}\"}} 1", lb_common::LAYOUT_VERSION);
+        let info = format!(
+            "farmlb_build_info{{version=\"{version}\",layout=\"{}\"}} 1",
+            lb_common::LAYOUT_VERSION
+        );
         assert!(text.lines().any(|l| l == info), "{text}");
         // Every sample belongs to a family declared just before with HELP and TYPE.
         let mut declared: Vec<(String, String)> = Vec::new();
@@ -786,7 +807,9 @@ mod tests {
         }
         assert!(declared.contains(&("farmlb_drops_total".into(), "counter".into())));
         assert_eq!(
-            Format::from_accept(Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5")),
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )),
             Format::OpenMetrics
         );
         assert_eq!(Format::from_accept(Some("*/*")), Format::Text);

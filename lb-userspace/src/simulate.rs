@@ -233,10 +233,13 @@ pub fn render(q: &Query, v: &Verdict) -> String {
         ),
         (action, why) => format!("{action} ({why}, service {svc}, counter {})", v.counter),
     };
-    format!("{head}: {body}  [from the {}]\n", match v.from.as_str() {
-        "config" => "config file",
-        _ => "running daemon's maps",
-    })
+    format!(
+        "{head}: {body}  [from the {}]\n",
+        match v.from.as_str() {
+            "config" => "config file",
+            _ => "running daemon's maps",
+        }
+    )
 }
 
 /// `farmlb simulate ...`: ask the daemon, or decide from `--config` alone.
@@ -244,7 +247,10 @@ pub async fn cli(c: &crate::cli::Client, json: bool, a: &SimulateArgs) -> Result
     let q = Query::from_args(a)?;
     let v = match &a.config {
         Some(path) => serde_json::to_value(from_config(&Config::load(path)?, &q)?)?,
-        None => c.call("POST", "/v1/simulate", Some(&serde_json::to_value(&q)?)).await?,
+        None => {
+            c.call("POST", "/v1/simulate", Some(&serde_json::to_value(&q)?))
+                .await?
+        }
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -303,7 +309,8 @@ table_size = 13
         // The slot's owner in the table the director builds is the backend named.
         let mut d = Director::new(Director::ring_slots_for(&c), [0; 6]);
         let mut m = Model::default();
-        d.apply(&c, &mut m, &mut crate::neigh::AssumeResolved).unwrap();
+        d.apply(&c, &mut m, &mut crate::neigh::AssumeResolved)
+            .unwrap();
         let st = &d.services["web"];
         let id = st.table[v.slot.unwrap() as usize];
         let want = st.backends.values().find(|b| b.id == id).unwrap().address;
@@ -343,7 +350,8 @@ table_size = 13
         let c = cfg();
         let mut d = Director::new(Director::ring_slots_for(&c), [0; 6]);
         let mut m = Model::default();
-        d.apply(&c, &mut m, &mut crate::neigh::AssumeResolved).unwrap();
+        d.apply(&c, &mut m, &mut crate::neigh::AssumeResolved)
+            .unwrap();
         let names = service_names(&d);
         let query = q("192.0.2.9:5555", "10.0.0.1:80", false);
         let ring = decide(&mut m.clone(), &query, &names, 0, "daemon").unwrap();
@@ -361,7 +369,10 @@ table_size = 13
             },
         );
         let v = decide(&mut m.clone(), &query, &names, 0, "daemon").unwrap();
-        assert_eq!((v.why.as_str(), v.backend), ("conntrack", Some(other.address)));
+        assert_eq!(
+            (v.why.as_str(), v.backend),
+            ("conntrack", Some(other.address))
+        );
         assert_eq!(v.slot, None);
         let syn = Query { syn: true, ..query };
         let v = decide(&mut m, &syn, &names, 0, "daemon").unwrap();

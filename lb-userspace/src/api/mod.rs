@@ -266,12 +266,16 @@ fn conns_query(q: &str) -> Result<ApiRequest, ApiError> {
         match pair.split_once('=') {
             Some(("service", v)) => service = Some(v.to_string()),
             Some(("limit", v)) => {
-                let n = v.parse().map_err(|_| {
-                    bad(format!("limit: {v:?} is not a non-negative integer"))
-                })?;
+                let n = v
+                    .parse()
+                    .map_err(|_| bad(format!("limit: {v:?} is not a non-negative integer")))?;
                 limit = Some(n);
             }
-            _ => return Err(bad(format!("query: unknown parameter {pair:?} (service, limit)"))),
+            _ => {
+                return Err(bad(format!(
+                    "query: unknown parameter {pair:?} (service, limit)"
+                )))
+            }
         }
     }
     Ok(ApiRequest::Conns { service, limit })

@@ -254,8 +254,7 @@ async fn count_conntrack(pin_dir: std::path::PathBuf, tx: mpsc::Sender<Count>) {
     loop {
         tick.tick().await;
         let dir = pin_dir.clone();
-        match tokio::task::spawn_blocking(move || crate::dataplane::conntrack::count(&dir)).await
-        {
+        match tokio::task::spawn_blocking(move || crate::dataplane::conntrack::count(&dir)).await {
             Ok(Ok(n)) => {
                 let _ = tx.try_send(n);
             }

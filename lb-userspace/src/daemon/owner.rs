@@ -219,7 +219,8 @@ impl Owner {
     /// Re-read the file and apply it (SIGHUP, `farmlb reload`).
     pub fn reload(&mut self) -> Result<String, ReloadError> {
         let res = self.reload_file();
-        self.reload.record(res.as_ref().err().map(|e| e.to_string()));
+        self.reload
+            .record(res.as_ref().err().map(|e| e.to_string()));
         res
     }
 
@@ -391,12 +392,14 @@ impl Owner {
             }
             ApiRequest::Simulate(q) => {
                 let fail = |e: anyhow::Error| ApiError::internal(format!("{e:#}"));
-                let flow = q.flow().map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("{e:#}")))?;
+                let flow = q
+                    .flow()
+                    .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("{e:#}")))?;
                 let mut model = self.dp.model_for_flow(&flow).map_err(fail)?;
                 let names = crate::simulate::service_names(&self.director);
                 let now = crate::dataplane::monotonic_ns();
-                let v = crate::simulate::decide(&mut model, &q, &names, now, "daemon")
-                    .map_err(fail)?;
+                let v =
+                    crate::simulate::decide(&mut model, &q, &names, now, "daemon").map_err(fail)?;
                 Ok((StatusCode::OK, to_json(&v)))
             }
             ApiRequest::Reload => {

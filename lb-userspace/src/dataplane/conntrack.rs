@@ -57,8 +57,8 @@ impl Table {
     /// Every entry that is still there when read (entries vanish under the walk: skipped).
     fn flows(&self) -> impl Iterator<Item = Flow> + '_ {
         self.map.iter().filter_map(Result::ok).map(|(key, entry)| {
-            let idle_ns = (key.proto == PROTO_UDP)
-                .then(|| self.now_ns.saturating_sub(entry.last_seen_ns));
+            let idle_ns =
+                (key.proto == PROTO_UDP).then(|| self.now_ns.saturating_sub(entry.last_seen_ns));
             Flow {
                 key,
                 entry,

@@ -178,7 +178,12 @@ impl Model {
 
     /// The service a packet to `dst:dport/proto` belongs to, as the program looks it up:
     /// the exact port first, then the port-wildcard service.
-    pub fn service_for(&self, dst: &Addr, dport: u16, proto: u8) -> Option<(ServiceKey, ServiceInfo)> {
+    pub fn service_for(
+        &self,
+        dst: &Addr,
+        dport: u16,
+        proto: u8,
+    ) -> Option<(ServiceKey, ServiceInfo)> {
         [dport, 0].into_iter().find_map(|port| {
             let key = ServiceKey::new(*dst, port, proto);
             self.services.get(&key).map(|s| (key, *s))

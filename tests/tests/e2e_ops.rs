@@ -6,9 +6,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -314,6 +315,59 @@ fn metrics_rules_and_dashboard_agree_with_a_live_daemon() -> Result<()> {
     s.finish(|_| Ok(()))
 }
 
+const DNS: u16 = 53;
+
+/// `web`, and `dns` (UDP) over the same backends.
+fn web_and_dns(rig: &Rig) -> Vec<Service> {
+    let dns = Service {
+        protocol: "udp".into(),
+        table_size: 1009,
+        ..Service::tcp("dns", vip(), DNS)
+    }
+    .backends((0..rig.backend_count()).map(|i| IpAddr::V4(rig.backend_v4(i))));
+    vec![web(rig), dns]
+}
+
+/// A UDP server on `[::]:53` in every backend namespace answering each datagram with the
+/// backend's identity (from the VIP it holds on `lo`, straight to the client).
+fn udp_responders(rig: &Rig) -> Result<Vec<lb_tests::Background>> {
+    (0..rig.backend_count())
+        .map(|i| {
+            let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), DNS);
+            let sock = lb_tests::in_netns(&rig.ns_backend(i), move || UdpSocket::bind(any))??;
+            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let id = lb_tests::backend_id(i);
+            Ok(lb_tests::Background::spawn(move |stop| {
+                let mut buf = [0u8; 512];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(id.as_bytes(), peer);
+                    }
+                }
+            }))
+        })
+        .collect()
+}
+
+/// One datagram from `src` (ephemeral port) to the VIP's DNS port: the client address and the
+/// identity that answered.
+fn udp_ask(rig: &Rig, src: IpAddr) -> Result<(SocketAddr, String)> {
+    let dst = SocketAddr::new(vip(), DNS);
+    lb_tests::in_netns(&rig.ns_client(), move || -> Result<(SocketAddr, String)> {
+        let s = UdpSocket::bind(SocketAddr::new(src, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(b"who", dst)?;
+        let mut buf = [0u8; 64];
+        let n = s
+            .recv(&mut buf)
+            .with_context(|| format!("no UDP answer to {src}"))?;
+        Ok((
+            s.local_addr()?,
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+        ))
+    })?
+}
+
 /// `farmlb simulate --json` for one flow (with `extra` arguments).
 fn simulate(sock: &Path, src: SocketAddr, dst: SocketAddr, extra: &[&str]) -> Result<Value> {
     let (src, dst) = (src.to_string(), dst.to_string());
@@ -340,7 +394,9 @@ fn simulate(sock: &Path, src: SocketAddr, dst: SocketAddr, extra: &[&str]) -> Re
 /// destination that is no VIP and a service without usable backends get their reasons.
 #[test]
 fn conns_and_simulate_agree_with_real_connections() -> Result<()> {
-    let s = DirectorRig::up("opssim", 3, PORT, |rig| farmlb_config(rig, &[web(rig)]))?;
+    let s = DirectorRig::up("opssim", 3, PORT, |rig| {
+        farmlb_config(rig, &web_and_dns(rig))
+    })?;
     let sock = api_socket(&s.rig);
     let sources = s.rig.client_sources_v4();
     let mut open = Vec::new();
@@ -397,10 +453,56 @@ fn conns_and_simulate_agree_with_real_connections() -> Result<()> {
     );
     drop(open);
 
+    // UDP flows: listed with their idle time, and simulated from their conntrack entries.
+    let _responders = udp_responders(&s.rig)?;
+    let udp: Vec<(SocketAddr, String)> = sources
+        .iter()
+        .take(12)
+        .map(|&src| udp_ask(&s.rig, src))
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let v: Value = serde_json::from_str(&cli_ok(&sock, &["conns", "dns", "--json"])?)?;
+    let dns = v["flows"].as_array().context("no flows")?;
+    ensure!(
+        dns.len() == udp.len() && dns.iter().all(|f| f["service"] == "dns"),
+        "{v}"
+    );
+    for (client, id) in &udp {
+        let want = backend_of(&s.rig, id)?.to_string();
+        let f = dns
+            .iter()
+            .find(|f| f["client"] == client.to_string().as_str())
+            .with_context(|| format!("UDP flow {client} not listed: {v}"))?;
+        let idle = f["idle_s"]
+            .as_f64()
+            .with_context(|| format!("no idle time: {f}"))?;
+        ensure!(
+            f["backend"] == want.as_str()
+                && f["protocol"] == "udp"
+                && (1.4..10.0).contains(&idle)
+                && f["expired"] == false,
+            "{client}: listed {f}, answered by {want} 1.5 s ago"
+        );
+        let sim = simulate(
+            &sock,
+            *client,
+            SocketAddr::new(vip(), DNS),
+            &["--proto", "udp"],
+        )?;
+        ensure!(
+            sim["why"] == "conntrack" && sim["backend"] == want.as_str(),
+            "{client}: {sim}"
+        );
+    }
+    println!(
+        "farmlb conns dns: {} UDP flows listed with their backends, idle >= 1.5 s",
+        udp.len()
+    );
+
     // 120 connections; each flow simulated three ways.
     let dst = SocketAddr::new(vip(), PORT);
     let flows = connect_flows(&s.rig.ns_client(), dst, 120, &sources)?;
-    let config = write_config(&s.rig, &farmlb_config(&s.rig, &[web(&s.rig)]))?;
+    let config = write_config(&s.rig, &farmlb_config(&s.rig, &web_and_dns(&s.rig)))?;
     let config = config.to_string_lossy().into_owned();
     let mut per: BTreeMap<String, usize> = BTreeMap::new();
     let mut slots = BTreeSet::new();

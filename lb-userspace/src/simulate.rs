@@ -189,12 +189,19 @@ pub fn decide(
     })
 }
 
-/// `--config`: decide from the tables a daemon starting on `cfg` would program.
-pub fn from_config(cfg: &Config, q: &Query) -> Result<Verdict> {
-    let flow = q.flow()?;
+/// The tables a daemon starting on `cfg` would program (every backend resolved and up), in
+/// a model, and the director that wrote them.
+fn tables(cfg: &Config) -> Result<(Director, Model)> {
     let mut director = Director::new(Director::ring_slots_for(cfg), [0; 6]);
     let mut model = Model::default();
     director.apply(cfg, &mut model, &mut crate::neigh::AssumeResolved)?;
+    Ok((director, model))
+}
+
+/// `--config`: decide from the tables a daemon starting on `cfg` would program.
+pub fn from_config(cfg: &Config, q: &Query) -> Result<Verdict> {
+    let flow = q.flow()?;
+    let (director, mut model) = tables(cfg)?;
     if let Some((_, s)) = model.service_for(&flow.dst, flow.dport, flow.proto) {
         if s.fwd_mode == lb_common::FWD_FARM {
             let name = service_names(&director).remove(&s.id).unwrap_or_default();
@@ -307,10 +314,7 @@ table_size = 13
         assert_eq!(v.service.as_deref(), Some("web"));
         assert_eq!(v.table_size, Some(13));
         // The slot's owner in the table the director builds is the backend named.
-        let mut d = Director::new(Director::ring_slots_for(&c), [0; 6]);
-        let mut m = Model::default();
-        d.apply(&c, &mut m, &mut crate::neigh::AssumeResolved)
-            .unwrap();
+        let (d, _) = tables(&c).unwrap();
         let st = &d.services["web"];
         let id = st.table[v.slot.unwrap() as usize];
         let want = st.backends.values().find(|b| b.id == id).unwrap().address;
@@ -348,10 +352,7 @@ table_size = 13
     #[test]
     fn a_conntrack_entry_wins_over_the_ring_unless_syn() {
         let c = cfg();
-        let mut d = Director::new(Director::ring_slots_for(&c), [0; 6]);
-        let mut m = Model::default();
-        d.apply(&c, &mut m, &mut crate::neigh::AssumeResolved)
-            .unwrap();
+        let (d, mut m) = tables(&c).unwrap();
         let names = service_names(&d);
         let query = q("192.0.2.9:5555", "10.0.0.1:80", false);
         let ring = decide(&mut m.clone(), &query, &names, 0, "daemon").unwrap();

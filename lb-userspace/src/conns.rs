@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lb_common::{FlowKey, MEMBER_BASE, PROTO_TCP};
 use serde::{Deserialize, Serialize};
 
-use crate::api::ApiError;
+use crate::api::{ApiError, ErrorKind};
 use crate::dataplane::conntrack::{self, Flow};
 use crate::dataplane::model::Model;
 use crate::director::{ip_of, Director};
@@ -53,8 +54,37 @@ pub struct ConnsView {
     pub left_out: u64,
 }
 
+/// Listings that may walk the table at once; more are refused (503) rather than queued.
+const MAX_WALKS: usize = 2;
+static WALKS: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`MAX_WALKS`] slots, held while a walk runs.
+struct Slot;
+
+impl Slot {
+    fn take() -> Result<Slot, ApiError> {
+        let taken = WALKS.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < MAX_WALKS).then_some(n + 1)
+        });
+        match taken {
+            Ok(_) => Ok(Slot),
+            Err(_) => Err(ApiError::new(
+                ErrorKind::Unavailable,
+                format!("{MAX_WALKS} conntrack listings are running already; try again"),
+            )),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        WALKS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What the walk needs from the owner: the pin directory and the names of the ids.
 pub struct Job {
+    _slot: Slot,
     pin_dir: PathBuf,
     limit: usize,
     /// Services only: the same lookup the program makes tells a flow's service.
@@ -93,6 +123,7 @@ impl Job {
             backends.extend(s.backends.values().map(|b| (b.id, b.address)));
         }
         Ok(Job {
+            _slot: Slot::take()?,
             pin_dir,
             limit: limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT),
             lookup,

@@ -277,8 +277,8 @@ impl Dataplane {
 
     /// The reference model holding exactly the map entries the program reads for a packet
     /// of `flow`: every service, the flow's VIP address, the ring slot the flow hashes to in
-    /// its service, its conntrack entry and the backends those point
-    /// at. `Model::process` on it decides as the program would now (the simulator).
+    /// its service, its conntrack entry and the backends those point at. `Model::process` on
+    /// it decides as the program would now (the simulator); nothing is written.
     pub fn model_for_flow(&self, flow: &FlowKey) -> Result<model::Model> {
         let mut m = model::Model {
             config: self.maps.config.get(&0, 0)?,
@@ -309,11 +309,6 @@ impl Dataplane {
             }
         }
         Ok(m)
-    }
-
-    /// A backend slot as programmed (`None` past the array's end).
-    pub fn backend(&self, id: u32) -> Option<Backend> {
-        self.maps.backends.get(&id, 0).ok()
     }
 
     /// Global reason counters summed over CPUs, indexed by `Stat as usize`.

@@ -145,6 +145,17 @@ pub enum CtlCmd {
     Backend(BackendCmd),
     /// Re-read the config file and apply the difference (like SIGHUP); established flows stay.
     Reload,
+    /// Conntrack flows with their service, backend and idle time (like `ipvsadm -Lnc`).
+    Conns {
+        /// Only this service's flows.
+        service: Option<String>,
+        /// At most this many flows (at most 100000; the answer says how many were left out).
+        #[arg(long, default_value_t = crate::conns::DEFAULT_LIMIT)]
+        limit: usize,
+    },
+    /// Which backend a flow gets and why (conntrack entry, ring slot, no backend, not a
+    /// VIP), from the running daemon's maps or, with --config, from a config file alone.
+    Simulate(crate::simulate::SimulateArgs),
     /// Stop the daemon. The data plane keeps forwarding with the last tables (as on SIGTERM)
     /// unless `--detach` is given, which removes it (and its connection table) too, also when
     /// no daemon runs.
@@ -476,6 +487,10 @@ pub async fn run(opts: &CtlOpts, cmd: &CtlCmd) -> Result<()> {
                 );
             }
         }
+        CtlCmd::Conns { service, limit } => {
+            crate::conns::cli(&c, opts.json, service.as_deref(), *limit).await?
+        }
+        CtlCmd::Simulate(a) => crate::simulate::cli(&c, opts.json, a).await?,
         CtlCmd::Reload => {
             let v = c.call("POST", "/v1/reload", None).await?;
             done(opts, &v, v["reloaded"].as_str().unwrap_or("reloaded"))?;

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod conns;
 pub mod daemon;
 pub mod dataplane;
 pub mod director;
@@ -14,6 +15,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod neigh;
 pub mod packet;
+pub mod simulate;
 pub mod top;
 
 /// The XDP object built by `build.rs`.

@@ -1,5 +1,6 @@
-//! Prometheus metrics (`GET /metrics` on `metrics_address`), encoded with `prometheus-client`
-//! in the OpenMetrics text format, which Prometheus scrapes natively.
+//! Prometheus metrics (`GET /metrics` on `metrics_address`), encoded with `prometheus-client`.
+//! A client whose `Accept` names `application/openmetrics-text` (Prometheus does) gets
+//! OpenMetrics; any other (curl, `promtool check metrics`) the classic text format 0.0.4.
 //!
 //! Counters that live in BPF maps and the director's state are read fresh on every scrape:
 //! the scrape handler asks the owner task for a [`StatusView`] and encodes it. Only the health
@@ -17,11 +18,14 @@
 //! | `farmlb_check_duration_seconds` (histogram) | service, backend |
 //! | `farmlb_checks_total` | service, backend, result (`up`/`down`/`error`: a local fault, counted neither way) |
 //! | `farmlb_conntrack_lookups_total` | result (`hit`, `miss_syn`, `miss_other`) |
-//! | `farmlb_drops_total` | reason (`no_backend`, `malformed`, `fragment`, `ip_options`, ...) |
+//! | `farmlb_drops_total` | reason (`no_backend`, `malformed`, `fragment`, `ip_options`, `farm_not_owner`, ...); the kernel counts drops globally: a `service` label joins when it counts them per service |
 //! | `farmlb_passed_total` | reason (`not_ip`, `not_vip`, `malformed`, ...) |
 //! | `farmlb_forwarded_packets_total` | |
 //! | `farmlb_datapath_events_total` (any other data-plane counter) | event |
 //! | `farmlb_conntrack_entries`, `farmlb_conntrack_capacity`, `farmlb_conntrack_evicted_at_most` | |
+//! | `farmlb_backend_flows` (conntrack entries naming the backend, counted every 30 s) | service, backend |
+//! | `farmlb_build_info` (always 1) | version, layout |
+//! | `farmlb_config_last_reload_successful`, `farmlb_config_last_reload_success_timestamp_seconds` | |
 //! | `farmlb_farm_member_up`, `farmlb_farm_member_power` (farm role) | node |
 //! | `farmlb_farm_members`, `farmlb_farm_share`, `farmlb_farm_active` (farm role) | |
 //! | `farmlb_farm_membership_rejected_total` (farm role) | reason (`auth`, `replay`, `unknown_source`) |
@@ -256,6 +260,15 @@ impl Collector for Snapshot {
             MetricType::Gauge,
             &|b| b.weight_runtime.or(b.weight_dynamic).unwrap_or(b.weight) as i64,
         )?;
+        if v.conntrack.is_some() {
+            rows(
+                "farmlb_backend_flows",
+                "Conntrack entries naming the backend at the last count, every 30 s (TCP entries \
+                 stay until evicted: recently closed connections count too)",
+                MetricType::Gauge,
+                &|b| b.flows.unwrap_or(0) as i64,
+            )?;
+        }
         if !backends.is_empty() {
             let mut fam = enc.encode_descriptor(
                 "farmlb_backend_state",
@@ -286,7 +299,9 @@ impl Collector for Snapshot {
                     conntrack.push((r, n));
                 }
             } else if let Some(r) = k.strip_prefix("drop_") {
-                drops.push((r, n));
+                drops.push((r.to_string(), n));
+            } else if let Some(r) = k.strip_prefix("farm_drop_") {
+                drops.push((format!("farm_{r}"), n));
             } else if let Some(r) = k.strip_prefix("pass_") {
                 passes.push((r, n));
             } else if k != "tx" {
@@ -309,7 +324,7 @@ impl Collector for Snapshot {
             MetricType::Counter,
             drops
                 .iter()
-                .map(|(r, n)| (vec![("reason", *r)], counter(*n))),
+                .map(|(r, n)| (vec![("reason", r.as_str())], counter(*n))),
         )?;
         family(
             &mut enc,
@@ -338,6 +353,42 @@ impl Collector for Snapshot {
         )?;
         if let Some(f) = &v.farm {
             encode_farm(&mut enc, f)?;
+        }
+        let layout = lb_common::LAYOUT_VERSION.to_string();
+        family(
+            &mut enc,
+            "farmlb_build_info",
+            "Always 1: the running farmlb's version and map layout",
+            MetricType::Gauge,
+            [(
+                vec![
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("layout", layout.as_str()),
+                ],
+                gauge(1),
+            )],
+        )?;
+        if let Some(r) = &v.reload {
+            let g = MetricType::Gauge;
+            let ok = ConstGauge::new(r.ok as i64);
+            let help =
+                "1 if the last reload (SIGHUP, farmlb reload) succeeded; the start counts as one";
+            scalar(
+                &mut enc,
+                "farmlb_config_last_reload_successful",
+                help,
+                g,
+                ok,
+            )?;
+            let at = ConstGauge::new(r.last_success_unix);
+            let help = "Unix time of the last successful reload (or of the start)";
+            scalar(
+                &mut enc,
+                "farmlb_config_last_reload_success_timestamp_seconds",
+                help,
+                g,
+                at,
+            )?;
         }
         if let Some(ct) = &v.conntrack {
             let g = MetricType::Gauge;
@@ -440,8 +491,68 @@ fn encode_farm(enc: &mut DescriptorEncoder, f: &FarmStatus) -> std::fmt::Result 
     )
 }
 
+/// The exposition formats `/metrics` serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `application/openmetrics-text; version=1.0.0` (what Prometheus asks for first).
+    OpenMetrics,
+    /// The classic `text/plain; version=0.0.4` (anything else: curl, `promtool check metrics`).
+    Text,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics only when it names it.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// OpenMetrics text as the classic text format: a counter family is named after its
+/// `_total` samples, `# UNIT` and `# EOF` go. (prometheus-client writes OpenMetrics only;
+/// every family farmlb serves is a counter, gauge or histogram, which both formats share.)
+fn to_text_format(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<&str> = None;
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out += &format!("# HELP {name} {text}\n");
+            }
+            out += &format!("# TYPE {name} {kind}\n");
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out += line;
+        out.push('\n');
+    }
+    out
+}
+
 /// The exposition text for one scrape.
-pub fn render(view: StatusView, live: &LiveMetrics) -> String {
+pub fn render(view: StatusView, live: &LiveMetrics, format: Format) -> String {
     let mut reg = Registry::default();
     reg.register(
         "farmlb_check_duration_seconds",
@@ -456,7 +567,10 @@ pub fn render(view: StatusView, live: &LiveMetrics) -> String {
     reg.register_collector(Box::new(Snapshot(view)));
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg).expect("writing to a String");
-    out
+    match format {
+        Format::OpenMetrics => out,
+        Format::Text => to_text_format(&out),
+    }
 }
 
 /// Asks the owner task for a fresh snapshot.
@@ -468,7 +582,12 @@ struct Ctx {
     live: LiveMetrics,
 }
 
-async fn scrape(axum::extract::State(cx): axum::extract::State<Ctx>) -> Response {
+async fn scrape(
+    axum::extract::State(cx): axum::extract::State<Ctx>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+    let format = Format::from_accept(accept);
     let (otx, orx) = oneshot::channel();
     let view = match cx.tx.send(otx).await {
         Ok(()) => orx.await.ok(),
@@ -477,11 +596,8 @@ async fn scrape(axum::extract::State(cx): axum::extract::State<Ctx>) -> Response
     match view {
         None => (StatusCode::SERVICE_UNAVAILABLE, "daemon shutting down\n").into_response(),
         Some(v) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            render(v, &cx.live),
+            [(header::CONTENT_TYPE, format.content_type())],
+            render(v, &cx.live, format),
         )
             .into_response(),
     }
@@ -523,8 +639,15 @@ mod tests {
             last_check: None,
             packets,
             bytes: packets * 60,
+            flows: Some(packets / 2),
         };
         StatusView {
+            reload: Some(crate::api::ReloadView {
+                ok: false,
+                last_attempt_unix: 1700000100.0,
+                last_success_unix: 1700000000.5,
+                error: Some("bad".into()),
+            }),
             farm: None,
             conntrack: Some(crate::api::ConntrackView {
                 entries: 5,
@@ -587,7 +710,7 @@ mod tests {
             unknown_dropped: 0,
             arp_answered: 0,
         });
-        let text = render(v, &LiveMetrics::default());
+        let text = render(v, &LiveMetrics::default(), Format::OpenMetrics);
         for line in [
             "farmlb_farm_member_up{node=\"1\"} 1",
             "farmlb_farm_member_up{node=\"2\"} 0",
@@ -602,14 +725,16 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
-        assert!(!render(view(), &LiveMetrics::default()).contains("farmlb_farm_"));
+        assert!(
+            !render(view(), &LiveMetrics::default(), Format::OpenMetrics).contains("farmlb_farm_")
+        );
     }
 
     #[test]
     fn exposition_has_every_family() {
         let live = LiveMetrics::default();
         live.observe_check("web", "10.0.0.11", "up", Duration::from_millis(2));
-        let text = render(view(), &live);
+        let text = render(view(), &live, Format::OpenMetrics);
         for line in [
             "farmlb_service_packets_total{service=\"web\"} 12",
             "farmlb_service_up_backends{service=\"web\"} 1",
@@ -625,6 +750,9 @@ mod tests {
             "farmlb_conntrack_capacity 1024",
             "farmlb_checks_total{service=\"web\",backend=\"10.0.0.11\",result=\"up\"} 1",
             "farmlb_check_duration_seconds_count{service=\"web\",backend=\"10.0.0.11\"} 1",
+            "farmlb_backend_flows{service=\"web\",backend=\"10.0.0.11\"} 5",
+            "farmlb_config_last_reload_successful 0",
+            "farmlb_config_last_reload_success_timestamp_seconds 1700000000.5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -633,7 +761,58 @@ mod tests {
         }
         assert!(text.ends_with("# EOF\n"));
         live.forget("web", "10.0.0.11");
-        let text = render(view(), &live);
+        let text = render(view(), &live, Format::OpenMetrics);
         assert!(!text.contains("farmlb_checks_total{"), "{text}");
+    }
+
+    #[test]
+    fn the_text_format_names_counter_families_after_their_samples() {
+        let live = LiveMetrics::default();
+        live.observe_check("web", "10.0.0.11", "up", Duration::from_millis(2));
+        let text = render(view(), &live, Format::Text);
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        let version = env!("CARGO_PKG_VERSION");
+        let info = format!(
+            "farmlb_build_info{{version=\"{version}\",layout=\"{}\"}} 1",
+            lb_common::LAYOUT_VERSION
+        );
+        assert!(text.lines().any(|l| l == info), "{text}");
+        // Every sample belongs to a family declared just before with HELP and TYPE.
+        let mut declared: Vec<(String, String)> = Vec::new();
+        let mut helped = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(r) = line.strip_prefix("# HELP ") {
+                helped.insert(r.split(' ').next().unwrap().to_string());
+            } else if let Some(r) = line.strip_prefix("# TYPE ") {
+                let (n, k) = r.split_once(' ').unwrap();
+                assert!(helped.contains(n), "TYPE without HELP: {line}");
+                declared.push((n.to_string(), k.to_string()));
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let (fam, kind) = declared.last().expect("a sample before any TYPE");
+                let ok = match kind.as_str() {
+                    "histogram" => [
+                        format!("{fam}_bucket"),
+                        format!("{fam}_sum"),
+                        format!("{fam}_count"),
+                    ]
+                    .contains(&name.to_string()),
+                    _ => name == fam,
+                };
+                assert!(ok, "sample {name} under family {fam} ({kind})");
+            }
+        }
+        assert!(declared.contains(&("farmlb_drops_total".into(), "counter".into())));
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Text);
+        assert_eq!(Format::from_accept(None), Format::Text);
     }
 }

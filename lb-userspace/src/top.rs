@@ -169,7 +169,7 @@ struct Model {
     socket: String,
     every: Duration,
     status: Option<StatusView>,
-    /// `active_flows` per backend row, when the daemon reports them.
+    /// `flows` per backend row, when the daemon reports them.
     flows: HashMap<Key, u64>,
     series: HashMap<Key, Series>,
     total: Series,
@@ -448,7 +448,7 @@ impl Model {
     }
 }
 
-/// `active_flows` of each backend, when the daemon reports it (counted from conntrack by
+/// `flows` of each backend, when the daemon reports it (counted from conntrack by
 /// newer daemons; absent from older ones, whose view then has no FLOWS column).
 fn active_flows(v: &Value) -> HashMap<Key, u64> {
     let mut out = HashMap::new();
@@ -456,7 +456,7 @@ fn active_flows(v: &Value) -> HashMap<Key, u64> {
         let name = s["name"].as_str().unwrap_or_default();
         for b in s["backends"].as_array().into_iter().flatten() {
             let addr = b["address"].as_str().and_then(|a| a.parse().ok());
-            if let (Some(addr), Some(n)) = (addr, b["active_flows"].as_u64()) {
+            if let (Some(addr), Some(n)) = (addr, b["flows"].as_u64()) {
                 out.insert((name.to_string(), Some(addr)), n);
             }
         }
@@ -499,7 +499,7 @@ mod tests {
                 "packets": packets[i], "bytes": packets[i] * 100,
             });
             if let Some(f) = flows {
-                b["active_flows"] = json!(f[i]);
+                b["flows"] = json!(f[i]);
             }
             b
         };

@@ -48,11 +48,33 @@ fn read_line(r: &mut impl BufRead, what: &str) -> Result<String> {
 
 /// Connect once and return the identity line the server sent.
 fn identify(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<String> {
+    identify_flow(src, dst, timeout).map(|(_, id)| id)
+}
+
+/// Connect once: the connection's client address and the identity line the server sent.
+fn identify_flow(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<(SocketAddr, String)> {
     let stream = connect_from(src, dst, timeout)?;
     let local = stream.local_addr()?;
     let id = read_line(&mut BufReader::new(&stream), "identity")
         .with_context(|| format!("{local} -> {dst}"))?;
-    Ok(id)
+    Ok((local, id))
+}
+
+/// Like [`connect_many`], with each connection's client address (source IP and port) next
+/// to the identity that answered: the flows a test can look up afterwards.
+pub fn connect_flows(
+    ns: &str,
+    dst: SocketAddr,
+    n: usize,
+    sources: &[IpAddr],
+) -> Result<Vec<(SocketAddr, String)>> {
+    anyhow::ensure!(!sources.is_empty(), "no source address");
+    let sources = sources.to_vec();
+    in_netns(ns, move || {
+        (0..n)
+            .map(|i| identify_flow(sources[i % sources.len()], dst, TIMEOUT))
+            .collect::<Result<Vec<_>>>()
+    })?
 }
 
 /// One connection from `src` to `dst` in `ns`, `timeout` for connecting and for the

@@ -109,10 +109,46 @@ pub fn raw_api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Res
 /// Samples of a scrape: `name{labels}` → value.
 pub type Metrics = BTreeMap<String, f64>;
 
-/// `GET /metrics` over plain TCP from inside namespace `ns`, as HTTP/`version` (`1.0` or
-/// `1.1`); checks the status line, the OpenMetrics content type and the `# EOF` trailer.
+/// What Prometheus 2.x sends: OpenMetrics first.
+pub const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,\
+     application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `GET /metrics` as Prometheus asks for it (see [`PROMETHEUS_ACCEPT`]) over plain TCP from
+/// inside namespace `ns`, as HTTP/`version` (`1.0` or `1.1`); checks the status line, the
+/// OpenMetrics content type and the `# EOF` trailer.
 pub fn scrape(ns: &str, addr: SocketAddr, version: &str) -> Result<Metrics> {
-    let request = format!("GET /metrics HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (head, body) = get_metrics(ns, addr, version, Some(PROMETHEUS_ACCEPT))?;
+    ensure!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    ensure!(body.trim_end().ends_with("# EOF"), "no # EOF in {body}");
+    parse_samples(&body)
+}
+
+/// `GET /metrics` without an `Accept` header (as curl or a script asks): the classic text
+/// format's body, after checking its content type.
+pub fn scrape_text(ns: &str, addr: SocketAddr) -> Result<String> {
+    let (head, body) = get_metrics(ns, addr, "1.1", None)?;
+    ensure!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    Ok(body)
+}
+
+/// One `GET /metrics`: the response head and body.
+fn get_metrics(
+    ns: &str,
+    addr: SocketAddr,
+    version: &str,
+    accept: Option<&str>,
+) -> Result<(String, String)> {
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    let request =
+        format!("GET /metrics HTTP/{version}\r\nHost: x\r\n{accept}Connection: close\r\n\r\n");
     let text = in_netns(ns, move || -> Result<String> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .with_context(|| format!("connect {addr}"))?;
@@ -127,12 +163,11 @@ pub fn scrape(ns: &str, addr: SocketAddr, version: &str) -> Result<Metrics> {
         head.starts_with(&format!("HTTP/{version} 200")),
         "scrape: {head}"
     );
-    ensure!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/openmetrics-text"),
-        "{head}"
-    );
-    ensure!(body.trim_end().ends_with("# EOF"), "no # EOF in {body}");
+    Ok((head.to_string(), body.to_string()))
+}
+
+/// The samples of an exposition (either format): `name{labels}` → value.
+pub fn parse_samples(body: &str) -> Result<Metrics> {
     let mut m = Metrics::new();
     for line in body
         .lines()

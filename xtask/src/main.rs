@@ -249,6 +249,10 @@ fn setup() -> Result<()> {
             missing.push(pkg);
         }
     }
+    // promtool (in Debian's `prometheus`): the tests check the metrics, rules and dashboard.
+    if !succeeds(Command::new("promtool").arg("--version")) {
+        missing.push("prometheus");
+    }
     if !missing.is_empty() {
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get")

@@ -24,7 +24,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// 413: the body is over the API's limit.
     TooLarge,
-    /// 503: the daemon is shutting down.
+    /// 503: the daemon is shutting down (or already runs as many conntrack listings as it
+    /// allows).
     Unavailable,
     /// 500: the kernel refused a map update, or the daemon lost the request.
     Internal,

@@ -11,6 +11,8 @@
 //! | `PATCH /v1/services/{name}/backends/{addr}` | `{"weight": N}` and/or `{"state": "ready"\|"drain"\|"maint"}` |
 //! | `POST /v1/reload` | re-read the config file and apply the difference |
 //! | `GET /v1/config` | the running configuration as TOML (`{"config": "..."}`) |
+//! | `GET /v1/conns?service=NAME&limit=N` | conntrack flows with service, backend and idle time (`crate::conns`; at most `limit`, default 1000, says how many were left out) |
+//! | `POST /v1/simulate` | which backend a flow gets and why (`crate::simulate`; body `{"src": "IP:PORT", "dst": "VIP:PORT", "protocol": "tcp", "syn": false}`) |
 //! | `POST /v1/stop` | exit the daemon (`{"detach": true}`: remove the data plane too) |
 //!
 //! Errors are `{"error": "<one line naming the field>"}` and change nothing. The status
@@ -51,7 +53,7 @@ use crate::config::{AdminState, BackendCfg, ServiceCfg};
 
 pub use body::{parse_addr, parse_set};
 pub use error::{ApiError, ErrorKind};
-pub use views::{BackendView, CheckView, ConntrackView, ServiceView, StatusView};
+pub use views::{BackendView, CheckView, ConntrackView, ReloadView, ServiceView, StatusView};
 
 // --- requests to the owner task ---------------------------------------------------------
 
@@ -74,6 +76,13 @@ pub enum ApiRequest {
     },
     Reload,
     Config,
+    /// List conntrack flows (of one service), at most `limit`.
+    Conns {
+        service: Option<String>,
+        limit: Option<usize>,
+    },
+    /// Decide one flow on the live maps.
+    Simulate(crate::simulate::Query),
     /// Exit the daemon; with `detach`, remove the data plane too.
     Stop {
         detach: bool,
@@ -173,6 +182,8 @@ pub fn router(tx: Tx) -> Router {
         )
         .route("/v1/reload", post(reload))
         .route("/v1/config", get(config))
+        .route("/v1/conns", get(conns))
+        .route("/v1/simulate", post(simulate))
         .route("/v1/stop", post(stop))
         .fallback(|method: Method, uri: Uri| async move {
             ApiError::not_found(format!("no such endpoint: {method} {uri}"))
@@ -245,6 +256,44 @@ async fn reload(State(tx): State<Tx>) -> Response {
 
 async fn config(State(tx): State<Tx>) -> Response {
     call(&tx, Ok(ApiRequest::Config)).await
+}
+
+/// `?service=NAME&limit=N` (service names are `[A-Za-z0-9_.-]`: nothing to unescape).
+fn conns_query(q: &str) -> Result<ApiRequest, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorKind::BadRequest, m);
+    let (mut service, mut limit) = (None, None);
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("service", v)) => service = Some(v.to_string()),
+            Some(("limit", v)) => {
+                let n = v
+                    .parse()
+                    .map_err(|_| bad(format!("limit: {v:?} is not a non-negative integer")))?;
+                limit = Some(n);
+            }
+            _ => {
+                return Err(bad(format!(
+                    "query: unknown parameter {pair:?} (service, limit)"
+                )))
+            }
+        }
+    }
+    Ok(ApiRequest::Conns { service, limit })
+}
+
+async fn conns(State(tx): State<Tx>, uri: Uri) -> Response {
+    call(&tx, conns_query(uri.query().unwrap_or(""))).await
+}
+
+async fn simulate(State(tx): State<Tx>, b: Result<Bytes, BytesRejection>) -> Response {
+    let req = read(b).and_then(|b| {
+        let q: crate::simulate::Query = serde_json::from_slice(&b)
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("body: {e}")))?;
+        q.flow()
+            .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("{e:#}")))?;
+        Ok(ApiRequest::Simulate(q))
+    });
+    call(&tx, req).await
 }
 
 async fn stop(State(tx): State<Tx>, b: Result<Bytes, BytesRejection>) -> Response {

@@ -16,6 +16,49 @@ pub struct StatusView {
     /// Conntrack occupancy, as last counted (absent until the first count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConntrackView>,
+    /// How the last reload ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadView>,
+}
+
+/// How the last reload (SIGHUP, `farmlb reload`) ended; the daemon's start counts as a
+/// successful one. API edits are not reloads.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReloadView {
+    pub ok: bool,
+    /// Unix time, in seconds, of the last attempt and of the last success.
+    pub last_attempt_unix: f64,
+    pub last_success_unix: f64,
+    /// Why the last attempt was rejected (`None` after a success).
+    pub error: Option<String>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl ReloadView {
+    pub fn started() -> Self {
+        let now = unix_now();
+        Self {
+            ok: true,
+            last_attempt_unix: now,
+            last_success_unix: now,
+            error: None,
+        }
+    }
+
+    /// An attempt ended, with `error` if it was rejected.
+    pub fn record(&mut self, error: Option<String>) {
+        self.last_attempt_unix = unix_now();
+        self.ok = error.is_none();
+        if self.ok {
+            self.last_success_unix = self.last_attempt_unix;
+        }
+        self.error = error;
+    }
 }
 
 /// How full the conntrack table is.
@@ -77,6 +120,11 @@ pub struct BackendView {
     pub last_check: Option<CheckView>,
     pub packets: u64,
     pub bytes: u64,
+    /// Conntrack entries naming this backend at the last count (every 30 s): TCP entries
+    /// stay until evicted, so recently closed connections count too; expired UDP ones do
+    /// not. `None` until the first count.
+    #[serde(default)]
+    pub flows: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, StatusView};
 use crate::config::Config;
+use crate::dataplane::conntrack::Count;
 use crate::dataplane::{Dataplane, LoadOpts};
 use crate::director::Director;
 use crate::farm::FarmRole;
@@ -135,7 +136,8 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
         supervisor: Supervisor::new(probe_tx),
         live,
         farm,
-        conntrack_entries: None,
+        conntrack: None,
+        reload: api::ReloadView::started(),
         state: state::RuntimeState {
             edits: std::mem::take(&mut saved.edits),
             ..Default::default()
@@ -146,7 +148,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     owner.persist();
     owner.sync_checks();
     owner.renew_lease();
-    let (count_tx, count_rx) = mpsc::channel::<u64>(1);
+    let (count_tx, count_rx) = mpsc::channel::<Count>(1);
     let count_task = tokio::spawn(count_conntrack(pin_dir.clone(), count_tx));
     let attached = owner
         .dp
@@ -253,16 +255,14 @@ fn warn_about_veth(cfg: &Config) {
 /// How often the conntrack table is counted (a walk of every entry).
 const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(30);
 
-/// Count the pinned conntrack table now and every [`CONNTRACK_COUNT_EVERY`], on a blocking
-/// thread, and send the counts to the owner loop.
-async fn count_conntrack(pin_dir: std::path::PathBuf, tx: mpsc::Sender<u64>) {
+/// Count the pinned conntrack table (entries, flows per backend) now and every
+/// [`CONNTRACK_COUNT_EVERY`], on a blocking thread, and send the counts to the owner loop.
+async fn count_conntrack(pin_dir: std::path::PathBuf, tx: mpsc::Sender<Count>) {
     let mut tick = tokio::time::interval(CONNTRACK_COUNT_EVERY);
     loop {
         tick.tick().await;
         let dir = pin_dir.clone();
-        match tokio::task::spawn_blocking(move || crate::dataplane::pin::count_conntrack(&dir))
-            .await
-        {
+        match tokio::task::spawn_blocking(move || crate::dataplane::conntrack::count(&dir)).await {
             Ok(Ok(n)) => {
                 let _ = tx.try_send(n);
             }
@@ -334,7 +334,7 @@ struct Inbox {
     snapshot: mpsc::Receiver<oneshot::Sender<StatusView>>,
     view: Option<tokio::sync::watch::Receiver<crate::farm::membership::View>>,
     resolved: mpsc::Receiver<Resolved>,
-    count: mpsc::Receiver<u64>,
+    count: mpsc::Receiver<Count>,
 }
 
 /// How the owner loop ended.
@@ -365,14 +365,35 @@ async fn serve(owner: &mut Owner, inbox: &mut Inbox) -> Result<Exit> {
                 Err(e) => tracing::error!("SIGHUP: {}: {e}", owner::REJECTED),
             },
             Some((req, reply)) = inbox.api.recv() => {
-                if let api::ApiRequest::Stop { detach } = req {
-                    let _ = reply.send(Ok((
-                        axum::http::StatusCode::OK,
-                        serde_json::json!({ "stopping": true, "detach": detach }),
-                    )));
-                    return Ok(Exit { detach });
+                match req {
+                    api::ApiRequest::Stop { detach } => {
+                        let _ = reply.send(Ok((
+                            axum::http::StatusCode::OK,
+                            serde_json::json!({ "stopping": true, "detach": detach }),
+                        )));
+                        return Ok(Exit { detach });
+                    }
+                    // Listing conntrack walks the whole table: off the owner loop.
+                    api::ApiRequest::Conns { service, limit } => {
+                        let dir = owner.cfg.pin_path.clone();
+                        match crate::conns::Job::new(&owner.director, dir, service.as_deref(), limit) {
+                            Ok(job) => {
+                                tokio::task::spawn_blocking(move || {
+                                    let _ = reply.send(job.run().map(|v| {
+                                        let v = serde_json::to_value(v).unwrap_or_default();
+                                        (axum::http::StatusCode::OK, v)
+                                    }));
+                                });
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
+                    req => {
+                        let _ = reply.send(owner.handle(req));
+                    }
                 }
-                let _ = reply.send(owner.handle(req));
             }
             Some(p) = inbox.probe.recv() => owner.on_probe(p),
             Some(p) = inbox.node_probe.recv() => owner.on_node_probe(&p),
@@ -392,7 +413,7 @@ async fn serve(owner: &mut Owner, inbox: &mut Inbox) -> Result<Exit> {
                 owner.on_view(view);
             }
             Some(r) = inbox.resolved.recv() => owner.on_resolved(r),
-            Some(n) = inbox.count.recv() => owner.conntrack_entries = Some(n),
+            Some(n) = inbox.count.recv() => owner.conntrack = Some(n),
             _ = lease.tick() => owner.renew_lease(),
             _ = retry.tick() => owner.tick(),
             _ = garp.tick() => {

@@ -58,8 +58,10 @@ pub(super) struct Owner {
     pub supervisor: Supervisor,
     pub live: LiveMetrics,
     pub farm: Option<FarmRole>,
-    /// The last conntrack count (entries).
-    pub conntrack_entries: Option<u64>,
+    /// The last conntrack count.
+    pub conntrack: Option<crate::dataplane::conntrack::Count>,
+    /// How the last reload (SIGHUP, `farmlb reload`) ended; the start counts as one.
+    pub reload: api::ReloadView,
     /// Runtime state saved to `state_path` after every change.
     pub state: RuntimeState,
     pub state_path: PathBuf,
@@ -217,6 +219,13 @@ impl Owner {
     /// Re-read the file and apply it (SIGHUP, `farmlb reload`).
     pub fn reload(&mut self) -> Result<String, ReloadError> {
         let _reloading = super::notify::Reloading::start();
+        let res = self.reload_file();
+        self.reload
+            .record(res.as_ref().err().map(|e| e.to_string()));
+        res
+    }
+
+    fn reload_file(&mut self) -> Result<String, ReloadError> {
         let new = Config::load(&self.path)?;
         self.apply(new)?;
         // The running set matches the file again.
@@ -379,7 +388,21 @@ impl Owner {
                     to_json(&self.backend_view(&service, Some(addr))?),
                 ))
             }
-            ApiRequest::Stop { .. } => unreachable!("the owner loop handles stop"),
+            ApiRequest::Stop { .. } | ApiRequest::Conns { .. } => {
+                unreachable!("the owner loop handles stop and conns")
+            }
+            ApiRequest::Simulate(q) => {
+                let fail = |e: anyhow::Error| ApiError::internal(format!("{e:#}"));
+                let flow = q
+                    .flow()
+                    .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("{e:#}")))?;
+                let mut model = self.dp.model_for_flow(&flow).map_err(fail)?;
+                let names = crate::simulate::service_names(&self.director);
+                let now = crate::dataplane::monotonic_ns();
+                let v =
+                    crate::simulate::decide(&mut model, &q, &names, now, "daemon").map_err(fail)?;
+                Ok((StatusCode::OK, to_json(&v)))
+            }
             ApiRequest::Reload => {
                 let summary = self.reload().map_err(|e| {
                     let mut a = ApiError::from(e);

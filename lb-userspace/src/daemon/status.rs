@@ -67,6 +67,10 @@ impl Owner {
                     last_check,
                     packets: c.packets,
                     bytes: c.bytes,
+                    flows: self
+                        .conntrack
+                        .as_ref()
+                        .map(|ct| ct.by_backend.get(&b.id).copied().unwrap_or(0)),
                 }
             })
             .collect();
@@ -120,7 +124,8 @@ impl Owner {
                 Default::default()
             }
         };
-        let conntrack = self.conntrack_entries.map(|entries| {
+        let conntrack = self.conntrack.as_ref().map(|ct| {
+            let entries = ct.entries;
             let stat = |n: &str| stats.get(n).copied().unwrap_or(0);
             let made = (stat("ct_miss_syn") + stat("ct_miss_other"))
                 .saturating_sub(stat("ct_flood_skip") + stat("ct_insert_fail"));
@@ -135,6 +140,7 @@ impl Owner {
             stats,
             farm: self.farm.as_ref().map(|f| f.status(&self.director)),
             conntrack,
+            reload: Some(self.reload.clone()),
         }
     }
 }

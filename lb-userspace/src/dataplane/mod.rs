@@ -20,6 +20,7 @@ use lb_common::{
     ServiceKey, Stat,
 };
 
+pub mod conntrack;
 mod maps;
 pub mod model;
 pub mod pin;
@@ -272,6 +273,42 @@ impl Dataplane {
             .map(|id| Ok((id, self.maps.backends.get(&id, 0)?)))
             .collect::<Result<Vec<(u32, Backend)>>>()?;
         Ok(Snapshot { services, backends })
+    }
+
+    /// The reference model holding exactly the map entries the program reads for a packet
+    /// of `flow`: every service, the flow's VIP address, the ring slot the flow hashes to in
+    /// its service, its conntrack entry and the backends those point at. `Model::process` on
+    /// it decides as the program would now (the simulator); nothing is written.
+    pub fn model_for_flow(&self, flow: &FlowKey) -> Result<model::Model> {
+        let mut m = model::Model {
+            config: self.maps.config.get(&0, 0)?,
+            farm: self.maps.farm.get(&0, 0)?,
+            ..Default::default()
+        };
+        for kv in self.maps.services.iter() {
+            let (key, info) = kv?;
+            m.services.insert(key, info);
+        }
+        if self.maps.vip_addrs.get(&flow.dst, 0).is_ok() {
+            m.vip_addrs.insert(flow.dst);
+        }
+        let mut ids = Vec::new();
+        let svc = m.service_for(&flow.dst, flow.dport, flow.proto);
+        if let Some(slot) = svc.and_then(|(_, s)| s.ring_index(flow)) {
+            let id = self.maps.ring.get(&slot, 0)?;
+            m.ring.insert(slot, id);
+            ids.push(id);
+        }
+        if let Some(e) = self.conntrack_get(flow)? {
+            m.conntrack.insert(*flow, e);
+            ids.push(e.backend);
+        }
+        for id in ids {
+            if let Ok(b) = self.maps.backends.get(&id, 0) {
+                m.backends.insert(id, b);
+            }
+        }
+        Ok(m)
     }
 
     /// Global reason counters summed over CPUs, indexed by `Stat as usize`.

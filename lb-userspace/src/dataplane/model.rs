@@ -177,6 +177,20 @@ impl Model {
         }
     }
 
+    /// The service a packet to `dst:dport/proto` belongs to, as the program looks it up:
+    /// the exact port first, then the port-wildcard service.
+    pub fn service_for(
+        &self,
+        dst: &Addr,
+        dport: u16,
+        proto: u8,
+    ) -> Option<(ServiceKey, ServiceInfo)> {
+        [dport, 0].into_iter().find_map(|port| {
+            let key = ServiceKey::new(*dst, port, proto);
+            self.services.get(&key).map(|s| (key, *s))
+        })
+    }
+
     fn backend_valid(&self, id: u32) -> bool {
         id != NO_BACKEND
             && self
@@ -278,16 +292,8 @@ impl Model {
             }
             _ => return Decision::exit(Pass, Stat::PassNotVip),
         };
-        let mut key = ServiceKey::new(dst, dport, proto);
-        let svc = match self.services.get(&key) {
-            Some(s) => *s,
-            None => {
-                key.port = 0;
-                match self.services.get(&key) {
-                    Some(s) => *s,
-                    None => return Decision::exit(Pass, Stat::PassNotVip),
-                }
-            }
+        let Some((_, svc)) = self.service_for(&dst, dport, proto) else {
+            return Decision::exit(Pass, Stat::PassNotVip);
         };
         let flow = FlowKey::new(src, dst, sport, dport, proto);
         if svc.fwd_mode == FWD_FARM {

@@ -220,13 +220,3 @@ pub fn remove(dir: &Path) -> Result<bool> {
     let _ = std::fs::remove_dir(dir);
     Ok(any)
 }
-
-/// Count the entries of the conntrack map pinned under `dir` (a walk of every key: run it
-/// off the owner loop, it takes about a second for a million entries).
-pub fn count_conntrack(dir: &Path) -> Result<u64> {
-    let map = MapData::from_pin(dir.join(names::CONNTRACK))
-        .with_context(|| format!("opening the pinned {}", names::CONNTRACK))?;
-    let ct: aya::maps::HashMap<MapData, FlowKey, CtEntry> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map))?;
-    Ok(ct.keys().filter(|k| k.is_ok()).count() as u64)
-}

@@ -30,6 +30,11 @@ pub fn addr_of(ip: IpAddr) -> Addr {
     }
 }
 
+/// The address a map holds, as an `IpAddr` (v4-mapped ones as IPv4).
+pub fn ip_of(a: Addr) -> IpAddr {
+    std::net::Ipv6Addr::from(a).to_canonical()
+}
+
 pub fn service_key(s: &ServiceCfg) -> ServiceKey {
     ServiceKey {
         addr: addr_of(s.vip),

@@ -423,7 +423,7 @@ impl Model {
         }
         let w = &mut self.flood;
         w.count += 1;
-        if (w.count == 1 || w.count > rate as u64 || w.count % FLOOD_CLOCK_EVERY == 0)
+        if (w.count == 1 || w.count > rate as u64 || w.count.is_multiple_of(FLOOD_CLOCK_EVERY))
             && (w.count == 1 || clock.wrapping_sub(w.start_ns) >= 1_000_000_000)
         {
             w.start_ns = clock;

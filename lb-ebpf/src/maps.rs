@@ -9,9 +9,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS,
-    MAX_SERVICES, MAX_VIP_ADDRS,
+    Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceEntry,
+    Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS, MAX_SERVICES,
+    MAX_VIP_ADDRS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
@@ -26,8 +26,13 @@ macro_rules! maps {
 }
 
 maps! {
-    /// Services by VIP, port (0 = any port) and protocol: the first lookup of every IP packet.
-    SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
+    /// Services by VIP, port (0 = any port) and protocol, read for every IP packet: an
+    /// open-addressing table of `SERVICE_ENTRIES` indices + 1 (0 = empty) that the program
+    /// probes from `service_slot` until a match or an empty slot.
+    SERVICE_INDEX: Array<u32> = Array::with_max_entries(SERVICE_SLOTS, 0);
+    /// The services' keys and `ServiceInfo`, two entries per service id (see
+    /// `SERVICE_ENTRY_SLOTS`).
+    SERVICE_ENTRIES: Array<ServiceEntry> = Array::with_max_entries(SERVICE_ENTRY_SLOTS, 0);
     /// VIP addresses, consulted only on rare paths (fragments, options, truncated L4) to
     /// decide between "drop, it was for us" and "pass, not ours".
     VIP_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);

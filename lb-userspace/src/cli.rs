@@ -745,7 +745,12 @@ pub fn render_stats(s: &StatusView, prev: Option<(&StatusView, f64)>) -> String 
             let pb = p.and_then(|x| x.backends.iter().find(|y| y.address == b.address));
             rows.push(row(
                 format!("  -> {}", b.address),
-                format!("{} w{} flows {}", b.health, b.effective_weight, flows_str(b)),
+                format!(
+                    "{} w{} flows {}",
+                    b.health,
+                    b.effective_weight,
+                    flows_str(b)
+                ),
                 (b.packets, b.bytes),
                 pb.map(|x| (x.packets, x.bytes)),
             ));

@@ -258,7 +258,11 @@ fn metrics_rules_and_dashboard_agree_with_a_live_daemon() -> Result<()> {
     let status = cli_ok(&sock, &["status"])?;
     let col = status
         .lines()
-        .find_map(|l| l.trim_start().starts_with("BACKEND").then(|| l.find("FLOWS"))?)
+        .find_map(|l| {
+            l.trim_start()
+                .starts_with("BACKEND")
+                .then(|| l.find("FLOWS"))?
+        })
         .with_context(|| format!("no FLOWS column:\n{status}"))?;
     for (b, n) in &per_backend {
         let row = status

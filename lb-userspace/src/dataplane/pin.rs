@@ -11,7 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
     maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig,
-    ServiceInfo, ServiceKey, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
+    ServiceEntry, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
+    SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
 };
 
 /// `statfs` magic of bpffs.
@@ -23,8 +24,9 @@ pub const LINK: &str = "link";
 pub const PROGRAM: &str = "program";
 
 /// Every map, pinned under its own name.
-pub const MAPS: [&str; 11] = [
-    names::SERVICES,
+pub const MAPS: [&str; 12] = [
+    names::SERVICE_INDEX,
+    names::SERVICE_ENTRIES,
     names::VIP_ADDRS,
     names::RING,
     names::BACKENDS,
@@ -91,7 +93,7 @@ struct Spec {
 
 /// The maps as this build lays them out, for a data plane of `ring_slots` and
 /// `conntrack_size`.
-fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 11] {
+fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 12] {
     use std::mem::size_of;
     let s = |name, key, value, max| Spec {
         name,
@@ -100,11 +102,12 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 11] {
         max,
     };
     [
+        s(names::SERVICE_INDEX, 4, 4, SERVICE_SLOTS),
         s(
-            names::SERVICES,
-            size_of::<ServiceKey>(),
-            size_of::<ServiceInfo>(),
-            MAX_SERVICES,
+            names::SERVICE_ENTRIES,
+            4,
+            size_of::<ServiceEntry>(),
+            SERVICE_ENTRY_SLOTS,
         ),
         s(names::VIP_ADDRS, size_of::<Addr>(), 4, MAX_VIP_ADDRS),
         s(names::RING, 4, 4, ring_slots),

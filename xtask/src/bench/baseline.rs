@@ -17,11 +17,15 @@ use aya::{
 };
 use farmlb::{
     config::Config,
-    dataplane::{test_run_repeat, CounterKind, Maps},
+    dataplane::{
+        services::{self, ServiceTable},
+        test_run_repeat, CounterKind, Maps,
+    },
     director::Director,
 };
 use lb_common::{
-    maps as names, Addr, Backend, Counter, FarmConfig, GlobalConfig, ServiceInfo, ServiceKey,
+    maps as names, Addr, Backend, Counter, FarmConfig, GlobalConfig, ServiceEntry, ServiceInfo,
+    ServiceKey,
 };
 
 use crate::workspace_root;
@@ -141,9 +145,35 @@ fn build(tree: &Path, target_dir: &Path) -> Result<PathBuf> {
     Ok(obj)
 }
 
+/// A baseline's service maps: the hash map of layout 1, or today's table.
+enum OldServices {
+    Hash(BpfHashMap<MapData, ServiceKey, ServiceInfo>),
+    Table {
+        mirror: ServiceTable,
+        index: Array<MapData, u32>,
+        entries: Array<MapData, ServiceEntry>,
+    },
+}
+
+/// Layout 1's service map (a hash map by `ServiceKey`).
+const OLD_SERVICES: &str = "SERVICES";
+
+impl OldServices {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        if ebpf.map(OLD_SERVICES).is_some() {
+            return Ok(Self::Hash(take(ebpf, OLD_SERVICES)?));
+        }
+        Ok(Self::Table {
+            mirror: ServiceTable::default(),
+            index: take(ebpf, names::SERVICE_INDEX)?,
+            entries: take(ebpf, names::SERVICE_ENTRIES)?,
+        })
+    }
+}
+
 /// The baseline's maps, written through today's `Maps` interface.
 struct OldMaps {
-    services: BpfHashMap<MapData, ServiceKey, ServiceInfo>,
+    services: OldServices,
     vip_addrs: BpfHashMap<MapData, Addr, u32>,
     ring: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
@@ -164,10 +194,24 @@ impl Maps for OldMaps {
         Ok(self.farm.set(0, cfg, 0)?)
     }
     fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()> {
-        Ok(self.services.insert(key, info, 0)?)
+        match &mut self.services {
+            OldServices::Hash(m) => Ok(m.insert(key, info, 0)?),
+            OldServices::Table {
+                mirror,
+                index,
+                entries,
+            } => services::apply(&mirror.set(key, info)?, index, entries),
+        }
     }
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        Ok(self.services.remove(key)?)
+        match &mut self.services {
+            OldServices::Hash(m) => Ok(m.remove(key)?),
+            OldServices::Table {
+                mirror,
+                index,
+                entries,
+            } => services::apply(&mirror.remove(key), index, entries),
+        }
     }
     fn set_vip_addr(&mut self, addr: &Addr) -> Result<()> {
         Ok(self.vip_addrs.insert(addr, 1, 0)?)
@@ -223,7 +267,7 @@ impl OldDataplane {
         prog.load()
             .map_err(|e| anyhow!("the verifier rejected the baseline: {e}"))?;
         let mut maps = OldMaps {
-            services: take(&mut ebpf, names::SERVICES)?,
+            services: OldServices::take(&mut ebpf)?,
             vip_addrs: take(&mut ebpf, names::VIP_ADDRS)?,
             ring: take(&mut ebpf, names::RING)?,
             backends: take(&mut ebpf, names::BACKENDS)?,

@@ -149,7 +149,7 @@ fn build(tree: &Path, target_dir: &Path) -> Result<PathBuf> {
 enum OldServices {
     Hash(BpfHashMap<MapData, ServiceKey, ServiceInfo>),
     Table {
-        mirror: ServiceTable,
+        mirror: Box<ServiceTable>,
         index: Array<MapData, u32>,
         entries: Array<MapData, ServiceEntry>,
     },
@@ -164,7 +164,7 @@ impl OldServices {
             return Ok(Self::Hash(take(ebpf, OLD_SERVICES)?));
         }
         Ok(Self::Table {
-            mirror: ServiceTable::default(),
+            mirror: Box::default(),
             index: take(ebpf, names::SERVICE_INDEX)?,
             entries: take(ebpf, names::SERVICE_ENTRIES)?,
         })

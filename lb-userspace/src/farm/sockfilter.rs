@@ -146,7 +146,7 @@ mod tests {
         let other = UdpSocket::bind("127.0.0.3:0").unwrap();
         attach(&rx, false, &["127.0.0.2".parse().unwrap()].into());
         let to = rx.local_addr().unwrap();
-        let mut count = |s: &UdpSocket, n: usize| {
+        let count = |s: &UdpSocket, n: usize| {
             for _ in 0..n {
                 s.send_to(b"x", to).unwrap();
             }

@@ -33,6 +33,7 @@ pub mod maps {
         BACKEND_STATS,
         FARM,
         FLOOD,
+        SVC_DROPS,
     );
 }
 
@@ -347,6 +348,35 @@ pub struct FarmConfig {
 /// Linux `TCP_LISTEN` / `TCP_NEW_SYN_RECV`: a socket lookup that lands on a listener is not a
 /// connection; a request sock (handshake in progress) is.
 pub const TCP_STATE_LISTEN: u32 = 10;
+
+/// The drop reasons that are also counted per service (`SVC_DROPS`), in index order: the
+/// exits taken after the packet's service is known.
+pub const SERVICE_DROP_REASONS: [Stat; 4] = [
+    Stat::DropNoBackend,
+    Stat::FarmDropNotOwner,
+    Stat::FarmDropNoSocket,
+    Stat::FarmDropLease,
+];
+
+/// `SVC_DROPS` index of service `svc`'s count of `SERVICE_DROP_REASONS[reason]`.
+#[inline(always)]
+pub const fn svc_drop_index(svc: u32, reason: u32) -> u32 {
+    svc * SERVICE_DROP_REASONS.len() as u32 + reason
+}
+
+impl Stat {
+    /// This reason's index in [`SERVICE_DROP_REASONS`], if it is counted per service.
+    #[inline(always)]
+    pub const fn service_drop(self) -> Option<u32> {
+        match self {
+            Stat::DropNoBackend => Some(0),
+            Stat::FarmDropNotOwner => Some(1),
+            Stat::FarmDropNoSocket => Some(2),
+            Stat::FarmDropLease => Some(3),
+            _ => None,
+        }
+    }
+}
 
 /// Packets/bytes pair for per-service and per-backend per-CPU counters.
 #[repr(C)]

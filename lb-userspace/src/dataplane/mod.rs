@@ -16,8 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig,
-    ServiceEntry, ServiceInfo, ServiceKey, Stat, SERVICE_SLOTS,
+    maps as names, svc_drop_index, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey,
+    GlobalConfig, ServiceEntry, ServiceInfo, ServiceKey, Stat, SERVICE_DROP_REASONS, SERVICE_SLOTS,
 };
 
 pub mod conntrack;
@@ -90,6 +90,7 @@ struct KernelMaps {
     farm: Array<MapData, FarmConfig>,
     stats: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, Counter>,
+    svc_drops: PerCpuArray<MapData, u64>,
     backend_stats: PerCpuArray<MapData, Counter>,
 }
 
@@ -117,6 +118,7 @@ impl KernelMaps {
             farm: take(ebpf, names::FARM)?,
             stats: take(ebpf, names::STATS)?,
             svc_stats: take(ebpf, names::SVC_STATS)?,
+            svc_drops: take(ebpf, names::SVC_DROPS)?,
             backend_stats: take(ebpf, names::BACKEND_STATS)?,
         })
     }
@@ -345,6 +347,20 @@ impl Dataplane {
             }))
     }
 
+    /// Drops of service `id`, summed over CPUs, by `SERVICE_DROP_REASONS` index.
+    pub fn service_drops(&self, id: u32) -> Result<[u64; SERVICE_DROP_REASONS.len()]> {
+        let mut out = [0u64; SERVICE_DROP_REASONS.len()];
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = self
+                .maps
+                .svc_drops
+                .get(&svc_drop_index(id, r as u32), 0)?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+
     pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<CtEntry>> {
         match self.maps.conntrack.get(key, 0) {
             Ok(v) => Ok(Some(v)),
@@ -432,7 +448,14 @@ impl Maps for Dataplane {
             CounterKind::Backend => &mut self.maps.backend_stats,
         };
         let zero = aya::maps::PerCpuValues::try_from(vec![Counter::default(); self.cpus])?;
-        Ok(a.set(id, zero, 0)?)
+        a.set(id, zero, 0)?;
+        if kind == CounterKind::Service {
+            for r in 0..SERVICE_DROP_REASONS.len() as u32 {
+                let zero = aya::maps::PerCpuValues::try_from(vec![0u64; self.cpus])?;
+                self.maps.svc_drops.set(svc_drop_index(id, r), zero, 0)?;
+            }
+        }
+        Ok(())
     }
 }
 

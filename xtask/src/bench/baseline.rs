@@ -171,13 +171,40 @@ impl OldServices {
     }
 }
 
+/// Size of `GlobalConfig` before the flood guard: today's fields up to `layout_version`.
+const SHORT_CONFIG: usize = 16;
+
+/// A baseline's `CONFIG`: today's `GlobalConfig`, or the prefix it had before the flood guard
+/// (the fields it kept sit at the same offsets).
+enum OldConfig {
+    Current(Array<MapData, GlobalConfig>),
+    Short(Array<MapData, [u8; SHORT_CONFIG]>),
+}
+
+impl OldConfig {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let size = ebpf
+            .map(names::CONFIG)
+            .map(|m| match m {
+                aya::maps::Map::Array(d) => d.info().map(|i| i.value_size()).unwrap_or(0),
+                _ => 0,
+            })
+            .unwrap_or(0) as usize;
+        if size == SHORT_CONFIG {
+            Ok(Self::Short(take(ebpf, names::CONFIG)?))
+        } else {
+            Ok(Self::Current(take(ebpf, names::CONFIG)?))
+        }
+    }
+}
+
 /// The baseline's maps, written through today's `Maps` interface.
 struct OldMaps {
     services: OldServices,
     vip_addrs: BpfHashMap<MapData, Addr, u32>,
     ring: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    config: Array<MapData, GlobalConfig>,
+    config: OldConfig,
     farm: Array<MapData, FarmConfig>,
     svc_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
@@ -188,7 +215,15 @@ use farmlb::dataplane::take;
 
 impl Maps for OldMaps {
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
-        Ok(self.config.set(0, cfg, 0)?)
+        match &mut self.config {
+            OldConfig::Current(a) => Ok(a.set(0, cfg, 0)?),
+            OldConfig::Short(a) => {
+                // SAFETY: `GlobalConfig` is plain `repr(C)` data at least `SHORT_CONFIG` long.
+                let bytes: [u8; SHORT_CONFIG] =
+                    unsafe { std::ptr::read_unaligned((cfg as *const GlobalConfig).cast()) };
+                Ok(a.set(0, bytes, 0)?)
+            }
+        }
     }
     fn set_farm(&mut self, cfg: &FarmConfig) -> Result<()> {
         Ok(self.farm.set(0, cfg, 0)?)
@@ -271,7 +306,7 @@ impl OldDataplane {
             vip_addrs: take(&mut ebpf, names::VIP_ADDRS)?,
             ring: take(&mut ebpf, names::RING)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
-            config: take(&mut ebpf, names::CONFIG)?,
+            config: OldConfig::take(&mut ebpf)?,
             farm: take(&mut ebpf, names::FARM)?,
             svc_stats: take(&mut ebpf, names::SVC_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,

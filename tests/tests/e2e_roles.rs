@@ -219,6 +219,16 @@ fn farm_node_serves_status_and_metrics() -> Result<()> {
 
 // --- (2) health checks of a dr service on failover directors --------------------------------
 
+/// The `dr` service `web` on the VIP, over every backend of the failover rig.
+fn web_dr(rig: &FarmRig) -> FarmService {
+    let backends = rig
+        .tags(lb_tests::farm_rig::Role::Backend)
+        .iter()
+        .map(|b| IpAddr::V4(rig.addr(b)))
+        .collect();
+    FarmService::dr("web", web_vip(), WEB, backends)
+}
+
 /// Two directors with `[farm]` in front of three backends checked with a fast tcp check:
 /// b2's server stops, both directors (active and standby) show it `down` in
 /// `status --json` within fall×interval + interval, and new connections avoid it; it
@@ -230,14 +240,9 @@ fn failover_directors_health_check_dr_backends() -> Result<()> {
         Ipv4Addr::UNSPECIFIED.into(),
         WEB,
         |rig| {
-            let backends = rig
-                .tags(lb_tests::farm_rig::Role::Backend)
-                .iter()
-                .map(|b| IpAddr::V4(rig.addr(b)))
-                .collect();
             vec![FarmService {
                 check: Some(FAST_CHECK.into()),
-                ..FarmService::dr("web", web_vip(), WEB, backends)
+                ..web_dr(rig)
             }]
         },
     )?;
@@ -370,14 +375,7 @@ fn a_lone_director_answers_arp_for_its_vip_as_a_one_node_farm() -> Result<()> {
         FarmRig::failover("er5", 1, 2)?,
         Ipv4Addr::UNSPECIFIED.into(),
         WEB,
-        |rig| {
-            let backends = rig
-                .tags(lb_tests::farm_rig::Role::Backend)
-                .iter()
-                .map(|b| IpAddr::V4(rig.addr(b)))
-                .collect();
-            vec![FarmService::dr("web", web_vip(), WEB, backends)]
-        },
+        |rig| vec![web_dr(rig)],
     )?;
     let dst = SocketAddr::new(web_vip(), WEB);
     let sources = f.rig.client_sources_v4();

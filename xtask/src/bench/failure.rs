@@ -200,6 +200,9 @@ impl Farm {
         self.rig.set_link(&victim, true)?;
         self.start_node(&victim)?;
         self.wait_members(3)?;
+        // Each node installs its ownership tables after it sees the member (tens of ms, more
+        // on a loaded machine); until all have, a flow can be owned by nobody for a moment.
+        thread::sleep(Duration::from_millis(500));
         Ok(w)
     }
 }

@@ -51,12 +51,61 @@ pub mod wire {
     /// IPv6 extension headers (hop-by-hop, routing, destination options) the parser walks
     /// before giving up on a packet as malformed.
     pub const MAX_IPV6_EXT_HDRS: usize = 4;
+    pub const IPPROTO_ICMP: u8 = 1;
     pub const IPPROTO_ICMPV6: u8 = 58;
+    pub const ICMP_ECHO_REPLY: u8 = 0;
+    pub const ICMP_DEST_UNREACH: u8 = 3;
+    /// Destination unreachable code: fragmentation needed and DF set.
+    pub const ICMP_FRAG_NEEDED: u8 = 4;
+    pub const ICMP_ECHO_REQUEST: u8 = 8;
+    pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+    pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+    pub const ICMPV6_ECHO_REPLY: u8 = 129;
+    /// Router solicitation .. redirect: neighbour discovery, always the kernel's.
+    pub const ICMPV6_ND_FIRST: u8 = 133;
+    pub const ICMPV6_ND_LAST: u8 = 137;
+    /// TTL / hop limit of packets the program originates (echo replies, outer headers).
+    pub const OWN_TTL: u8 = 64;
     pub const TCP_FIN: u8 = 0x01;
     pub const TCP_SYN: u8 = 0x02;
     pub const TCP_RST: u8 = 0x04;
     pub const TCP_PSH: u8 = 0x08;
     pub const TCP_ACK: u8 = 0x10;
+}
+
+/// Internet checksum arithmetic (RFC 1071 / 1624), shared so the program and the reference
+/// model produce identical bytes.
+pub mod csum {
+    /// One's-complement sum of `data` (big-endian 16-bit words, odd tail padded), not folded
+    /// into 16 bits.
+    #[inline(always)]
+    pub const fn sum(data: &[u8], mut acc: u32) -> u32 {
+        let mut i = 0;
+        while i + 1 < data.len() {
+            acc += ((data[i] as u32) << 8) | data[i + 1] as u32;
+            i += 2;
+        }
+        if i < data.len() {
+            acc += (data[i] as u32) << 8;
+        }
+        acc
+    }
+
+    /// Fold a 32-bit sum into the 16-bit checksum field value (complemented).
+    #[inline(always)]
+    pub const fn fold(mut acc: u32) -> u16 {
+        acc = (acc & 0xffff) + (acc >> 16);
+        acc = (acc & 0xffff) + (acc >> 16);
+        !(acc as u16)
+    }
+
+    /// The checksum `check` after one 16-bit word of the covered data changed from `old` to
+    /// `new` (RFC 1624, eqn. 3): `~(~HC + ~m + m')`.
+    #[inline(always)]
+    pub const fn replace(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
+        let hc = u16::from_be_bytes(check);
+        fold((!hc) as u32 + (!old) as u32 + new as u32).to_be_bytes()
+    }
 }
 
 /// Addresses are 16 bytes on both sides; IPv4 is stored v4-mapped (`::ffff:a.b.c.d`).
@@ -371,6 +420,15 @@ stats! {
     /// Farm: a new flow (TCP SYN, UDP) while this node's lease has run out (no daemon
     /// renews it): the other members own its share by now; live connections stay.
     FarmDropLease = "farm_drop_lease",
+    /// ICMP echo request (ping) to a VIP: answered from XDP.
+    IcmpEchoReply = "icmp_echo_reply",
+    /// ICMP fragmentation-needed / ICMPv6 packet-too-big quoting a VIP flow: forwarded to
+    /// that flow's backend.
+    IcmpTooBigTx = "icmp_too_big_tx",
+    /// Any other ICMP to a VIP (or an error whose quote names no VIP flow): dropped.
+    DropIcmp = "drop_icmp",
+    /// ICMPv6 neighbour discovery to a VIP: left to the kernel.
+    PassIcmpNd = "pass_icmp_nd",
 }
 
 const _: () = {

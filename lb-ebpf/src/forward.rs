@@ -6,20 +6,21 @@ use lb_common::{GlobalConfig, ServiceInfo, Stat};
 
 use crate::{
     maps::{account, verdict},
-    parse::Packet,
+    parse::EthHdr,
     select::Dst,
 };
 
 #[inline(always)]
 pub fn direct(
     ctx: &XdpContext,
-    pkt: &mut Packet,
+    eth: &mut EthHdr,
     svc: &ServiceInfo,
     cfg: &GlobalConfig,
     dst: &Dst,
+    reason: Stat,
 ) -> u32 {
-    pkt.eth.dst = dst.backend.mac;
-    pkt.eth.src = cfg.own_mac;
+    eth.dst = dst.backend.mac;
+    eth.src = cfg.own_mac;
     account(ctx, svc.id, dst.id);
-    verdict(Stat::Tx, xdp_action::XDP_TX)
+    verdict(reason, xdp_action::XDP_TX)
 }

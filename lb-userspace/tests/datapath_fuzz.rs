@@ -107,6 +107,13 @@ fn random_packet(r: &mut Rng, made: &mut Made) -> Vec<u8> {
     let dst = SocketAddr::new(ip.parse().unwrap(), port);
     let mut b = match r.below(20) {
         0 => PacketBuilder::ip_proto(if v6 { 58 } else { 1 }, src, dst),
+        1 => PacketBuilder::ping(src, dst, 7, r.below(100) as u16, 0),
+        2 => {
+            // An error quoting the flow's reply (VIP -> client).
+            let quoted = PacketBuilder::tcp(dst, src).build()[14..].to_vec();
+            let router = client(500, 0, v6);
+            PacketBuilder::too_big(router, dst, 1280, &quoted)
+        }
         _ if udp => PacketBuilder::udp(src, dst),
         _ if r.chance(30) => PacketBuilder::tcp(src, dst).syn(),
         _ => PacketBuilder::tcp(src, dst),

@@ -11,8 +11,10 @@ use lb_common::{
 };
 
 use lb_common::wire::{
-    ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, MAX_IPV6_EXT_HDRS, NEXTHDR_DEST, NEXTHDR_FRAGMENT,
-    NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_ACK, TCP_SYN,
+    ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_ND_FIRST,
+    ICMPV6_ND_LAST, ICMPV6_PKT_TOOBIG, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+    ICMP_FRAG_NEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6, MAX_IPV6_EXT_HDRS, NEXTHDR_DEST,
+    NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, OWN_TTL, TCP_ACK, TCP_SYN,
 };
 
 use crate::dataplane::{CounterKind, Maps};
@@ -207,9 +209,12 @@ impl Model {
         let mut d = self.decide(&pkt[..pkt.len().min(TEST_RUN_LINEAR_MAX)], now_ns);
         if matches!(
             d.reason,
-            Stat::Tx | Stat::FarmPassOwner | Stat::FarmPassSocket
+            Stat::Tx | Stat::FarmPassOwner | Stat::FarmPassSocket | Stat::IcmpTooBigTx
         ) {
             d.bytes = pkt.len() as u64;
+        }
+        if d.reason == Stat::IcmpEchoReply {
+            return (d, echo_reply(pkt));
         }
         let mut out = pkt.to_vec();
         if d.action == Action::Tx {
@@ -272,6 +277,20 @@ impl Model {
             }
             _ => return Decision::exit(Pass, Stat::PassNotIp),
         };
+        let v6 = eth_type == ETH_P_IPV6;
+        if proto == if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP } {
+            // ICMPv6 behind extension headers is the kernel's.
+            if v6 && l4 != l3 + 40 {
+                return Decision::exit(Pass, Stat::PassNotVip);
+            }
+            if p.len() < l4 + 8 {
+                return self.rare(&dst, Stat::DropMalformed);
+            }
+            if !self.vip_addrs.contains(&dst) {
+                return Decision::exit(Pass, Stat::PassNotVip);
+            }
+            return self.icmp(p, l4, v6, now);
+        }
         let (sport, dport, syn) = match proto {
             PROTO_TCP => {
                 if p.len() < l4 + 20 {
@@ -318,6 +337,84 @@ impl Model {
             flood_skip,
             service: svc.id,
             bytes: 0,
+        }
+    }
+
+    /// ICMP to a VIP: see `lb-ebpf/src/icmp.rs`.
+    fn icmp(&self, p: &[u8], l4: usize, v6: bool, now: u64) -> Decision {
+        let (ty, code) = (p[l4], p[l4 + 1]);
+        if v6 {
+            if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&ty) {
+                return Decision::exit(Action::Pass, Stat::PassIcmpNd);
+            }
+            if ty == ICMPV6_ECHO_REQUEST {
+                return Decision::exit(Action::Tx, Stat::IcmpEchoReply);
+            }
+            if ty == ICMPV6_PKT_TOOBIG {
+                return self.too_big(p, l4 + 8, v6, now);
+            }
+        } else {
+            if ty == ICMP_ECHO_REQUEST {
+                return Decision::exit(Action::Tx, Stat::IcmpEchoReply);
+            }
+            if ty == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
+                return self.too_big(p, l4 + 8, v6, now);
+            }
+        }
+        Decision::exit(Action::Drop, Stat::DropIcmp)
+    }
+
+    /// The flow an ICMP error quotes (at `q`), swapped back to client -> VIP, and its
+    /// backend: live conntrack entry, else the ring; nothing recorded.
+    fn too_big(&self, p: &[u8], q: usize, v6: bool, clock: u64) -> Decision {
+        let drop = Decision::exit(Action::Drop, Stat::DropIcmp);
+        let (src, dst, proto, ports): (Addr, Addr, u8, usize) = if v6 {
+            if p.len() < q + 40 || p[q] >> 4 != 6 {
+                return drop;
+            }
+            (
+                p[q + 8..q + 24].try_into().unwrap(),
+                p[q + 24..q + 40].try_into().unwrap(),
+                p[q + 6],
+                q + 40,
+            )
+        } else {
+            if p.len() < q + 20 || p[q] != 0x45 {
+                return drop;
+            }
+            (
+                v4_mapped(p[q + 12..q + 16].try_into().unwrap()),
+                v4_mapped(p[q + 16..q + 20].try_into().unwrap()),
+                p[q + 9],
+                q + 20,
+            )
+        };
+        if (proto != PROTO_TCP && proto != PROTO_UDP) || p.len() < ports + 4 {
+            return drop;
+        }
+        let flow = FlowKey::new(dst, src, be16(p, ports + 2), be16(p, ports), proto);
+        let Some((_, svc)) = self.service_for(&flow.dst, flow.dport, proto) else {
+            return drop;
+        };
+        if svc.fwd_mode == FWD_FARM {
+            return drop;
+        }
+        let now = if proto == PROTO_UDP { clock } else { 0 };
+        let tracked = self.conntrack.get(&flow).filter(|e| {
+            (proto != PROTO_UDP || now.wrapping_sub(e.last_seen_ns) <= self.config.udp_timeout_ns)
+                && self.backend_valid(e.backend)
+        });
+        let backend = match tracked {
+            Some(e) => e.backend,
+            None => self.expected_backend(&svc, &flow),
+        };
+        if !self.backend_valid(backend) {
+            return Decision::exit(Action::Drop, Stat::DropNoBackend);
+        }
+        Decision {
+            backend,
+            service: svc.id,
+            ..Decision::exit(Action::Tx, Stat::IcmpTooBigTx)
         }
     }
 
@@ -438,6 +535,34 @@ impl Model {
             .and_then(|i| self.ring.get(&i).copied())
             .unwrap_or(NO_BACKEND)
     }
+}
+
+/// The program's echo reply to the echo request `pkt`: MACs and addresses swapped, TTL /
+/// hop limit reset, type changed, checksums updated incrementally as the program does.
+fn echo_reply(pkt: &[u8]) -> Vec<u8> {
+    let mut o = pkt.to_vec();
+    o[0..6].copy_from_slice(&pkt[6..12]);
+    o[6..12].copy_from_slice(&pkt[0..6]);
+    let l3 = if be16(pkt, 12) == ETH_P_8021Q { 18 } else { 14 };
+    let (l4, reply) = if be16(pkt, l3 - 2) == ETH_P_IP {
+        o[l3 + 12..l3 + 16].copy_from_slice(&pkt[l3 + 16..l3 + 20]);
+        o[l3 + 16..l3 + 20].copy_from_slice(&pkt[l3 + 12..l3 + 16]);
+        let old = be16(&o, l3 + 8);
+        o[l3 + 8] = OWN_TTL;
+        let c = lb_common::csum::replace([o[l3 + 10], o[l3 + 11]], old, be16(&o, l3 + 8));
+        o[l3 + 10..l3 + 12].copy_from_slice(&c);
+        (l3 + 20, ICMP_ECHO_REPLY)
+    } else {
+        o[l3 + 8..l3 + 24].copy_from_slice(&pkt[l3 + 24..l3 + 40]);
+        o[l3 + 24..l3 + 40].copy_from_slice(&pkt[l3 + 8..l3 + 24]);
+        o[l3 + 7] = OWN_TTL;
+        (l3 + 40, ICMPV6_ECHO_REPLY)
+    };
+    let old = be16(&o, l4);
+    o[l4] = reply;
+    let c = lb_common::csum::replace([o[l4 + 2], o[l4 + 3]], old, be16(&o, l4));
+    o[l4 + 2..l4 + 4].copy_from_slice(&c);
+    o
 }
 
 /// The kernel program and the model side by side, programmed identically through

@@ -4,20 +4,25 @@
 //! own packets are (conntrack, else the ring), so path MTU discovery works through the
 //! balancer. Neighbour discovery is the kernel's; any other ICMP to a VIP is dropped.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len},
+    programs::XdpContext,
+};
 use lb_common::{
-    csum,
+    csum, hdr,
     wire::{
         ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_ND_FIRST, ICMPV6_ND_LAST, ICMPV6_PKT_TOOBIG,
-        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, OWN_TTL,
+        ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, OWN_TTL,
     },
-    Stat, FWD_FARM,
+    Addr, Stat, FWD_FARM, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
 };
 
 use crate::{
     forward,
     maps::{verdict, CONFIG},
-    parse::{IcmpPacket, IpHdr},
+    parse::{IcmpPacket, Inner, IpHdr},
     select,
 };
 
@@ -93,7 +98,111 @@ fn too_big(ctx: &XdpContext, mut pkt: IcmpPacket) -> u32 {
         return drop();
     };
     match select::existing(&svc, &flow, cfg) {
-        Some(dst) => forward::direct(ctx, pkt.eth, &svc, cfg, &dst, Stat::IcmpTooBigTx),
+        Some(dst) => forward::send(
+            ctx,
+            pkt.eth,
+            &pkt.ip,
+            pkt.l2_len,
+            &flow,
+            &svc,
+            cfg,
+            &dst,
+            Stat::IcmpTooBigTx,
+        ),
         None => verdict(Stat::DropNoBackend, xdp_action::XDP_DROP),
     }
+}
+
+/// Answer a packet too big for the tunnel with fragmentation-needed (IPv4) / packet-too-big
+/// (IPv6) naming `mtu`, from the VIP it was sent to, quoting its first bytes; sent back
+/// where it came from.
+#[inline(always)]
+pub fn send_too_big(ctx: &XdpContext, inner: &Inner, mtu: u32) -> u32 {
+    let ok = match (inner.l2_len != 14, inner.v6) {
+        (false, false) => too_big_reply::<14, false>(ctx, mtu),
+        (false, true) => too_big_reply::<14, true>(ctx, mtu),
+        (true, false) => too_big_reply::<18, false>(ctx, mtu),
+        (true, true) => too_big_reply::<18, true>(ctx, mtu),
+    };
+    if ok {
+        verdict(Stat::IcmpTooBigSent, xdp_action::XDP_TX)
+    } else {
+        verdict(Stat::DropEncap, xdp_action::XDP_DROP)
+    }
+}
+
+/// Rebuild the frame as the ICMP answer: `L2` bytes of Ethernet (+ VLAN) with the MACs
+/// swapped, a new IP header and ICMP header in front of the offending packet, cut to
+/// its first `TOO_BIG_QUOTE_*` bytes.
+#[inline(always)]
+fn too_big_reply<const L2: usize, const V6: bool>(ctx: &XdpContext, mtu: u32) -> bool {
+    let ip_len: usize = if V6 { 40 } else { 20 };
+    let quote = if V6 {
+        TOO_BIG_QUOTE_V6
+    } else {
+        TOO_BIG_QUOTE_V4
+    };
+    let grow = ip_len + 8;
+    // SAFETY: helpers on the program's own context; pointers are re-read after each.
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
+    let keep = L2 + grow + quote;
+    if len + grow < keep {
+        return false;
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
+        return false;
+    }
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep as i32 - (len + grow) as i32) } != 0 {
+        return false;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + keep > end {
+        return false;
+    }
+    let p = start as *mut u8;
+    let icmp_at = L2 + ip_len;
+    let msg_len = 8 + quote;
+    // SAFETY: every access lies in [start, start + keep), checked above.
+    unsafe {
+        let mut l2 = core::ptr::read_unaligned(p.add(grow) as *const [u8; L2]);
+        let (d, s) = (
+            core::ptr::read_unaligned(l2.as_ptr() as *const [u8; 6]),
+            core::ptr::read_unaligned(l2.as_ptr().add(6) as *const [u8; 6]),
+        );
+        l2[..6].copy_from_slice(&s);
+        l2[6..12].copy_from_slice(&d);
+        core::ptr::write_unaligned(p as *mut [u8; L2], l2);
+        let q = p.add(L2 + grow);
+        let mut acc = 0u32;
+        if V6 {
+            let client = core::ptr::read_unaligned(q.add(8) as *const Addr);
+            let vip = core::ptr::read_unaligned(q.add(24) as *const Addr);
+            let h = hdr::ipv6(0, 0, msg_len as u16, IPPROTO_ICMPV6, &vip, &client);
+            core::ptr::write_unaligned(p.add(L2) as *mut [u8; 40], h);
+            // Pseudo-header: addresses, length, next header.
+            acc = csum::sum(&h[8..40], acc) + msg_len as u32 + IPPROTO_ICMPV6 as u32;
+            let m = mtu.to_be_bytes();
+            let icmp = [ICMPV6_PKT_TOOBIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
+            core::ptr::write_unaligned(p.add(icmp_at) as *mut [u8; 8], icmp);
+        } else {
+            let client = core::ptr::read_unaligned(q.add(12) as *const [u8; 4]);
+            let vip = core::ptr::read_unaligned(q.add(16) as *const [u8; 4]);
+            let h = hdr::ipv4(0, (20 + msg_len) as u16, IPPROTO_ICMP, vip, client);
+            core::ptr::write_unaligned(p.add(L2) as *mut [u8; 20], h);
+            let m = (mtu as u16).to_be_bytes();
+            let icmp = [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]];
+            core::ptr::write_unaligned(p.add(icmp_at) as *mut [u8; 8], icmp);
+        }
+        // The ICMP message: its header (checksum still 0) and the quote.
+        let mut i = 0;
+        while i < msg_len {
+            acc += u16::from_be_bytes(core::ptr::read_unaligned(
+                p.add(icmp_at + i) as *const [u8; 2]
+            )) as u32;
+            i += 2;
+        }
+        let c = csum::fold(acc).to_be_bytes();
+        core::ptr::write_unaligned(p.add(icmp_at + 2) as *mut [u8; 2], c);
+    }
+    true
 }

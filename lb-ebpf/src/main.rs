@@ -62,7 +62,17 @@ mod prog {
             return farm::farm(&ctx, &mut pkt, &svc, cfg);
         }
         match select::backend(&svc, &pkt.flow, pkt.is_syn, cfg) {
-            Some(dst) => forward::direct(&ctx, pkt.eth, &svc, cfg, &dst, Stat::Tx),
+            Some(dst) => forward::send(
+                &ctx,
+                pkt.eth,
+                &pkt.ip,
+                pkt.l2_len,
+                &pkt.flow,
+                &svc,
+                cfg,
+                &dst,
+                Stat::Tx,
+            ),
             None => verdict(Stat::DropNoBackend, xdp_action::XDP_DROP),
         }
     }

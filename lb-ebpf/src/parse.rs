@@ -23,6 +23,46 @@ pub struct Packet<'a> {
     /// TCP SYN without ACK: the start of a connection.
     pub is_syn: bool,
     pub v6: bool,
+    /// For tunnels, read only there ([`Inner::of`]).
+    pub ip: IpHdr<'a>,
+    /// Ethernet header with its VLAN tag, if any: 14 or 18 bytes.
+    pub l2_len: usize,
+}
+
+/// What a tunnel needs to know of the IP packet it wraps.
+#[derive(Clone, Copy)]
+pub struct Inner {
+    /// Ethernet header with its VLAN tag, if any: 14 or 18 bytes.
+    pub l2_len: usize,
+    pub v6: bool,
+    /// IPv4 ToS / IPv6 traffic class.
+    pub tos: u8,
+    /// The IP packet's length by its header (Ethernet padding after it excluded).
+    pub len: u32,
+    /// May not be fragmented: IPv4 with DF set, or any IPv6.
+    pub df: bool,
+}
+
+impl Inner {
+    #[inline(always)]
+    pub fn of(l2_len: usize, ip: &IpHdr) -> Self {
+        match ip {
+            IpHdr::V4(h) => Inner {
+                l2_len,
+                v6: false,
+                tos: h.tos,
+                len: u16::from_be_bytes(h.tot_len) as u32,
+                df: h.frag_off[0] & 0x40 != 0,
+            },
+            IpHdr::V6(h) => Inner {
+                l2_len,
+                v6: true,
+                tos: (h.ver_tc_flow[0] << 4) | (h.ver_tc_flow[1] >> 4),
+                len: u16::from_be_bytes(h.payload_len) as u32 + 40,
+                df: true,
+            },
+        }
+    }
 }
 
 /// Why a frame is not a [`Packet`], and what to count for it.
@@ -44,6 +84,7 @@ pub struct IcmpPacket<'a> {
     pub eth: &'a mut EthHdr,
     pub ip: IpHdr<'a>,
     pub icmp: &'a mut IcmpHdr,
+    pub l2_len: usize,
     cur: Cursor<'a>,
 }
 
@@ -108,7 +149,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
     let mut cur = unsafe { Cursor::new(ctx) };
     let eth: &mut EthHdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
     let mut eth_type = u16::from_be_bytes(eth.proto);
+    let mut l2_len = size_of::<EthHdr>();
     if eth_type == ETH_P_8021Q {
+        l2_len += size_of::<VlanHdr>();
         let vlan: &VlanHdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
         eth_type = u16::from_be_bytes(vlan.proto);
     }
@@ -199,6 +242,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
                 eth,
                 ip: ip_hdr,
                 icmp,
+                l2_len,
                 cur,
             }));
         }
@@ -210,6 +254,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
         flow: FlowKey::new(src, dst, sport, dport, proto),
         is_syn,
         v6,
+        ip: ip_hdr,
+        l2_len,
     })
 }
 

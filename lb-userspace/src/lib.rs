@@ -17,6 +17,7 @@ pub mod neigh;
 pub mod packet;
 pub mod simulate;
 pub mod top;
+pub mod tunnel;
 
 /// The XDP object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

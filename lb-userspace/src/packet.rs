@@ -30,6 +30,8 @@ pub struct PacketBuilder {
     /// ICMP / ICMPv6 message (with `proto` 1 / 58): type, code, the 4 type-specific bytes
     /// and the body; the checksum is computed (with the pseudo-header for ICMPv6).
     pub icmp: Option<(u8, u8, [u8; 4], Vec<u8>)>,
+    /// IPv4 ToS / IPv6 traffic class.
+    pub tos: u8,
 }
 
 /// An IPv6 extension header for [`PacketBuilder::ext`].
@@ -101,6 +103,8 @@ setters! {
     ip_options(ip_option_words: u8);
     /// IPv4: raw flags/offset field (0x2000 = MF). IPv6: adds a fragment header.
     fragment(frag: u16);
+    /// IPv4 ToS / IPv6 traffic class (DSCP and ECN).
+    tos(tos: u8);
 }
 
 impl PacketBuilder {
@@ -118,6 +122,7 @@ impl PacketBuilder {
             frag: 0,
             ext: Vec::new(),
             icmp: None,
+            tos: 0,
         }
     }
 
@@ -254,6 +259,7 @@ impl PacketBuilder {
                 let hlen = 20 + 4 * self.ip_option_words as usize;
                 let mut h = vec![0u8; hlen];
                 h[0] = 0x40 | (5 + self.ip_option_words);
+                h[1] = self.tos;
                 h[2..4].copy_from_slice(&((hlen + l4.len()) as u16).to_be_bytes());
                 h[6..8].copy_from_slice(&self.frag.to_be_bytes());
                 h[8] = 64;
@@ -280,7 +286,8 @@ impl PacketBuilder {
                 }
                 let plen = exts.len() + l4.len();
                 let mut h = vec![0u8; 40];
-                h[0] = 0x60;
+                h[0] = 0x60 | (self.tos >> 4);
+                h[1] = self.tos << 4;
                 h[4..6].copy_from_slice(&(plen as u16).to_be_bytes());
                 h[6] = chain.first().map_or(self.proto, |e| e.code());
                 h[7] = 64;

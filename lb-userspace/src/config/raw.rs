@@ -35,9 +35,40 @@ pub(super) struct RawConfig {
     metrics_address: Field<String>,
     pin_path: Field<String>,
     state_file: Field<String>,
+    gue_port: Field<i64>,
+    tunnel_source: Field<OneOrMany>,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
     farm: Option<Spanned<RawFarm>>,
+}
+
+/// A string or an array of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `tunnel_source`: prefixes, at most one per address family.
+fn tunnel_sources(v: &OneOrMany) -> Result<Vec<Cidr>, String> {
+    let list = match v {
+        OneOrMany::One(s) => vec![s.clone()],
+        OneOrMany::Many(l) => l.clone(),
+    };
+    let cidrs = list
+        .iter()
+        .map(|s| s.parse::<Cidr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    for fam in [true, false] {
+        if cidrs.iter().filter(|c| c.addr.is_ipv4() == fam).count() > 1 {
+            return Err(format!(
+                "more than one {} prefix (at most one per address family)",
+                if fam { "IPv4" } else { "IPv6" }
+            ));
+        }
+    }
+    Ok(cidrs)
 }
 
 #[derive(Deserialize)]
@@ -188,6 +219,10 @@ impl<'a> Ctx<'a> {
                 "invalid type, expected a string or an array of strings",
             )
             .replace(
+                "data did not match any variant of untagged enum OneOrMany",
+                "invalid type, expected a string or an array of strings",
+            )
+            .replace(
                 "data did not match any variant of untagged enum RawStatus",
                 "invalid type, expected an integer or a string such as \"200-399\"",
             );
@@ -255,6 +290,8 @@ impl Ctx<'_> {
         let metrics = self.opt("", "metrics_address", &raw.metrics_address, metrics_address)?;
         let pin_path = self.opt("", "pin_path", &raw.pin_path, absolute_path)?;
         let state_file = self.opt("", "state_file", &raw.state_file, absolute_path)?;
+        let gue_port = self.opt("", "gue_port", &raw.gue_port, int(1, u16::MAX))?;
+        let tunnel_source = self.opt("", "tunnel_source", &raw.tunnel_source, tunnel_sources)?;
         let services = (raw.services.iter().enumerate())
             .map(|(i, rs)| self.service(i, rs))
             .collect::<Result<Vec<_>, _>>()?;
@@ -288,6 +325,8 @@ impl Ctx<'_> {
                 .unwrap_or_else(|| Some(DEFAULT_METRICS_ADDRESS.parse().expect("valid default"))),
             pin_path,
             state_file,
+            gue_port: gue_port.unwrap_or(lb_common::DEFAULT_GUE_PORT),
+            tunnel_source: tunnel_source.unwrap_or_default(),
             services,
             farm,
         })
@@ -729,7 +768,7 @@ mod tests {
                 "dst-ip",
                 "\"5-tuple\", \"src-ip\" or \"src-ip-port\"",
             ),
-            ("forwarding", "nat", "\"dr\" or \"farm\""),
+            ("forwarding", "nat", "\"dr\", \"farm\", \"ipip\" or \"gue\""),
         ] {
             let msg = error(&svc(&format!("{field} = \"{value}\"")), field);
             assert!(

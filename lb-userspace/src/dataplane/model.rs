@@ -5,9 +5,10 @@
 use std::collections::{HashMap, HashSet};
 
 use lb_common::{
-    v4_mapped, Addr, Backend, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat, BACKEND_F_VALID, FLOOD_CLOCK_EVERY, FWD_FARM, NO_BACKEND, PROTO_TCP,
-    PROTO_UDP,
+    gue_sport, hdr, is_v4_mapped, tunnel_hash, tunnel_overhead, v4_mapped, Addr, Backend, CtEntry,
+    FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID,
+    FLOOD_CLOCK_EVERY, FWD_DR, FWD_FARM, FWD_GUE, FWD_IPIP, IPPROTO_IPIP, IPPROTO_IPV6, NO_BACKEND,
+    PROTO_TCP, PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
 };
 
 use lb_common::wire::{
@@ -55,6 +56,10 @@ pub struct Decision {
     /// Bytes added to the service and backend counters: the whole frame (every fragment of a
     /// multi-buffer frame), or 0 for exits that count no traffic.
     pub bytes: u64,
+    /// The service's forwarding mode (`FWD_*`) for `Tx` and the tunnel exits.
+    pub fwd: u8,
+    /// Tunnels: the flow's `tunnel_hash` (outer source, GUE port, flow label).
+    pub hash: u32,
 }
 
 impl Decision {
@@ -67,6 +72,8 @@ impl Decision {
             flood_skip: false,
             service: 0,
             bytes: 0,
+            fwd: FWD_DR,
+            hash: 0,
         }
     }
 }
@@ -207,14 +214,27 @@ impl Model {
         // The program sees only the first buffer of a larger frame (BPF_PROG_TEST_RUN puts the
         // rest in fragments); headers past it count as truncated.
         let mut d = self.decide(&pkt[..pkt.len().min(TEST_RUN_LINEAR_MAX)], now_ns);
+        let tunnel = matches!(d.fwd, FWD_IPIP | FWD_GUE);
+        let overhead = match self.backends.get(&d.backend) {
+            Some(b) if tunnel => tunnel_overhead(!is_v4_mapped(&b.addr), d.fwd == FWD_GUE),
+            _ => 0,
+        };
         if matches!(
             d.reason,
             Stat::Tx | Stat::FarmPassOwner | Stat::FarmPassSocket | Stat::IcmpTooBigTx
         ) {
-            d.bytes = pkt.len() as u64;
+            d.bytes = (pkt.len() + overhead) as u64;
         }
-        if d.reason == Stat::IcmpEchoReply {
-            return (d, echo_reply(pkt));
+        match d.reason {
+            Stat::IcmpEchoReply => return (d, echo_reply(pkt)),
+            Stat::IcmpTooBigSent => {
+                let mtu = self.config.mtu as u32 - overhead as u32;
+                return (d, too_big_answer(pkt, mtu));
+            }
+            _ => {}
+        }
+        if d.action == Action::Tx && tunnel {
+            return (d, self.encap(pkt, &d));
         }
         let mut out = pkt.to_vec();
         if d.action == Action::Tx {
@@ -289,7 +309,7 @@ impl Model {
             if !self.vip_addrs.contains(&dst) {
                 return Decision::exit(Pass, Stat::PassNotVip);
             }
-            return self.icmp(p, l4, v6, now);
+            return self.icmp(p, l3, l4, v6, now);
         }
         let (sport, dport, syn) = match proto {
             PROTO_TCP => {
@@ -330,18 +350,14 @@ impl Model {
             };
         }
         Decision {
-            action: Tx,
-            reason: Stat::Tx,
-            backend,
             ct: Some(ct),
             flood_skip,
-            service: svc.id,
-            bytes: 0,
+            ..self.send(p, l3, &svc, backend, &flow, Stat::Tx)
         }
     }
 
     /// ICMP to a VIP: see `lb-ebpf/src/icmp.rs`.
-    fn icmp(&self, p: &[u8], l4: usize, v6: bool, now: u64) -> Decision {
+    fn icmp(&self, p: &[u8], l3: usize, l4: usize, v6: bool, now: u64) -> Decision {
         let (ty, code) = (p[l4], p[l4 + 1]);
         if v6 {
             if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&ty) {
@@ -351,14 +367,14 @@ impl Model {
                 return Decision::exit(Action::Tx, Stat::IcmpEchoReply);
             }
             if ty == ICMPV6_PKT_TOOBIG {
-                return self.too_big(p, l4 + 8, v6, now);
+                return self.too_big(p, l3, l4 + 8, v6, now);
             }
         } else {
             if ty == ICMP_ECHO_REQUEST {
                 return Decision::exit(Action::Tx, Stat::IcmpEchoReply);
             }
             if ty == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
-                return self.too_big(p, l4 + 8, v6, now);
+                return self.too_big(p, l3, l4 + 8, v6, now);
             }
         }
         Decision::exit(Action::Drop, Stat::DropIcmp)
@@ -366,7 +382,7 @@ impl Model {
 
     /// The flow an ICMP error quotes (at `q`), swapped back to client -> VIP, and its
     /// backend: live conntrack entry, else the ring; nothing recorded.
-    fn too_big(&self, p: &[u8], q: usize, v6: bool, clock: u64) -> Decision {
+    fn too_big(&self, p: &[u8], l3: usize, q: usize, v6: bool, clock: u64) -> Decision {
         let drop = Decision::exit(Action::Drop, Stat::DropIcmp);
         let (src, dst, proto, ports): (Addr, Addr, u8, usize) = if v6 {
             if p.len() < q + 40 || p[q] >> 4 != 6 {
@@ -411,11 +427,103 @@ impl Model {
         if !self.backend_valid(backend) {
             return Decision::exit(Action::Drop, Stat::DropNoBackend);
         }
-        Decision {
+        self.send(p, l3, &svc, backend, &flow, Stat::IcmpTooBigTx)
+    }
+
+    /// Forward to `backend` by the service's method (see `lb-ebpf/src/forward.rs`): `Tx`
+    /// counted as `reason`, or a tunnel's too-big exit.
+    fn send(
+        &self,
+        p: &[u8],
+        l3: usize,
+        svc: &ServiceInfo,
+        backend: u32,
+        flow: &FlowKey,
+        reason: Stat,
+    ) -> Decision {
+        let d = Decision {
             backend,
             service: svc.id,
-            ..Decision::exit(Action::Tx, Stat::IcmpTooBigTx)
+            fwd: svc.fwd_mode,
+            ..Decision::exit(Action::Tx, reason)
+        };
+        if !matches!(svc.fwd_mode, FWD_IPIP | FWD_GUE) {
+            return d;
         }
+        let outer_v6 = !is_v4_mapped(&self.backends[&backend].addr);
+        let overhead = tunnel_overhead(outer_v6, svc.fwd_mode == FWD_GUE) as u32;
+        let (_, len, df) = inner_ip(p, l3);
+        let mtu = self.config.mtu as u32;
+        if mtu != 0 && len + overhead > mtu {
+            if !(df && reason == Stat::Tx) {
+                return Decision::exit(Action::Drop, Stat::DropTooBig);
+            }
+            let quote = if p[l3] >> 4 == 6 {
+                TOO_BIG_QUOTE_V6
+            } else {
+                TOO_BIG_QUOTE_V4
+            };
+            if p.len() < l3 + quote {
+                return Decision::exit(Action::Drop, Stat::DropEncap);
+            }
+            return Decision {
+                backend,
+                fwd: svc.fwd_mode,
+                ..Decision::exit(Action::Tx, Stat::IcmpTooBigSent)
+            };
+        }
+        Decision {
+            hash: tunnel_hash(flow),
+            ..d
+        }
+    }
+
+    /// The frame wrapped for the tunnel to `d.backend` (see `encap` in `forward.rs`).
+    fn encap(&self, pkt: &[u8], d: &Decision) -> Vec<u8> {
+        let l2 = if be16(pkt, 12) == ETH_P_8021Q { 18 } else { 14 };
+        let b = &self.backends[&d.backend];
+        let (outer_v6, gue) = (!is_v4_mapped(&b.addr), d.fwd == FWD_GUE);
+        let (tos, len, _) = inner_ip(pkt, l2);
+        let inner_v6 = pkt[l2] >> 4 == 6;
+        let outer_len = len + tunnel_overhead(outer_v6, gue) as u32;
+        let mut out = Vec::with_capacity(pkt.len() + 48);
+        out.extend_from_slice(&b.mac);
+        out.extend_from_slice(&self.config.own_mac);
+        out.extend_from_slice(&pkt[12..l2 - 2]);
+        out.extend_from_slice(&if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP }.to_be_bytes());
+        let next = match (gue, inner_v6) {
+            (true, _) => PROTO_UDP,
+            (false, true) => IPPROTO_IPV6,
+            (false, false) => IPPROTO_IPIP,
+        };
+        let src = crate::tunnel::outer_source(&self.config, outer_v6, d.hash);
+        let ip_len = if outer_v6 {
+            out.extend_from_slice(&hdr::ipv6(
+                tos,
+                d.hash,
+                (outer_len - 40) as u16,
+                next,
+                &src,
+                &b.addr,
+            ));
+            40
+        } else {
+            let (s4, d4) = (&src[12..], &b.addr[12..]);
+            out.extend_from_slice(&hdr::ipv4(
+                tos,
+                outer_len as u16,
+                next,
+                s4.try_into().unwrap(),
+                d4.try_into().unwrap(),
+            ));
+            20
+        };
+        if gue {
+            let udp_len = (outer_len - ip_len) as u16;
+            out.extend_from_slice(&hdr::udp(gue_sport(d.hash), self.config.gue_port, udp_len));
+        }
+        out.extend_from_slice(&pkt[l2..]);
+        out
     }
 
     /// Farm branch: see `lb-ebpf/src/farm.rs`.
@@ -563,6 +671,63 @@ fn echo_reply(pkt: &[u8]) -> Vec<u8> {
     let c = lb_common::csum::replace([o[l4 + 2], o[l4 + 3]], old, be16(&o, l4));
     o[l4 + 2..l4 + 4].copy_from_slice(&c);
     o
+}
+
+/// ToS / traffic class, length by the header, and "may not be fragmented" of the IP packet
+/// at `l3` (see `Inner::of` in `parse.rs`).
+fn inner_ip(p: &[u8], l3: usize) -> (u8, u32, bool) {
+    let h = &p[l3..];
+    if h[0] >> 4 == 6 {
+        ((h[0] << 4) | (h[1] >> 4), be16(h, 4) as u32 + 40, true)
+    } else {
+        (h[1], be16(h, 2) as u32, h[6] & 0x40 != 0)
+    }
+}
+
+/// The program's frag-needed / packet-too-big answer to the frame `pkt` naming `mtu` (see
+/// `too_big_reply` in `icmp.rs`).
+fn too_big_answer(pkt: &[u8], mtu: u32) -> Vec<u8> {
+    let l2 = if be16(pkt, 12) == ETH_P_8021Q { 18 } else { 14 };
+    let v6 = pkt[l2] >> 4 == 6;
+    let q = if v6 {
+        TOO_BIG_QUOTE_V6
+    } else {
+        TOO_BIG_QUOTE_V4
+    };
+    let quote = &pkt[l2..l2 + q];
+    let mut out = pkt[6..12].to_vec();
+    out.extend_from_slice(&pkt[0..6]);
+    out.extend_from_slice(&pkt[12..l2]);
+    let mut msg;
+    let acc;
+    if v6 {
+        let (client, vip): (Addr, Addr) = (
+            quote[8..24].try_into().unwrap(),
+            quote[24..40].try_into().unwrap(),
+        );
+        let h = hdr::ipv6(0, 0, (8 + q) as u16, IPPROTO_ICMPV6, &vip, &client);
+        out.extend_from_slice(&h);
+        acc = lb_common::csum::sum(&h[8..40], 0) + (8 + q) as u32 + IPPROTO_ICMPV6 as u32;
+        msg = vec![ICMPV6_PKT_TOOBIG, 0, 0, 0];
+        msg.extend_from_slice(&mtu.to_be_bytes());
+    } else {
+        let h = hdr::ipv4(
+            0,
+            (28 + q) as u16,
+            IPPROTO_ICMP,
+            quote[16..20].try_into().unwrap(),
+            quote[12..16].try_into().unwrap(),
+        );
+        out.extend_from_slice(&h);
+        acc = 0;
+        msg = vec![ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0];
+        msg.extend_from_slice(&(mtu as u16).to_be_bytes());
+    }
+    msg.extend_from_slice(quote);
+    let c = lb_common::csum::fold(lb_common::csum::sum(&msg, acc));
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    out.extend_from_slice(&msg);
+    out
 }
 
 /// The kernel program and the model side by side, programmed identically through

@@ -238,6 +238,10 @@ pub struct Director {
     stale: Vec<u32>,
     /// Farm mode: until when this node takes new flows (see `FarmConfig::lease_until_ns`).
     lease_until_ns: u64,
+    /// Tunnel modes: the interface's MTU and addresses (the daemon discovers them).
+    pub tunnel: crate::tunnel::TunnelHost,
+    /// Tunnel modes: the configured `tunnel_source` prefixes (set by `apply`).
+    tunnel_sources: Vec<crate::config::Cidr>,
 }
 
 impl Director {
@@ -256,6 +260,8 @@ impl Director {
             valid_members: BTreeSet::new(),
             stale: Vec::new(),
             lease_until_ns: 0,
+            tunnel: Default::default(),
+            tunnel_sources: Vec::new(),
         }
     }
 
@@ -377,8 +383,9 @@ impl Director {
             own_mac: self.own_mac,
             layout_version: lb_common::LAYOUT_VERSION as u16,
             flood_rate: cfg.flood_guard_rate,
-            _pad: 0,
+            ..self.tunnel.global(cfg)
         })?;
+        self.tunnel_sources = cfg.tunnel_source.clone();
         self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
         self.write_farm(maps)?;
         let wanted: BTreeMap<&str, &ServiceCfg> =
@@ -528,7 +535,18 @@ impl Director {
                 }
             };
             if entry.mac.is_none() {
-                match macs.resolve(b.address) {
+                // Tunnels reach the backend through its route: the MAC is the next hop's.
+                let resolved = if !s.forwarding.is_tunnel() {
+                    macs.resolve(b.address)
+                } else if !self.tunnel.can_reach(&self.tunnel_sources, b.address) {
+                    Err(anyhow::anyhow!(
+                        "no outer source address of the backend's family: the interface has \
+                         none and tunnel_source gives none"
+                    ))
+                } else {
+                    macs.resolve_next_hop(b.address)
+                };
+                match resolved {
                     Ok(mac) => entry.mac = Some(mac),
                     // The resolver reports failures; `farmlb status` shows it unresolved.
                     Err(e) => tracing::debug!(

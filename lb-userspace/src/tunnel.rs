@@ -1,0 +1,166 @@
+//! Tunnel forwarding (IPIP, GUE) on the control-plane side: what the program needs of the
+//! host to write outer headers (the interface's MTU and own addresses), combined with the
+//! configuration's `gue_port` and `tunnel_source` into `GlobalConfig`'s tunnel fields.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context, Result};
+use lb_common::{v4_mapped, GlobalConfig};
+
+use crate::config::{Cidr, Config};
+
+/// The director's interface as the tunnel modes see it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelHost {
+    /// L3 MTU; 0 = unknown (the program then does not check sizes).
+    pub mtu: u16,
+    /// First global address of each family on the interface.
+    pub addr4: Option<Ipv4Addr>,
+    pub addr6: Option<Ipv6Addr>,
+}
+
+impl TunnelHost {
+    /// Read `iface`'s MTU and addresses (`ip -j addr`).
+    pub fn discover(iface: &str) -> Result<TunnelHost> {
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+            .with_context(|| format!("reading the MTU of {iface}"))?
+            .trim()
+            .parse::<u32>()
+            .with_context(|| format!("the MTU of {iface}"))?
+            .min(u16::MAX as u32) as u16;
+        let out = std::process::Command::new("ip")
+            .args(["-j", "addr", "show", "dev", iface])
+            .output()
+            .context("running `ip addr` (is iproute2 installed?)")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut host = TunnelHost {
+            mtu,
+            ..Default::default()
+        };
+        let infos = v[0]["addr_info"].as_array().cloned().unwrap_or_default();
+        for a in infos {
+            if a["scope"] != "global" {
+                continue;
+            }
+            match a["local"].as_str().and_then(|s| s.parse::<IpAddr>().ok()) {
+                Some(IpAddr::V4(x)) if host.addr4.is_none() => host.addr4 = Some(x),
+                Some(IpAddr::V6(x)) if host.addr6.is_none() => host.addr6 = Some(x),
+                _ => {}
+            }
+        }
+        Ok(host)
+    }
+
+    /// Whether outer headers can be written towards a backend of `ip`'s family: there is a
+    /// source address (the interface's, or a `tunnel_source` prefix) of that family.
+    pub fn can_reach(&self, sources: &[Cidr], ip: IpAddr) -> bool {
+        let configured = sources.iter().any(|c| c.addr.is_ipv4() == ip.is_ipv4());
+        configured
+            || match ip {
+                IpAddr::V4(_) => self.addr4.is_some(),
+                IpAddr::V6(_) => self.addr6.is_some(),
+            }
+    }
+
+    /// `GlobalConfig` with the tunnel fields set (the others default).
+    pub fn global(&self, cfg: &Config) -> GlobalConfig {
+        let mut g = GlobalConfig {
+            mtu: self.mtu,
+            gue_port: cfg.gue_port,
+            ..Default::default()
+        };
+        if let Some(a) = self.addr4 {
+            g.tunnel_src4 = a.octets();
+        }
+        if let Some(a) = self.addr6 {
+            g.tunnel_src6 = a.octets();
+        }
+        for c in &cfg.tunnel_source {
+            match c.addr {
+                IpAddr::V4(a) => {
+                    g.tunnel_src4 = a.octets();
+                    g.tunnel_src4_mask = c.host_mask();
+                }
+                IpAddr::V6(a) => {
+                    g.tunnel_src6 = a.octets();
+                    g.tunnel_src6_mask = c.host_mask();
+                }
+            }
+        }
+        g
+    }
+}
+
+/// The outer source address the program writes for a flow hash (tests, `farmlb simulate`).
+pub fn outer_source(g: &GlobalConfig, v6: bool, hash: u32) -> lb_common::Addr {
+    if v6 {
+        let mut a = g.tunnel_src6;
+        let low = lb_common::tunnel_src_low([a[12], a[13], a[14], a[15]], g.tunnel_src6_mask, hash);
+        a[12..].copy_from_slice(&low);
+        a
+    } else {
+        v4_mapped(lb_common::tunnel_src_low(
+            g.tunnel_src4,
+            g.tunnel_src4_mask,
+            hash,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Config {
+        Config::from_toml_str(&format!("interface = \"eth0\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn sources_come_from_the_interface_or_the_prefixes() {
+        let host = TunnelHost {
+            mtu: 1500,
+            addr4: Some("10.0.0.5".parse().unwrap()),
+            addr6: None,
+        };
+        let g = host.global(&cfg(""));
+        assert_eq!(
+            (g.mtu, g.gue_port, g.tunnel_src4, g.tunnel_src4_mask),
+            (1500, 6080, [10, 0, 0, 5], 0)
+        );
+        assert!(!host.can_reach(&[], "fd00::1".parse().unwrap()));
+        let c = cfg("gue_port = 7000\ntunnel_source = [\"192.0.2.0/28\", \"fd00:1::/120\"]");
+        assert!(host.can_reach(&c.tunnel_source, "fd00::1".parse().unwrap()));
+        let g = host.global(&c);
+        assert_eq!(
+            (g.gue_port, g.tunnel_src4, g.tunnel_src4_mask),
+            (7000, [192, 0, 2, 0], 15)
+        );
+        assert_eq!(g.tunnel_src6_mask, 0xff);
+        assert_eq!(
+            outer_source(&g, false, 0x1234_5677),
+            v4_mapped([192, 0, 2, 7])
+        );
+    }
+
+    #[test]
+    fn bad_tunnel_sources_are_one_line_errors() {
+        use crate::config::testing::error;
+        for (v, what) in [
+            ("\"10.0.0.1\"", "not a prefix"),
+            ("\"10.0.0.1/24\"", "host bits"),
+            ("\"fd00::/64\"", "out of range 96..=128"),
+            (
+                "[\"10.0.0.0/24\", \"10.1.0.0/24\"]",
+                "at most one per address family",
+            ),
+            ("3", "expected a string or an array of strings"),
+        ] {
+            let msg = error(
+                &format!("interface = \"eth0\"\ntunnel_source = {v}\n"),
+                "tunnel_source",
+            );
+            assert!(msg.contains(what), "{msg}");
+        }
+        error("interface = \"eth0\"\ngue_port = 0\n", "gue_port");
+    }
+}

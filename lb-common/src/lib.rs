@@ -18,6 +18,11 @@ pub mod maps {
     }
 
     pub const PROGRAM: &str = "farmlb_xdp";
+    /// The backend-side decapsulator (`lb-ebpf/src/bin/decap.rs`) and its maps.
+    pub const DECAP_PROGRAM: &str = "farmlb_decap";
+    pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+    pub const DECAP_CONFIG: &str = "DECAP_CONFIG";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
     /// The test rigs' pass-everything program (`lb-ebpf/src/bin/pass.rs`).
     pub const PASS_PROGRAM: &str = "farmlb_pass";
     names!(
@@ -571,7 +576,64 @@ stats! {
     DropEncap = "drop_encap",
 }
 
+/// Single entry of `DECAP_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DecapConfig {
+    /// UDP port whose datagrams (to a local address) are GUE.
+    pub gue_port: u16,
+    pub _pad: u16,
+}
+
+/// Counters of the decapsulator (`DECAP_STATS` indices): one per packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapStat {
+    /// Not IP-in-IP, nor UDP to the GUE port: left to the stack.
+    PassNotTunnel,
+    /// A tunnel packet for another host: left to the stack (it may route it).
+    PassNotLocal,
+    /// An outer IPv4 fragment: left to the stack.
+    PassFragment,
+    /// IP-in-IP stripped, the inner packet passed to the stack.
+    Ipip,
+    /// GUE stripped, the inner packet passed to the stack.
+    Gue,
+    /// A tunnel packet to this host whose inner packet is cut short, of another IP version
+    /// than the outer header says, or longer than the outer payload: dropped.
+    DropMalformed,
+}
+
+impl DecapStat {
+    pub const ALL: [DecapStat; 6] = [
+        DecapStat::PassNotTunnel,
+        DecapStat::PassNotLocal,
+        DecapStat::PassFragment,
+        DecapStat::Ipip,
+        DecapStat::Gue,
+        DecapStat::DropMalformed,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapStat::PassNotTunnel => "pass_not_tunnel",
+            DecapStat::PassNotLocal => "pass_not_local",
+            DecapStat::PassFragment => "pass_fragment",
+            DecapStat::Ipip => "decap_ipip",
+            DecapStat::Gue => "decap_gue",
+            DecapStat::DropMalformed => "drop_malformed",
+        }
+    }
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<DecapConfig>() == 4);
+    let mut i = 0;
+    while i < DecapStat::ALL.len() {
+        assert!(DecapStat::ALL[i] as usize == i);
+        i += 1;
+    }
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceInfo>() == 16);
     assert!(core::mem::size_of::<Backend>() == 28);
@@ -602,6 +664,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FarmConfig {}
     unsafe impl aya::Pod for super::FloodWindow {}
+    unsafe impl aya::Pod for super::DecapConfig {}
 }
 
 /// v4-mapped form of an IPv4 address given as its 4 wire bytes.

@@ -445,7 +445,7 @@ pub fn test_run_repeat(prog: &Xdp, packet: &[u8], repeat: u32) -> Result<(u32, D
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large rings load there too.
-fn bump_memlock_rlimit() {
+pub fn bump_memlock_rlimit() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,

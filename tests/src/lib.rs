@@ -18,6 +18,7 @@ pub mod pty;
 pub mod rig;
 pub mod server;
 pub mod svg;
+pub mod tunnel_rig;
 pub mod wait;
 
 pub use client::{connect_many, connect_tallied, ping_all, try_identify, LongConn};

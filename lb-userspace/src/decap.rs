@@ -98,6 +98,12 @@ impl Decap {
         Ok(out)
     }
 
+    /// `repeat` runs on `packet` in one BPF_PROG_TEST_RUN call: the last verdict and the
+    /// kernel's mean time per run.
+    pub fn test_run_repeat(&mut self, packet: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        crate::dataplane::test_run_repeat(self.prog(), packet, repeat)
+    }
+
     /// Run the program once on `packet` (BPF_PROG_TEST_RUN): the XDP action and the frame as
     /// the program left it.
     pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {

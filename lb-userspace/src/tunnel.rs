@@ -143,6 +143,23 @@ mod tests {
     }
 
     #[test]
+    fn only_tunnels_cross_address_families() {
+        let svc = |fwd: &str| {
+            format!(
+                "interface = \"eth0\"\n[[service]]\nname = \"s\"\nvip = \"10.0.0.1\"\nport = \
+                 80\nforwarding = \"{fwd}\"\n[[service.backend]]\naddress = \"fd00::2\"\n"
+            )
+        };
+        crate::config::testing::error(&svc("dr"), "address");
+        for fwd in ["ipip", "gue"] {
+            let c = Config::from_toml_str(&svc(fwd)).unwrap();
+            assert!(c.services[0].forwarding.is_tunnel());
+            // Written back and read again unchanged.
+            assert_eq!(Config::from_toml_str(&c.to_toml()).unwrap(), c);
+        }
+    }
+
+    #[test]
     fn bad_tunnel_sources_are_one_line_errors() {
         use crate::config::testing::error;
         for (v, what) in [

@@ -682,7 +682,18 @@ mod tests {
         assert_eq!(c.xdp_mode, XdpModeCfg::Auto);
         assert_eq!(c.udp_timeout, Duration::from_secs(30));
         assert_eq!(c.conntrack_size, 1_048_576);
-        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services.len(), 3);
+        assert_eq!(c.gue_port, lb_common::DEFAULT_GUE_PORT);
+        assert_eq!(
+            c.tunnel_source,
+            [
+                "192.0.2.0/28".parse().unwrap(),
+                "2001:db8:5::/124".parse().unwrap()
+            ]
+        );
+        let api = &c.services[2];
+        assert_eq!(api.forwarding, Forwarding::Ipip);
+        assert!(api.backends[0].address.is_ipv4() && api.backends[1].address.is_ipv6());
         let web = &c.services[0];
         assert_eq!(web.name, "web");
         assert_eq!(web.vip, IpAddr::V4(Ipv4Addr::new(10, 99, 100, 1)));
@@ -719,6 +730,8 @@ mod tests {
         assert_eq!(s.forwarding, Forwarding::Dr);
         assert_eq!(s.table_size, lb_common::DEFAULT_TABLE_SIZE);
         assert!(s.backends.is_empty());
+        assert_eq!(c.gue_port, 6080);
+        assert!(c.tunnel_source.is_empty());
         let c = Config::from_toml_str(&svc("[[service.backend]]\naddress = \"10.0.0.2\"")).unwrap();
         assert_eq!(c.services[0].backends[0].weight, 1);
         // No services at all is a valid (idle) config.

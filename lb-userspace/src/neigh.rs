@@ -59,7 +59,11 @@ pub struct Neighbours {
     known: HashMap<Target, [u8; 6]>,
     pending: HashSet<Target>,
     tx: mpsc::Sender<Target>,
+    last_recheck: std::time::Instant,
 }
+
+/// How often known next hops of tunnel backends are resolved again.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(10);
 
 impl Neighbours {
     /// Start the resolver task for `iface` (inside a tokio runtime).
@@ -72,18 +76,18 @@ impl Neighbours {
             known: HashMap::new(),
             pending: HashSet::new(),
             tx,
+            last_recheck: std::time::Instant::now(),
         };
         (n, done_rx)
     }
 
     /// Record a result of the task. Returns whether a MAC was learned.
+    /// A re-check that finds the same MAC learns nothing; one that fails keeps the last
+    /// good MAC (a control-plane hiccup must not take a backend's traffic away).
     pub fn learned(&mut self, (target, res): Resolved) -> bool {
         self.pending.remove(&target);
         match res {
-            Ok(mac) => {
-                self.known.insert(target, mac);
-                true
-            }
+            Ok(mac) => self.known.insert(target, mac) != Some(mac),
             Err(e) => {
                 tracing::warn!(backend = %target.0, "{e}");
                 false
@@ -116,6 +120,22 @@ impl Neighbours {
     /// Addresses being resolved.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Resolve every known next hop again (routes and neighbours change: a new router, a
+    /// failover), at most every [`RECHECK_EVERY`]; a changed MAC arrives as a result like
+    /// any other, and the director rewrites the backends concerned.
+    pub fn recheck_routed(&mut self) {
+        if self.last_recheck.elapsed() < RECHECK_EVERY {
+            return;
+        }
+        self.last_recheck = std::time::Instant::now();
+        let targets: Vec<Target> = self.known.keys().filter(|t| t.1).copied().collect();
+        for t in targets {
+            if !self.pending.contains(&t) && self.tx.try_send(t).is_ok() {
+                self.pending.insert(t);
+            }
+        }
     }
 }
 

@@ -142,6 +142,51 @@ mod tests {
         );
     }
 
+    /// A tunnel backend's next hop is resolved on every apply: a new MAC (another router)
+    /// replaces the old one in its entry; a DR backend's MAC is its own and stays.
+    #[test]
+    fn a_changed_next_hop_is_written_over_the_old_one() {
+        use crate::dataplane::model::Model;
+        use crate::director::Director;
+        let cfg = cfg(
+            "[[service]]\nname = \"t\"\nvip = \"10.0.0.1\"\nport = 80\nforwarding = \"ipip\"\n\
+             table_size = 211\n[[service.backend]]\naddress = \"172.16.0.5\"\n\
+             [[service]]\nname = \"d\"\nvip = \"10.0.0.2\"\nport = 80\ntable_size = 211\n\
+             [[service.backend]]\naddress = \"10.0.0.7\"\n",
+        );
+        let mut d = Director::new(1 << 12, [2, 0, 0, 0, 0, 1]);
+        d.tunnel = TunnelHost {
+            mtu: 1500,
+            addr4: Some("10.0.0.3".parse().unwrap()),
+            addr6: None,
+        };
+        let mut m = Model::default();
+        let (t, dr): (IpAddr, IpAddr) =
+            ("172.16.0.5".parse().unwrap(), "10.0.0.7".parse().unwrap());
+        let mut macs = std::collections::HashMap::from([
+            (t, [2, 0, 0, 0, 0, 0xa]),
+            (dr, [2, 0, 0, 0, 0, 0xd]),
+        ]);
+        d.apply(&cfg, &mut m, &mut macs).unwrap();
+        let id = |d: &Director, s: &str, a: IpAddr| d.services[s].backends[&a].id;
+        let (ti, di) = (id(&d, "t", t), id(&d, "d", dr));
+        assert_eq!(m.backends[&ti].mac, [2, 0, 0, 0, 0, 0xa]);
+        macs.insert(t, [2, 0, 0, 0, 0, 0xb]);
+        macs.insert(dr, [2, 0, 0, 0, 0, 0xe]);
+        d.apply(&cfg, &mut m, &mut macs).unwrap();
+        assert_eq!(
+            m.backends[&ti].mac,
+            [2, 0, 0, 0, 0, 0xb],
+            "the new next hop"
+        );
+        assert_eq!(m.backends[&ti].flags, lb_common::BACKEND_F_VALID);
+        assert_eq!(
+            m.backends[&di].mac,
+            [2, 0, 0, 0, 0, 0xd],
+            "DR keeps its MAC"
+        );
+    }
+
     #[test]
     fn only_tunnels_cross_address_families() {
         let svc = |fwd: &str| {

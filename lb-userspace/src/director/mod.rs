@@ -534,6 +534,26 @@ impl Director {
                     })
                 }
             };
+            if entry.mac.is_some() && s.forwarding.is_tunnel() {
+                // A tunnel backend's next hop may change (routes, router failover): the
+                // resolver re-checks it, and a new MAC is written over the old one.
+                if let Ok(mac) = macs.resolve_next_hop(b.address) {
+                    if entry.mac != Some(mac) {
+                        tracing::info!(
+                            service = %s.name, backend = %b.address,
+                            "next hop changed: now {}",
+                            mac.map(|x| format!("{x:02x}")).join(":")
+                        );
+                        entry.mac = Some(mac);
+                        if entry.valid {
+                            maps.set_backend(
+                                entry.id,
+                                &backend_entry(st.info.id, entry, BACKEND_F_VALID),
+                            )?;
+                        }
+                    }
+                }
+            }
             if entry.mac.is_none() {
                 // Tunnels reach the backend through its route: the MAC is the next hop's.
                 let resolved = if !s.forwarding.is_tunnel() {

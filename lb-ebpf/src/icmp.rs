@@ -2,7 +2,8 @@
 //! the backends. A fragmentation-needed (IPv4) or packet-too-big (ICMPv6) error about a
 //! packet a backend sent goes to that backend, found from the quoted packet as the flow's
 //! own packets are (conntrack, else the ring), so path MTU discovery works through the
-//! balancer. Neighbour discovery is the kernel's; any other ICMP to a VIP is dropped.
+//! balancer. Neighbour discovery is the kernel's; any other ICMP to a VIP is dropped, and
+//! so is an echo request not sent to this node's own MAC (a farm's virtual MAC).
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -29,12 +30,15 @@ use crate::{
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, pkt: IcmpPacket) -> u32 {
     let (ty, code) = (pkt.icmp.ty, pkt.icmp.code);
+    // Only requests sent to this node's MAC are answered: a farm's virtual MAC reaches
+    // every node, and all of them answering would duplicate every reply.
+    let to_us = CONFIG.get(0).is_some_and(|c| pkt.eth.dst == c.own_mac);
     match pkt.ip {
         IpHdr::V6(_) => {
             if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&ty) {
                 return verdict(Stat::PassIcmpNd, xdp_action::XDP_PASS);
             }
-            if ty == ICMPV6_ECHO_REQUEST {
+            if ty == ICMPV6_ECHO_REQUEST && to_us {
                 return echo_reply(pkt, ICMPV6_ECHO_REPLY);
             }
             if ty == ICMPV6_PKT_TOOBIG {
@@ -42,7 +46,7 @@ pub fn handle(ctx: &XdpContext, pkt: IcmpPacket) -> u32 {
             }
         }
         IpHdr::V4(_) => {
-            if ty == ICMP_ECHO_REQUEST {
+            if ty == ICMP_ECHO_REQUEST && to_us {
                 return echo_reply(pkt, ICMP_ECHO_REPLY);
             }
             if ty == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {

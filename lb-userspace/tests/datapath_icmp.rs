@@ -15,6 +15,7 @@ use farmlb::packet::{client, fixture_mac, flow_key, service_toml, PacketBuilder}
 use lb_common::{csum, Stat, PROTO_TCP, PROTO_UDP};
 
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const VIP4: &str = "10.99.100.1";
 const VIP6: &str = "fd99:100::1";
 
@@ -108,7 +109,9 @@ fn echo_requests_to_vips_are_answered() {
     let mut f = Fixture::new();
     for v6 in [false, true] {
         let src = client(7, 0, v6);
-        let pkt = PacketBuilder::ping(src, vip(v6, 0), 0x1234, 9, 56).build();
+        let pkt = PacketBuilder::ping(src, vip(v6, 0), 0x1234, 9, 56)
+            .macs(CLIENT_MAC, OWN_MAC)
+            .build();
         assert!(checksums_ok(&pkt), "the request is valid");
         let (action, out, _, reason) = f.run(&pkt);
         assert_eq!((action, reason), (Action::Tx, Stat::IcmpEchoReply));
@@ -127,12 +130,18 @@ fn echo_requests_to_vips_are_answered() {
     }
     // A tagged request is answered on its VLAN.
     let pkt = PacketBuilder::ping(client(1, 0, false), vip(false, 0), 1, 1, 8)
+        .macs(CLIENT_MAC, OWN_MAC)
         .vlan(42)
         .build();
     let (action, out, _, _) = f.run(&pkt);
     assert_eq!(action, Action::Tx);
     assert_eq!(out[12..18], pkt[12..18], "tag kept");
     assert_eq!(out[30..34], pkt[34..38], "addresses swapped");
+    // Sent to another MAC (a farm's virtual MAC reaches every node): not answered.
+    let pkt = PacketBuilder::ping(client(1, 0, false), vip(false, 0), 1, 1, 8)
+        .macs(CLIENT_MAC, [0x02, 0x99, 0, 0, 0, 0xfa])
+        .build();
+    assert_eq!(f.run(&pkt).3, Stat::DropIcmp);
     let s = f.k.dp.stats().unwrap();
     assert_eq!(s[Stat::IcmpEchoReply as usize], 3);
 }

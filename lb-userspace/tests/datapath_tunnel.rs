@@ -380,7 +380,9 @@ fn icmp_errors_about_tunnelled_flows_are_tunnelled() {
         check_outer(&out, &pkt, f.backend_ip(to), None, 0);
     }
     // The echo reply path is the same whatever the forwarding.
-    let pkt = PacketBuilder::ping(client(1, 0, false), sa("10.99.100.1:0"), 1, 1, 8).build();
+    let pkt = PacketBuilder::ping(client(1, 0, false), sa("10.99.100.1:0"), 1, 1, 8)
+        .macs([2, 0, 0, 0, 0, 1], OWN_MAC)
+        .build();
     assert_eq!(f.run(&pkt).3, Stat::IcmpEchoReply);
     let _ = PROTO_TCP;
 }

@@ -359,18 +359,19 @@ impl Model {
     /// ICMP to a VIP: see `lb-ebpf/src/icmp.rs`.
     fn icmp(&self, p: &[u8], l3: usize, l4: usize, v6: bool, now: u64) -> Decision {
         let (ty, code) = (p[l4], p[l4 + 1]);
+        let to_us = p[0..6] == self.config.own_mac;
         if v6 {
             if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&ty) {
                 return Decision::exit(Action::Pass, Stat::PassIcmpNd);
             }
-            if ty == ICMPV6_ECHO_REQUEST {
+            if ty == ICMPV6_ECHO_REQUEST && to_us {
                 return Decision::exit(Action::Tx, Stat::IcmpEchoReply);
             }
             if ty == ICMPV6_PKT_TOOBIG {
                 return self.too_big(p, l3, l4 + 8, v6, now);
             }
         } else {
-            if ty == ICMP_ECHO_REQUEST {
+            if ty == ICMP_ECHO_REQUEST && to_us {
                 return Decision::exit(Action::Tx, Stat::IcmpEchoReply);
             }
             if ty == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {

@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod farm_rig;
+pub mod icmp;
 pub mod netns;
 pub mod pins;
 pub mod process;

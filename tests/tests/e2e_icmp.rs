@@ -6,12 +6,10 @@
 use std::{net::IpAddr, time::Duration};
 
 use anyhow::{ensure, Context, Result};
-use farmlb::packet::PacketBuilder;
 use lb_tests::{
-    ctl::status_json, daemon::api_socket, farmlb_config, in_netns, wait_until, DirectorRig,
-    LongConn, Rig, Service, VIP_V4, VIP_V6,
+    ctl::status_json, daemon::api_socket, farmlb_config, wait_until, DirectorRig, LongConn, Rig,
+    Service, VIP_V4, VIP_V6,
 };
-use socket2::{Domain, Protocol, Socket, Type};
 
 const PORT: u16 = 80;
 
@@ -44,17 +42,8 @@ fn stat(rig: &Rig, name: &str) -> Result<u64> {
         .with_context(|| format!("no {name} in farmlb status"))
 }
 
-/// ICMP counters of a namespace: IPv4 destination-unreachables or IPv6 packet-too-bigs in,
-/// and echo requests in (both families).
-fn icmp_in(rig: &Rig, ns: &str) -> Result<(u64, u64)> {
-    let snmp = rig.exec(ns, &["nstat", "-az", "--json"])?;
-    let v: serde_json::Value = serde_json::from_str(&snmp).context("nstat --json")?;
-    let k = &v["kernel"];
-    let n = |key: &str| k[key].as_u64().unwrap_or(0);
-    Ok((
-        n("IcmpInDestUnreachs") + n("Icmp6InPktTooBigs"),
-        n("IcmpInEchos") + n("Icmp6InEchos"),
-    ))
+fn icmp_in(_rig: &Rig, ns: &str) -> Result<(u64, u64)> {
+    lb_tests::icmp::icmp_in(ns)
 }
 
 #[test]
@@ -91,28 +80,6 @@ fn ping_to_vips_is_answered_by_the_director() -> Result<()> {
     s.finish(|_| Ok(()))
 }
 
-/// An ICMP error from the client's side of the network, quoting the packet the backend sent
-/// on `conn` (VIP:80 -> client), sent through a raw socket from the client namespace.
-fn send_too_big(rig: &Rig, conn: &LongConn, v6: bool, mtu: u16) -> Result<()> {
-    let local = conn.local_addr();
-    let vip = std::net::SocketAddr::new(if v6 { VIP_V6.into() } else { VIP_V4.into() }, PORT);
-    let quoted = PacketBuilder::tcp(vip, local).build()[14..14 + if v6 { 48 } else { 28 }].to_vec();
-    let src = std::net::SocketAddr::new(local.ip(), 0);
-    let frame = PacketBuilder::too_big(src, vip, mtu, &quoted).build();
-    // The ICMP message alone: the kernel writes the IP header (and the ICMPv6 checksum).
-    let msg = frame[14 + if v6 { 40 } else { 20 }..].to_vec();
-    in_netns(&rig.ns_client(), move || -> Result<()> {
-        let (domain, proto) = if v6 {
-            (Domain::IPV6, Protocol::ICMPV6)
-        } else {
-            (Domain::IPV4, Protocol::ICMPV4)
-        };
-        let sock = Socket::new(domain, Type::RAW, Some(proto))?;
-        sock.send_to(&msg, &std::net::SocketAddr::new(vip.ip(), 0).into())?;
-        Ok(())
-    })?
-}
-
 #[test]
 fn too_big_errors_reach_the_connections_backend() -> Result<()> {
     let s = setup("tuptb")?;
@@ -131,7 +98,8 @@ fn too_big_errors_reach_the_connections_backend() -> Result<()> {
             let before: Vec<u64> = (0..3)
                 .map(|i| Ok(icmp_in(&s.rig, &s.rig.ns_backend(i))?.0))
                 .collect::<Result<_>>()?;
-            send_too_big(&s.rig, &conn, v6, 1300)?;
+            let vip_port = std::net::SocketAddr::new(vip, PORT);
+            lb_tests::icmp::send_too_big(&s.rig.ns_client(), &conn, vip_port, 1300)?;
             wait_until(Duration::from_secs(3), "the error at the backend", || {
                 Ok(icmp_in(&s.rig, &s.rig.ns_backend(target))?.0 > before[target])
             })?;

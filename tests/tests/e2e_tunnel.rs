@@ -395,3 +395,52 @@ fn path_mtu_discovery_works_through_the_tunnel() -> Result<()> {
     finish(s)?;
     Ok(())
 }
+
+/// A frag-needed / packet-too-big error quoting a live connection reaches, through the
+/// tunnel, exactly the backend of that connection (its ICMP counter moves, no other's).
+#[test]
+fn too_big_errors_reach_the_tunnelled_connections_backend() -> Result<()> {
+    use lb_tests::icmp::{icmp_in, send_too_big};
+    let s = setup("tuptbt", |rig| {
+        [
+            service(rig, "ipip4", VIP_V4.into(), 80, "tcp", "ipip", false),
+            service(rig, "gue6", VIP_V6.into(), 80, "tcp", "gue", true),
+        ]
+        .concat()
+    })?;
+    let mut sent = 0;
+    for v6 in [false, true] {
+        let (src, vip): (IpAddr, IpAddr) = if v6 {
+            (s.rig.client_sources_v6()[0], VIP_V6.into())
+        } else {
+            (s.rig.client_sources_v4()[0], VIP_V4.into())
+        };
+        for _ in 0..4 {
+            let mut conn = lb_tests::LongConn::open(&s.rig.ns_client(), src, vip, 80)?;
+            conn.ping()?;
+            let id = conn.identity().to_string();
+            let target = id.trim_start_matches('b').parse::<usize>()? - 1;
+            let before: Vec<u64> = (0..3)
+                .map(|i| Ok(icmp_in(&s.rig.ns_backend(i))?.0))
+                .collect::<Result<_>>()?;
+            send_too_big(&s.rig.ns_client(), &conn, SocketAddr::new(vip, 80), 1300)?;
+            sent += 1;
+            wait_until(Duration::from_secs(3), "the error at the backend", || {
+                Ok(icmp_in(&s.rig.ns_backend(target))?.0 > before[target])
+            })?;
+            for (i, b) in before.iter().enumerate() {
+                let now = icmp_in(&s.rig.ns_backend(i))?.0;
+                ensure!(
+                    now - b == (i == target) as u64,
+                    "v6={v6}: backend b{} saw {} errors (connection on {id})",
+                    i + 1,
+                    now - b
+                );
+            }
+            conn.ping()?;
+        }
+    }
+    ensure!(stat(&s, "icmp_too_big_tx")? == sent);
+    finish(s)?;
+    Ok(())
+}

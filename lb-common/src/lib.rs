@@ -37,6 +37,7 @@ pub mod maps {
         BACKEND_STATS,
         FARM,
         FLOOD,
+        TUNNELS,
     );
 }
 
@@ -435,19 +436,25 @@ pub struct GlobalConfig {
     /// are forwarded by the ring without an entry (a SYN flood must not evict established
     /// flows); 0 = no guard.
     pub flood_rate: u32,
-    /// Tunnel modes: the interface's L3 MTU; an encapsulated packet above it is answered
-    /// with frag-needed / packet-too-big (DF set, all IPv6) or dropped. 0 = not checked.
-    pub mtu: u16,
-    /// Destination UDP port of GUE-encapsulated packets.
-    pub gue_port: u16,
-    /// Tunnel modes: outer source addresses (the director's own, or a prefix). The host
-    /// bits in `tunnel_src*_mask` (of the address's last 32 bits) are taken from the flow
-    /// hash, so a backend's NIC spreads flows over its RX queues.
-    pub tunnel_src6: Addr,
-    pub tunnel_src4: [u8; 4],
-    pub tunnel_src4_mask: u32,
-    pub tunnel_src6_mask: u32,
     pub _pad: u32,
+}
+
+/// Entry of `TUNNELS`, by `ServiceInfo::id` (written for IPIP / GUE services only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TunnelInfo {
+    /// Outer source addresses (the director's own, or a prefix). The `*_mask` bits of the
+    /// address's last 32 bits are taken from the flow hash, so a backend's NIC spreads
+    /// flows over its RX queues.
+    pub src6: Addr,
+    pub src4: [u8; 4],
+    pub src4_mask: u32,
+    pub src6_mask: u32,
+    /// The interface's L3 MTU; an encapsulated packet above it is answered with
+    /// frag-needed / packet-too-big (DF set, all IPv6) or dropped. 0 = not checked.
+    pub mtu: u16,
+    /// Destination UDP port of the service's GUE packets.
+    pub gue_port: u16,
 }
 
 /// Default `GlobalConfig::flood_rate` (Katran's default cap on new flows per CPU).
@@ -639,7 +646,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 28);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<CtEntry>() == 16);
-    assert!(core::mem::size_of::<GlobalConfig>() == 56);
+    assert!(core::mem::size_of::<GlobalConfig>() == 24);
+    assert!(core::mem::size_of::<TunnelInfo>() == 32);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<FarmConfig>() == 16);
@@ -665,6 +673,7 @@ mod pod {
     unsafe impl aya::Pod for super::FarmConfig {}
     unsafe impl aya::Pod for super::FloodWindow {}
     unsafe impl aya::Pod for super::DecapConfig {}
+    unsafe impl aya::Pod for super::TunnelInfo {}
 }
 
 /// v4-mapped form of an IPv4 address given as its 4 wire bytes.

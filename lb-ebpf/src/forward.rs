@@ -11,13 +11,13 @@ use aya_ebpf::{
 use lb_common::{
     gue_sport, hdr, is_v4_mapped, tunnel_hash, tunnel_overhead, tunnel_src_low,
     wire::{ETH_P_IP, ETH_P_IPV6},
-    FlowKey, GlobalConfig, ServiceInfo, Stat, FWD_GUE, FWD_IPIP, IPPROTO_IPIP, IPPROTO_IPV6,
-    PROTO_UDP,
+    FlowKey, GlobalConfig, ServiceInfo, Stat, TunnelInfo, FWD_GUE, FWD_IPIP, IPPROTO_IPIP,
+    IPPROTO_IPV6, PROTO_UDP,
 };
 
 use crate::{
     icmp,
-    maps::{account, verdict},
+    maps::{account, verdict, TUNNELS},
     parse::{EthHdr, Inner, IpHdr},
     select::Dst,
 };
@@ -70,26 +70,29 @@ fn tunnel(
     dst: &Dst,
     reason: Stat,
 ) -> u32 {
+    let Some(t) = TUNNELS.get(svc.id) else {
+        return verdict(Stat::DropEncap, xdp_action::XDP_DROP);
+    };
     let outer_v6 = !is_v4_mapped(&dst.backend.addr);
     let gue = svc.fwd_mode == FWD_GUE;
     let overhead = tunnel_overhead(outer_v6, gue) as u32;
-    if cfg.mtu != 0 && inner.len + overhead > cfg.mtu as u32 {
+    if t.mtu != 0 && inner.len + overhead > t.mtu as u32 {
         if inner.df && reason == Stat::Tx {
-            return icmp::send_too_big(ctx, inner, cfg.mtu as u32 - overhead);
+            return icmp::send_too_big(ctx, inner, t.mtu as u32 - overhead);
         }
         return verdict(Stat::DropTooBig, xdp_action::XDP_DROP);
     }
     let hash = tunnel_hash(flow);
     let vlan = inner.l2_len != 14;
     let ok = match (vlan, outer_v6, gue) {
-        (false, false, false) => encap::<14, false, false>(ctx, inner, hash, cfg, dst),
-        (false, false, true) => encap::<14, false, true>(ctx, inner, hash, cfg, dst),
-        (false, true, false) => encap::<14, true, false>(ctx, inner, hash, cfg, dst),
-        (false, true, true) => encap::<14, true, true>(ctx, inner, hash, cfg, dst),
-        (true, false, false) => encap::<18, false, false>(ctx, inner, hash, cfg, dst),
-        (true, false, true) => encap::<18, false, true>(ctx, inner, hash, cfg, dst),
-        (true, true, false) => encap::<18, true, false>(ctx, inner, hash, cfg, dst),
-        (true, true, true) => encap::<18, true, true>(ctx, inner, hash, cfg, dst),
+        (false, false, false) => encap::<14, false, false>(ctx, inner, hash, cfg, t, dst),
+        (false, false, true) => encap::<14, false, true>(ctx, inner, hash, cfg, t, dst),
+        (false, true, false) => encap::<14, true, false>(ctx, inner, hash, cfg, t, dst),
+        (false, true, true) => encap::<14, true, true>(ctx, inner, hash, cfg, t, dst),
+        (true, false, false) => encap::<18, false, false>(ctx, inner, hash, cfg, t, dst),
+        (true, false, true) => encap::<18, false, true>(ctx, inner, hash, cfg, t, dst),
+        (true, true, false) => encap::<18, true, false>(ctx, inner, hash, cfg, t, dst),
+        (true, true, true) => encap::<18, true, true>(ctx, inner, hash, cfg, t, dst),
     };
     if !ok {
         return verdict(Stat::DropEncap, xdp_action::XDP_DROP);
@@ -109,6 +112,7 @@ fn encap<const L2: usize, const V6: bool, const GUE: bool>(
     inner: &Inner,
     hash: u32,
     cfg: &GlobalConfig,
+    t: &TunnelInfo,
     dst: &Dst,
 ) -> bool {
     let ip_len = if V6 { 40 } else { 20 };
@@ -140,12 +144,8 @@ fn encap<const L2: usize, const V6: bool, const GUE: bool>(
         let et = if V6 { ETH_P_IPV6 } else { ETH_P_IP }.to_be_bytes();
         core::ptr::write_unaligned(p.add(L2 - 2) as *mut [u8; 2], et);
         if V6 {
-            let mut src = cfg.tunnel_src6;
-            let low = tunnel_src_low(
-                [src[12], src[13], src[14], src[15]],
-                cfg.tunnel_src6_mask,
-                hash,
-            );
+            let mut src = t.src6;
+            let low = tunnel_src_low([src[12], src[13], src[14], src[15]], t.src6_mask, hash);
             src[12..].copy_from_slice(&low);
             let h = hdr::ipv6(
                 inner.tos,
@@ -157,7 +157,7 @@ fn encap<const L2: usize, const V6: bool, const GUE: bool>(
             );
             core::ptr::write_unaligned(p.add(L2) as *mut [u8; 40], h);
         } else {
-            let src = tunnel_src_low(cfg.tunnel_src4, cfg.tunnel_src4_mask, hash);
+            let src = tunnel_src_low(t.src4, t.src4_mask, hash);
             let a = &dst.backend.addr;
             let h = hdr::ipv4(
                 inner.tos,
@@ -169,7 +169,7 @@ fn encap<const L2: usize, const V6: bool, const GUE: bool>(
             core::ptr::write_unaligned(p.add(L2) as *mut [u8; 20], h);
         }
         if GUE {
-            let u = hdr::udp(gue_sport(hash), cfg.gue_port, (outer_len - ip_len) as u16);
+            let u = hdr::udp(gue_sport(hash), t.gue_port, (outer_len - ip_len) as u16);
             core::ptr::write_unaligned(p.add(L2 + ip_len as usize) as *mut [u8; 8], u);
         }
     }

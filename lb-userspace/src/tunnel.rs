@@ -1,13 +1,14 @@
 //! Tunnel forwarding (IPIP, GUE) on the control-plane side: what the program needs of the
 //! host to write outer headers (the interface's MTU and own addresses), combined with the
-//! configuration's `gue_port` and `tunnel_source` into `GlobalConfig`'s tunnel fields.
+//! configuration's `gue_port` and `tunnel_source` into each tunnel service's `TUNNELS`
+//! entry.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
-use lb_common::{v4_mapped, GlobalConfig};
+use lb_common::{v4_mapped, TunnelInfo};
 
-use crate::config::{Cidr, Config};
+use crate::config::Cidr;
 
 /// The director's interface as the tunnel modes see it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,54 +63,53 @@ impl TunnelHost {
             }
     }
 
-    /// `GlobalConfig` with the tunnel fields set (the others default).
-    pub fn global(&self, cfg: &Config) -> GlobalConfig {
-        let mut g = GlobalConfig {
+    /// A tunnel service's `TUNNELS` entry: this interface's MTU, the outer sources (the
+    /// interface's addresses, overridden per family by the `sources` prefixes) and the GUE
+    /// port.
+    pub fn info(&self, sources: &[Cidr], gue_port: u16) -> TunnelInfo {
+        let mut t = TunnelInfo {
             mtu: self.mtu,
-            gue_port: cfg.gue_port,
+            gue_port,
             ..Default::default()
         };
         if let Some(a) = self.addr4 {
-            g.tunnel_src4 = a.octets();
+            t.src4 = a.octets();
         }
         if let Some(a) = self.addr6 {
-            g.tunnel_src6 = a.octets();
+            t.src6 = a.octets();
         }
-        for c in &cfg.tunnel_source {
+        for c in sources {
             match c.addr {
                 IpAddr::V4(a) => {
-                    g.tunnel_src4 = a.octets();
-                    g.tunnel_src4_mask = c.host_mask();
+                    t.src4 = a.octets();
+                    t.src4_mask = c.host_mask();
                 }
                 IpAddr::V6(a) => {
-                    g.tunnel_src6 = a.octets();
-                    g.tunnel_src6_mask = c.host_mask();
+                    t.src6 = a.octets();
+                    t.src6_mask = c.host_mask();
                 }
             }
         }
-        g
+        t
     }
 }
 
-/// The outer source address the program writes for a flow hash (tests, `farmlb simulate`).
-pub fn outer_source(g: &GlobalConfig, v6: bool, hash: u32) -> lb_common::Addr {
+/// The outer source address the program writes for a flow hash (the model, tests).
+pub fn outer_source(t: &TunnelInfo, v6: bool, hash: u32) -> lb_common::Addr {
     if v6 {
-        let mut a = g.tunnel_src6;
-        let low = lb_common::tunnel_src_low([a[12], a[13], a[14], a[15]], g.tunnel_src6_mask, hash);
+        let mut a = t.src6;
+        let low = lb_common::tunnel_src_low([a[12], a[13], a[14], a[15]], t.src6_mask, hash);
         a[12..].copy_from_slice(&low);
         a
     } else {
-        v4_mapped(lb_common::tunnel_src_low(
-            g.tunnel_src4,
-            g.tunnel_src4_mask,
-            hash,
-        ))
+        v4_mapped(lb_common::tunnel_src_low(t.src4, t.src4_mask, hash))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn cfg(extra: &str) -> Config {
         Config::from_toml_str(&format!("interface = \"eth0\"\n{extra}")).unwrap()
@@ -122,20 +122,21 @@ mod tests {
             addr4: Some("10.0.0.5".parse().unwrap()),
             addr6: None,
         };
-        let g = host.global(&cfg(""));
+        let c0 = cfg("");
+        let g = host.info(&c0.tunnel_source, c0.gue_port);
         assert_eq!(
-            (g.mtu, g.gue_port, g.tunnel_src4, g.tunnel_src4_mask),
+            (g.mtu, g.gue_port, g.src4, g.src4_mask),
             (1500, 6080, [10, 0, 0, 5], 0)
         );
         assert!(!host.can_reach(&[], "fd00::1".parse().unwrap()));
         let c = cfg("gue_port = 7000\ntunnel_source = [\"192.0.2.0/28\", \"fd00:1::/120\"]");
         assert!(host.can_reach(&c.tunnel_source, "fd00::1".parse().unwrap()));
-        let g = host.global(&c);
+        let g = host.info(&c.tunnel_source, c.gue_port);
         assert_eq!(
-            (g.gue_port, g.tunnel_src4, g.tunnel_src4_mask),
+            (g.gue_port, g.src4, g.src4_mask),
             (7000, [192, 0, 2, 0], 15)
         );
-        assert_eq!(g.tunnel_src6_mask, 0xff);
+        assert_eq!(g.src6_mask, 0xff);
         assert_eq!(
             outer_source(&g, false, 0x1234_5677),
             v4_mapped([192, 0, 2, 7])
@@ -224,5 +225,19 @@ mod tests {
             assert!(msg.contains(what), "{msg}");
         }
         error("interface = \"eth0\"\ngue_port = 0\n", "gue_port");
+        let svc =
+            "interface = \"eth0\"\n[[service]]\nname = \"s\"\nvip = \"10.0.0.1\"\nport = 80\n";
+        let msg = error(&format!("{svc}gue_port = 7000\n"), "gue_port");
+        assert!(msg.contains("only for forwarding = \"gue\""), "{msg}");
+        error(
+            &format!("{svc}forwarding = \"ipip\"\ngue_port = 7000\n"),
+            "gue_port",
+        );
+        error(
+            &format!("{svc}forwarding = \"gue\"\ngue_port = 70000\n"),
+            "gue_port",
+        );
+        let c = Config::from_toml_str(&format!("{svc}forwarding = \"gue\"\ngue_port = 7001\n"));
+        assert_eq!(c.unwrap().services[0].gue_port, Some(7001));
     }
 }

@@ -386,3 +386,47 @@ fn icmp_errors_about_tunnelled_flows_are_tunnelled() {
     assert_eq!(f.run(&pkt).3, Stat::IcmpEchoReply);
     let _ = PROTO_TCP;
 }
+
+/// A GUE service's own `gue_port` beats the global one, and a reload rewrites it.
+#[test]
+fn a_service_may_have_its_own_gue_port() {
+    let toml = format!(
+        "interface = \"eth0\"\ngue_port = 7000\n{}{}",
+        service("g1", "10.99.100.1", 53, "udp", "gue", &B4),
+        service("g2", "10.99.100.1", 54, "udp", "gue", &B4).replace(
+            "forwarding = \"gue\"",
+            "forwarding = \"gue\"\ngue_port = 7100"
+        ),
+    );
+    let cfg = Config::from_toml_str(&toml).expect("config");
+    let mut k = Twin::load(LoadOpts {
+        ring_slots: Director::ring_slots_for(&cfg),
+        conntrack_size: 4096,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut director = Director::new(k.dp.ring_slots(), OWN_MAC);
+    director.tunnel = TunnelHost {
+        mtu: MTU,
+        addr4: Some(OWN4),
+        addr6: None,
+    };
+    let mut macs: HashMap<IpAddr, [u8; 6]> = B4
+        .iter()
+        .map(|b| (b.parse().unwrap(), fixture_mac(b.parse().unwrap())))
+        .collect();
+    director.apply(&cfg, &mut k.maps(), &mut macs).unwrap();
+    let dport = |out: &[u8]| u16::from_be_bytes([out[36], out[37]]);
+    for (port, gue) in [(53, 7000), (54, 7100)] {
+        let dst = SocketAddr::new([10, 99, 100, 1].into(), port);
+        let pkt = PacketBuilder::udp(client(1, 999, false), dst).build();
+        let (d, out) = k.run(&pkt).unwrap();
+        assert_eq!(d.action, Action::Tx);
+        assert_eq!(dport(&out), gue, "service port {port}");
+    }
+    let cfg = Config::from_toml_str(&toml.replace("7100", "7200")).unwrap();
+    director.apply(&cfg, &mut k.maps(), &mut macs).unwrap();
+    let pkt = PacketBuilder::udp(client(2, 999, false), sa("10.99.100.1:54")).build();
+    let (_, out) = k.run(&pkt).unwrap();
+    assert_eq!(dport(&out), 7200, "rewritten on reload");
+}

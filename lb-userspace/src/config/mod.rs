@@ -262,6 +262,8 @@ pub struct ServiceCfg {
     pub protocol: Protocol,
     pub hash: HashMode,
     pub forwarding: Forwarding,
+    /// GUE services: this service's UDP port, instead of the global `gue_port`.
+    pub gue_port: Option<u16>,
     /// Maglev table slots (prime).
     pub table_size: u32,
     /// The service's `check` table as written: the default check of its backends.
@@ -573,7 +575,7 @@ macro_rules! spell_optional {
     })+ };
 }
 
-spell_optional!(String, IpAddr, CheckSpec);
+spell_optional!(String, IpAddr, CheckSpec, u16);
 
 /// `metrics_address`: unset is written `"off"` (a missing key means the default address).
 impl Spell for Option<SocketAddr> {
@@ -625,7 +627,7 @@ impl Config {
         for svc in &self.services {
             s += "\n[[service]]\n";
             let fields = entries!(svc => ServiceCfg {
-                name, vip, port, protocol, hash, forwarding, table_size, check
+                name, vip, port, protocol, hash, forwarding, gue_port, table_size, check
             } skip { backends });
             put(&mut s, "", &fields);
             for b in &svc.backends {
@@ -682,7 +684,8 @@ mod tests {
         assert_eq!(c.xdp_mode, XdpModeCfg::Auto);
         assert_eq!(c.udp_timeout, Duration::from_secs(30));
         assert_eq!(c.conntrack_size, 1_048_576);
-        assert_eq!(c.services.len(), 3);
+        assert_eq!(c.services.len(), 4);
+        assert_eq!(c.services[3].gue_port, Some(6081));
         assert_eq!(c.gue_port, lb_common::DEFAULT_GUE_PORT);
         assert_eq!(
             c.tunnel_source,

@@ -80,6 +80,7 @@ pub(super) struct RawService {
     protocol: Field<String>,
     hash: Field<String>,
     forwarding: Field<String>,
+    gue_port: Field<i64>,
     table_size: Field<i64>,
     check: Field<RawCheck>,
     #[serde(default, rename = "backend")]
@@ -349,6 +350,13 @@ impl Ctx<'_> {
         let hash = self.opt(&p, "hash", &rs.hash, spelled(parse_hash_mode))?;
         let forwarding = spelled(Forwarding::from_str);
         let forwarding = self.opt(&p, "forwarding", &rs.forwarding, forwarding)?;
+        let gue_port = self.opt(&p, "gue_port", &rs.gue_port, int(1, u16::MAX))?;
+        let fwd = forwarding.unwrap_or_default();
+        if gue_port.is_some() && fwd != Forwarding::Gue {
+            let span = rs.gue_port.as_ref().map(Spanned::span);
+            let msg = format!("{p}gue_port: only for forwarding = \"gue\" (this one is \"{fwd}\")");
+            return Err(self.err(span, msg));
+        }
         let table_size = self.opt(&p, "table_size", &rs.table_size, table_size)?;
         let check = match &rs.check {
             None => None,
@@ -367,6 +375,7 @@ impl Ctx<'_> {
             protocol: protocol.unwrap_or_default(),
             hash: hash.unwrap_or(HashMode::FiveTuple),
             forwarding: forwarding.unwrap_or_default(),
+            gue_port,
             table_size: table_size.unwrap_or(DEFAULT_TABLE_SIZE),
             check,
             backends: Vec::with_capacity(rs.backends.len()),

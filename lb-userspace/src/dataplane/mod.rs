@@ -17,7 +17,7 @@ use aya::{
 };
 use lb_common::{
     maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat,
+    ServiceKey, Stat, TunnelInfo,
 };
 
 pub mod conntrack;
@@ -89,6 +89,7 @@ struct KernelMaps {
     stats: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
+    tunnels: Array<MapData, TunnelInfo>,
 }
 
 /// Take map `name` out of a loaded object as a typed handle (it is taken once).
@@ -115,6 +116,7 @@ impl KernelMaps {
             stats: take(ebpf, names::STATS)?,
             svc_stats: take(ebpf, names::SVC_STATS)?,
             backend_stats: take(ebpf, names::BACKEND_STATS)?,
+            tunnels: take(ebpf, names::TUNNELS)?,
         })
     }
 }
@@ -303,6 +305,11 @@ impl Dataplane {
             m.conntrack.insert(*flow, e);
             ids.push(e.backend);
         }
+        if let Some((_, s)) = svc {
+            if let Ok(t) = self.maps.tunnels.get(&s.id, 0) {
+                m.tunnels.insert(s.id, t);
+            }
+        }
         for id in ids {
             if let Ok(b) = self.maps.backends.get(&id, 0) {
                 m.backends.insert(id, b);
@@ -399,6 +406,10 @@ impl Maps for Dataplane {
                 .with_context(|| format!("writing ring slot {}", offset + slot))?;
         }
         Ok(())
+    }
+
+    fn set_tunnel(&mut self, service: u32, t: &TunnelInfo) -> Result<()> {
+        Ok(self.maps.tunnels.set(service, t, 0)?)
     }
 
     fn reset_counter(&mut self, kind: CounterKind, id: u32) -> Result<()> {

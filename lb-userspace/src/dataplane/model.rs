@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use lb_common::{
     gue_sport, hdr, is_v4_mapped, tunnel_hash, tunnel_overhead, v4_mapped, Addr, Backend, CtEntry,
-    FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID,
-    FLOOD_CLOCK_EVERY, FWD_DR, FWD_FARM, FWD_GUE, FWD_IPIP, IPPROTO_IPIP, IPPROTO_IPV6, NO_BACKEND,
-    PROTO_TCP, PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
+    FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, TunnelInfo,
+    BACKEND_F_VALID, FLOOD_CLOCK_EVERY, FWD_DR, FWD_FARM, FWD_GUE, FWD_IPIP, IPPROTO_IPIP,
+    IPPROTO_IPV6, NO_BACKEND, PROTO_TCP, PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
 };
 
 use lb_common::wire::{
@@ -94,6 +94,8 @@ pub struct Model {
     /// Farm mode: connections that have a local (non-listener) TCP socket, standing in for
     /// the kernel's socket lookup.
     pub sockets: HashSet<FlowKey>,
+    /// Tunnel services' outer-header parameters by service id.
+    pub tunnels: HashMap<u32, TunnelInfo>,
 }
 
 impl Maps for Model {
@@ -133,6 +135,10 @@ impl Maps for Model {
         for &(s, id) in slots {
             self.ring.insert(offset + s, id);
         }
+        Ok(())
+    }
+    fn set_tunnel(&mut self, service: u32, t: &TunnelInfo) -> anyhow::Result<()> {
+        self.tunnels.insert(service, *t);
         Ok(())
     }
 }
@@ -228,7 +234,7 @@ impl Model {
         match d.reason {
             Stat::IcmpEchoReply => return (d, echo_reply(pkt)),
             Stat::IcmpTooBigSent => {
-                let mtu = self.config.mtu as u32 - overhead as u32;
+                let mtu = self.tunnels[&d.service].mtu as u32 - overhead as u32;
                 return (d, too_big_answer(pkt, mtu));
             }
             _ => {}
@@ -451,10 +457,13 @@ impl Model {
         if !matches!(svc.fwd_mode, FWD_IPIP | FWD_GUE) {
             return d;
         }
+        let Some(t) = self.tunnels.get(&svc.id) else {
+            return Decision::exit(Action::Drop, Stat::DropEncap);
+        };
         let outer_v6 = !is_v4_mapped(&self.backends[&backend].addr);
         let overhead = tunnel_overhead(outer_v6, svc.fwd_mode == FWD_GUE) as u32;
         let (_, len, df) = inner_ip(p, l3);
-        let mtu = self.config.mtu as u32;
+        let mtu = t.mtu as u32;
         if mtu != 0 && len + overhead > mtu {
             if !(df && reason == Stat::Tx) {
                 return Decision::exit(Action::Drop, Stat::DropTooBig);
@@ -469,6 +478,7 @@ impl Model {
             }
             return Decision {
                 backend,
+                service: svc.id,
                 fwd: svc.fwd_mode,
                 ..Decision::exit(Action::Tx, Stat::IcmpTooBigSent)
             };
@@ -497,7 +507,8 @@ impl Model {
             (false, true) => IPPROTO_IPV6,
             (false, false) => IPPROTO_IPIP,
         };
-        let src = crate::tunnel::outer_source(&self.config, outer_v6, d.hash);
+        let t = &self.tunnels[&d.service];
+        let src = crate::tunnel::outer_source(t, outer_v6, d.hash);
         let ip_len = if outer_v6 {
             out.extend_from_slice(&hdr::ipv6(
                 tos,
@@ -521,7 +532,7 @@ impl Model {
         };
         if gue {
             let udp_len = (outer_len - ip_len) as u16;
-            out.extend_from_slice(&hdr::udp(gue_sport(d.hash), self.config.gue_port, udp_len));
+            out.extend_from_slice(&hdr::udp(gue_sport(d.hash), t.gue_port, udp_len));
         }
         out.extend_from_slice(&pkt[l2..]);
         out

@@ -11,7 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
     maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig,
-    ServiceInfo, ServiceKey, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
+    ServiceInfo, ServiceKey, Stat, TunnelInfo, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES,
+    MAX_VIP_ADDRS,
 };
 
 /// `statfs` magic of bpffs.
@@ -23,7 +24,7 @@ pub const LINK: &str = "link";
 pub const PROGRAM: &str = "program";
 
 /// Every map, pinned under its own name.
-pub const MAPS: [&str; 11] = [
+pub const MAPS: [&str; 12] = [
     names::SERVICES,
     names::VIP_ADDRS,
     names::RING,
@@ -35,6 +36,7 @@ pub const MAPS: [&str; 11] = [
     names::SVC_STATS,
     names::BACKEND_STATS,
     names::FLOOD,
+    names::TUNNELS,
 ];
 
 fn is_bpffs(p: &Path) -> bool {
@@ -91,7 +93,7 @@ struct Spec {
 
 /// The maps as this build lays them out, for a data plane of `ring_slots` and
 /// `conntrack_size`.
-fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 11] {
+fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 12] {
     use std::mem::size_of;
     let s = |name, key, value, max| Spec {
         name,
@@ -121,6 +123,7 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 11] {
         s(names::SVC_STATS, 4, size_of::<Counter>(), MAX_SERVICES),
         s(names::BACKEND_STATS, 4, size_of::<Counter>(), BACKEND_SLOTS),
         s(names::FLOOD, 4, size_of::<FloodWindow>(), 1),
+        s(names::TUNNELS, 4, size_of::<TunnelInfo>(), MAX_SERVICES),
     ]
 }
 

@@ -108,6 +108,8 @@ pub struct ServiceState {
     pub backends: BTreeMap<IpAddr, BackendState>,
     /// The service has backends but none takes new flows (logged once per transition).
     pub no_backend: bool,
+    /// Tunnel services: the `TUNNELS` entry as last written.
+    pub tunnel: Option<lb_common::TunnelInfo>,
 }
 
 impl ServiceState {
@@ -240,8 +242,10 @@ pub struct Director {
     lease_until_ns: u64,
     /// Tunnel modes: the interface's MTU and addresses (the daemon discovers them).
     pub tunnel: crate::tunnel::TunnelHost,
-    /// Tunnel modes: the configured `tunnel_source` prefixes (set by `apply`).
+    /// Tunnel modes: the configured `tunnel_source` prefixes and `gue_port` (set by
+    /// `apply`).
     tunnel_sources: Vec<crate::config::Cidr>,
+    gue_port: u16,
 }
 
 impl Director {
@@ -262,6 +266,7 @@ impl Director {
             lease_until_ns: 0,
             tunnel: Default::default(),
             tunnel_sources: Vec::new(),
+            gue_port: lb_common::DEFAULT_GUE_PORT,
         }
     }
 
@@ -324,6 +329,7 @@ impl Director {
                 table: table.clone(),
                 backends: BTreeMap::new(),
                 no_backend: false,
+                tunnel: None,
             };
             for (id, b) in snap.backends.iter().filter(|(_, b)| b.service == info.id) {
                 let Some(bc) = s.backends.iter().find(|c| addr_of(c.address) == b.addr) else {
@@ -383,9 +389,10 @@ impl Director {
             own_mac: self.own_mac,
             layout_version: lb_common::LAYOUT_VERSION as u16,
             flood_rate: cfg.flood_guard_rate,
-            ..self.tunnel.global(cfg)
+            _pad: 0,
         })?;
         self.tunnel_sources = cfg.tunnel_source.clone();
+        self.gue_port = cfg.gue_port;
         self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
         self.write_farm(maps)?;
         let wanted: BTreeMap<&str, &ServiceCfg> =
@@ -457,6 +464,7 @@ impl Director {
                 table,
                 backends: BTreeMap::new(),
                 no_backend: false,
+                tunnel: None,
             },
         );
         Ok(())
@@ -486,6 +494,16 @@ impl Director {
         macs: &mut impl MacResolver,
     ) -> Result<()> {
         let st = self.services.get_mut(&s.name).expect("added above");
+        // Before any ring slot points at a backend: the program reads it for every packet.
+        if s.forwarding.is_tunnel() {
+            let t = self
+                .tunnel
+                .info(&self.tunnel_sources, s.gue_port.unwrap_or(self.gue_port));
+            if st.tunnel != Some(t) {
+                maps.set_tunnel(st.info.id, &t)?;
+                st.tunnel = Some(t);
+            }
+        }
         if st.cfg.hash != s.hash {
             st.info.hash_mode = s.hash as u8;
             maps.set_service(&st.key, &st.info)?;

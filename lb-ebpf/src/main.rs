@@ -30,7 +30,7 @@ mod prog {
 
     use crate::{
         farm, forward, icmp,
-        maps::{verdict, CONFIG, VIP_ADDRS},
+        maps::{drop_for, verdict, CONFIG, VIP_ADDRS},
         parse::{self, Unparsed},
         select,
     };
@@ -73,7 +73,7 @@ mod prog {
                 &dst,
                 Stat::Tx,
             ),
-            None => verdict(Stat::DropNoBackend, xdp_action::XDP_DROP),
+            None => drop_for(svc.id, Stat::DropNoBackend),
         }
     }
     lb_ebpf::check_name!(farmlb_xdp, lb_common::maps::PROGRAM);

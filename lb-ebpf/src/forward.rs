@@ -9,9 +9,9 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
 };
 use lb_common::{
-    gue_sport, hdr, is_v4_mapped, tunnel_hash, tunnel_overhead, tunnel_src_low,
-    wire::{ETH_P_IP, ETH_P_IPV6},
-    FlowKey, GlobalConfig, ServiceInfo, Stat, TunnelInfo, FWD_GUE, FWD_IPIP, IPPROTO_IPIP,
+    csum, gue_sport, is_v4_mapped, tunnel_hash, tunnel_overhead, tunnel_src_low,
+    wire::{ETH_P_IP, ETH_P_IPV6, OWN_TTL},
+    Addr, FlowKey, GlobalConfig, ServiceInfo, Stat, TunnelInfo, FWD_GUE, FWD_IPIP, IPPROTO_IPIP,
     IPPROTO_IPV6, PROTO_UDP,
 };
 
@@ -134,44 +134,84 @@ fn encap<const L2: usize, const V6: bool, const GUE: bool>(
     } else {
         IPPROTO_IPIP
     };
+    // Written field by field straight into the frame, no header built on the stack: this
+    // path is inlined into the program, whose stack is 512 bytes in all.
     // SAFETY: every access below lies in [start, start + hdr_len + L2), checked above;
-    // unaligned reads and writes of byte arrays.
+    // unaligned reads and writes.
     unsafe {
-        let l2 = core::ptr::read_unaligned(p.add(hdr_len) as *const [u8; L2]);
-        core::ptr::write_unaligned(p as *mut [u8; L2], l2);
-        core::ptr::write_unaligned(p as *mut [u8; 6], dst.backend.mac);
-        core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], cfg.own_mac);
-        let et = if V6 { ETH_P_IPV6 } else { ETH_P_IP }.to_be_bytes();
-        core::ptr::write_unaligned(p.add(L2 - 2) as *mut [u8; 2], et);
+        if L2 == 18 {
+            // The VLAN tag (TPID + TCI) moves with the Ethernet header.
+            put::<u32>(p, 12, get::<u32>(p, hdr_len + 12));
+        }
+        put::<[u8; 6]>(p, 0, dst.backend.mac);
+        put::<[u8; 6]>(p, 6, cfg.own_mac);
+        let ip = p.add(L2);
         if V6 {
-            let mut src = t.src6;
-            let low = tunnel_src_low([src[12], src[13], src[14], src[15]], t.src6_mask, hash);
-            src[12..].copy_from_slice(&low);
-            let h = hdr::ipv6(
-                inner.tos,
-                hash,
-                (outer_len - 40) as u16,
-                next,
-                &src,
-                &dst.backend.addr,
-            );
-            core::ptr::write_unaligned(p.add(L2) as *mut [u8; 40], h);
+            put::<u16>(p, L2 - 2, ETH_P_IPV6.to_be());
+            let w0 = 0x6000_0000 | (inner.tos as u32) << 20 | (hash & 0x000f_ffff);
+            put::<u32>(ip, 0, w0.to_be());
+            put::<u16>(ip, 4, ((outer_len - 40) as u16).to_be());
+            put::<u8>(ip, 6, next);
+            put::<u8>(ip, 7, OWN_TTL);
+            put::<Addr>(ip, 8, t.src6);
+            let s = t.src6;
+            let low = tunnel_src_low([s[12], s[13], s[14], s[15]], t.src6_mask, hash);
+            put::<[u8; 4]>(ip, 20, low);
+            put::<Addr>(ip, 24, dst.backend.addr);
         } else {
-            let src = tunnel_src_low(t.src4, t.src4_mask, hash);
+            put::<u16>(p, L2 - 2, ETH_P_IP.to_be());
+            put::<u16>(ip, 0, u16::from_be_bytes([0x45, inner.tos]).to_be());
+            put::<u16>(ip, 2, (outer_len as u16).to_be());
+            put::<u32>(ip, 4, 0);
+            put::<u16>(ip, 8, u16::from_be_bytes([OWN_TTL, next]).to_be());
+            put::<u16>(ip, 10, 0);
+            put::<[u8; 4]>(ip, 12, tunnel_src_low(t.src4, t.src4_mask, hash));
             let a = &dst.backend.addr;
-            let h = hdr::ipv4(
-                inner.tos,
-                outer_len as u16,
-                next,
-                src,
-                [a[12], a[13], a[14], a[15]],
-            );
-            core::ptr::write_unaligned(p.add(L2) as *mut [u8; 20], h);
+            put::<[u8; 4]>(ip, 16, [a[12], a[13], a[14], a[15]]);
+            put::<u16>(ip, 10, csum::fold(sum_words::<10>(ip, 0)).to_be());
         }
         if GUE {
-            let u = hdr::udp(gue_sport(hash), t.gue_port, (outer_len - ip_len) as u16);
-            core::ptr::write_unaligned(p.add(L2 + ip_len as usize) as *mut [u8; 8], u);
+            let u = ip.add(ip_len as usize);
+            put::<u16>(u, 0, gue_sport(hash).to_be());
+            put::<u16>(u, 2, t.gue_port.to_be());
+            put::<u16>(u, 4, ((outer_len - ip_len) as u16).to_be());
+            put::<u16>(u, 6, 0);
         }
     }
     true
+}
+
+/// Store `v` at `p + off`, unaligned.
+///
+/// # Safety
+/// `p + off .. + size_of::<T>()` lies in bounds-checked packet memory.
+#[inline(always)]
+pub unsafe fn put<T>(p: *mut u8, off: usize, v: T) {
+    // SAFETY: per the contract.
+    unsafe { core::ptr::write_unaligned(p.add(off) as *mut T, v) }
+}
+
+/// Load a `T` from `p + off`, unaligned.
+///
+/// # Safety
+/// As for [`put`].
+#[inline(always)]
+pub unsafe fn get<T>(p: *const u8, off: usize) -> T {
+    // SAFETY: per the contract.
+    unsafe { core::ptr::read_unaligned(p.add(off) as *const T) }
+}
+
+/// One's-complement sum (unfolded) of the `N` big-endian 16-bit words at `p`, added to `acc`.
+///
+/// # Safety
+/// As for [`put`], for `2 * N` bytes.
+#[inline(always)]
+pub unsafe fn sum_words<const N: usize>(p: *const u8, mut acc: u32) -> u32 {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: per the contract.
+        acc += u16::from_be(unsafe { get::<u16>(p, 2 * i) }) as u32;
+        i += 1;
+    }
+    acc
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    csum, hdr,
+    csum,
     wire::{
         ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_ND_FIRST, ICMPV6_ND_LAST, ICMPV6_PKT_TOOBIG,
         ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_FRAG_NEEDED, IPPROTO_ICMP,
@@ -21,7 +21,7 @@ use lb_common::{
 };
 
 use crate::{
-    forward,
+    forward::{self, get, put, sum_words},
     maps::{verdict, CONFIG},
     parse::{IcmpPacket, Inner, IpHdr},
     select,
@@ -166,47 +166,57 @@ fn too_big_reply<const L2: usize, const V6: bool>(ctx: &XdpContext, mtu: u32) ->
     let p = start as *mut u8;
     let icmp_at = L2 + ip_len;
     let msg_len = 8 + quote;
+    // Written field by field into the frame (no header on the stack: see `forward::encap`).
     // SAFETY: every access lies in [start, start + keep), checked above.
     unsafe {
-        let mut l2 = core::ptr::read_unaligned(p.add(grow) as *const [u8; L2]);
-        let (d, s) = (
-            core::ptr::read_unaligned(l2.as_ptr() as *const [u8; 6]),
-            core::ptr::read_unaligned(l2.as_ptr().add(6) as *const [u8; 6]),
-        );
-        l2[..6].copy_from_slice(&s);
-        l2[6..12].copy_from_slice(&d);
-        core::ptr::write_unaligned(p as *mut [u8; L2], l2);
+        // MACs swapped; the VLAN tag and EtherType (unchanged) follow.
+        let (d, s) = (get::<[u8; 6]>(p, grow), get::<[u8; 6]>(p, grow + 6));
+        put::<[u8; 6]>(p, 0, s);
+        put::<[u8; 6]>(p, 6, d);
+        if L2 == 18 {
+            put::<u32>(p, 12, get::<u32>(p, grow + 12));
+        }
+        put::<u16>(p, L2 - 2, get::<u16>(p, grow + L2 - 2));
+        let ip = p.add(L2);
         let q = p.add(L2 + grow);
         let mut acc = 0u32;
         if V6 {
-            let client = core::ptr::read_unaligned(q.add(8) as *const Addr);
-            let vip = core::ptr::read_unaligned(q.add(24) as *const Addr);
-            let h = hdr::ipv6(0, 0, msg_len as u16, IPPROTO_ICMPV6, &vip, &client);
-            core::ptr::write_unaligned(p.add(L2) as *mut [u8; 40], h);
+            put::<u32>(ip, 0, 0x6000_0000u32.to_be());
+            put::<u16>(ip, 4, (msg_len as u16).to_be());
+            put::<u8>(ip, 6, IPPROTO_ICMPV6);
+            put::<u8>(ip, 7, OWN_TTL);
+            // From the VIP (the quote's destination) to the client (its source).
+            put::<Addr>(ip, 8, get::<Addr>(q, 24));
+            put::<Addr>(ip, 24, get::<Addr>(q, 8));
             // Pseudo-header: addresses, length, next header.
-            acc = csum::sum(&h[8..40], acc) + msg_len as u32 + IPPROTO_ICMPV6 as u32;
-            let m = mtu.to_be_bytes();
-            let icmp = [ICMPV6_PKT_TOOBIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
-            core::ptr::write_unaligned(p.add(icmp_at) as *mut [u8; 8], icmp);
+            acc = sum_words::<16>(ip.add(8), msg_len as u32 + IPPROTO_ICMPV6 as u32);
+            put::<u32>(
+                ip,
+                icmp_at - L2,
+                u32::from_be_bytes([ICMPV6_PKT_TOOBIG, 0, 0, 0]).to_be(),
+            );
+            put::<u32>(ip, icmp_at - L2 + 4, mtu.to_be());
         } else {
-            let client = core::ptr::read_unaligned(q.add(12) as *const [u8; 4]);
-            let vip = core::ptr::read_unaligned(q.add(16) as *const [u8; 4]);
-            let h = hdr::ipv4(0, (20 + msg_len) as u16, IPPROTO_ICMP, vip, client);
-            core::ptr::write_unaligned(p.add(L2) as *mut [u8; 20], h);
-            let m = (mtu as u16).to_be_bytes();
-            let icmp = [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]];
-            core::ptr::write_unaligned(p.add(icmp_at) as *mut [u8; 8], icmp);
+            put::<u16>(ip, 0, 0x4500u16.to_be());
+            put::<u16>(ip, 2, ((20 + msg_len) as u16).to_be());
+            put::<u32>(ip, 4, 0);
+            put::<u16>(ip, 8, u16::from_be_bytes([OWN_TTL, IPPROTO_ICMP]).to_be());
+            put::<u16>(ip, 10, 0);
+            put::<[u8; 4]>(ip, 12, get::<[u8; 4]>(q, 16));
+            put::<[u8; 4]>(ip, 16, get::<[u8; 4]>(q, 12));
+            put::<u16>(ip, 10, csum::fold(sum_words::<10>(ip, 0)).to_be());
+            let head = u32::from_be_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0]);
+            put::<u32>(ip, 20, head.to_be());
+            put::<u32>(ip, 24, (mtu & 0xffff).to_be());
         }
         // The ICMP message: its header (checksum still 0) and the quote.
-        let mut i = 0;
-        while i < msg_len {
-            acc += u16::from_be_bytes(core::ptr::read_unaligned(
-                p.add(icmp_at + i) as *const [u8; 2]
-            )) as u32;
-            i += 2;
-        }
-        let c = csum::fold(acc).to_be_bytes();
-        core::ptr::write_unaligned(p.add(icmp_at + 2) as *mut [u8; 2], c);
+        let m = p.add(icmp_at);
+        let sum = if V6 {
+            sum_words::<{ (8 + TOO_BIG_QUOTE_V6) / 2 }>(m, acc)
+        } else {
+            sum_words::<{ (8 + TOO_BIG_QUOTE_V4) / 2 }>(m, acc)
+        };
+        put::<u16>(m, 2, csum::fold(sum).to_be());
     }
     true
 }

@@ -76,6 +76,7 @@ pub enum Cmd {
     /// host arriving on INTERFACE in XDP and pass the inner packets on (the VIP on `lo`, as
     /// for DR), until SIGINT/SIGTERM; then detach and print the counters.
     Decap {
+        /// The interface the tunnelled packets arrive on.
         #[arg(long, short)]
         interface: String,
         /// UDP port of GUE packets (the director's `gue_port`).

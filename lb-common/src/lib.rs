@@ -18,6 +18,11 @@ pub mod maps {
     }
 
     pub const PROGRAM: &str = "farmlb_xdp";
+    /// The backend-side decapsulator (`lb-ebpf/src/bin/decap.rs`) and its maps.
+    pub const DECAP_PROGRAM: &str = "farmlb_decap";
+    pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+    pub const DECAP_CONFIG: &str = "DECAP_CONFIG";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
     /// The test rigs' pass-everything program (`lb-ebpf/src/bin/pass.rs`).
     pub const PASS_PROGRAM: &str = "farmlb_pass";
     names!(
@@ -34,6 +39,7 @@ pub mod maps {
         FARM,
         FLOOD,
         SVC_DROPS,
+        TUNNELS,
     );
 }
 
@@ -53,13 +59,126 @@ pub mod wire {
     /// IPv6 extension headers (hop-by-hop, routing, destination options) the parser walks
     /// before giving up on a packet as malformed.
     pub const MAX_IPV6_EXT_HDRS: usize = 4;
+    pub const IPPROTO_ICMP: u8 = 1;
     pub const IPPROTO_ICMPV6: u8 = 58;
+    pub const ICMP_ECHO_REPLY: u8 = 0;
+    pub const ICMP_DEST_UNREACH: u8 = 3;
+    /// Destination unreachable code: fragmentation needed and DF set.
+    pub const ICMP_FRAG_NEEDED: u8 = 4;
+    pub const ICMP_ECHO_REQUEST: u8 = 8;
+    pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+    pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+    pub const ICMPV6_ECHO_REPLY: u8 = 129;
+    /// Router solicitation .. redirect: neighbour discovery, always the kernel's.
+    pub const ICMPV6_ND_FIRST: u8 = 133;
+    pub const ICMPV6_ND_LAST: u8 = 137;
+    /// TTL / hop limit of packets the program originates (echo replies, outer headers).
+    pub const OWN_TTL: u8 = 64;
     pub const TCP_FIN: u8 = 0x01;
     pub const TCP_SYN: u8 = 0x02;
     pub const TCP_RST: u8 = 0x04;
     pub const TCP_PSH: u8 = 0x08;
     pub const TCP_ACK: u8 = 0x10;
 }
+
+/// Internet checksum arithmetic (RFC 1071 / 1624), shared so the program and the reference
+/// model produce identical bytes.
+pub mod csum {
+    /// One's-complement sum of `data` (big-endian 16-bit words, odd tail padded), not folded
+    /// into 16 bits.
+    #[inline(always)]
+    pub const fn sum(data: &[u8], mut acc: u32) -> u32 {
+        let mut i = 0;
+        while i + 1 < data.len() {
+            acc += ((data[i] as u32) << 8) | data[i + 1] as u32;
+            i += 2;
+        }
+        if i < data.len() {
+            acc += (data[i] as u32) << 8;
+        }
+        acc
+    }
+
+    /// Fold a 32-bit sum into the 16-bit checksum field value (complemented).
+    #[inline(always)]
+    pub const fn fold(mut acc: u32) -> u16 {
+        acc = (acc & 0xffff) + (acc >> 16);
+        acc = (acc & 0xffff) + (acc >> 16);
+        !(acc as u16)
+    }
+
+    /// The checksum `check` after one 16-bit word of the covered data changed from `old` to
+    /// `new` (RFC 1624, eqn. 3): `~(~HC + ~m + m')`.
+    #[inline(always)]
+    pub const fn replace(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
+        let hc = u16::from_be_bytes(check);
+        fold((!hc) as u32 + (!old) as u32 + new as u32).to_be_bytes()
+    }
+}
+
+/// Outer headers the program writes (tunnels, ICMP it originates), shared with the model so
+/// both produce identical bytes; the datapath fixtures check the fields independently.
+pub mod hdr {
+    use super::{csum, Addr};
+    use crate::wire::OWN_TTL;
+
+    /// IPv4 header without options: no ID, DF clear (as Katran; a too-big inner packet with
+    /// DF is answered before it is wrapped), TTL [`OWN_TTL`], checksum filled in.
+    #[inline(always)]
+    pub fn ipv4(tos: u8, total_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) -> [u8; 20] {
+        let l = total_len.to_be_bytes();
+        let mut h = [
+            0x45, tos, l[0], l[1], 0, 0, 0, 0, OWN_TTL, proto, 0, 0, src[0], src[1], src[2],
+            src[3], dst[0], dst[1], dst[2], dst[3],
+        ];
+        let c = csum::fold(csum::sum(&h, 0)).to_be_bytes();
+        h[10] = c[0];
+        h[11] = c[1];
+        h
+    }
+
+    /// IPv6 header: traffic class `tc`, the low 20 bits of `label` as flow label, hop limit
+    /// [`OWN_TTL`].
+    #[inline(always)]
+    pub fn ipv6(
+        tc: u8,
+        label: u32,
+        payload_len: u16,
+        next: u8,
+        src: &Addr,
+        dst: &Addr,
+    ) -> [u8; 40] {
+        let mut h = [0u8; 40];
+        h[0] = 0x60 | (tc >> 4);
+        h[1] = (tc << 4) | ((label >> 16) as u8 & 0x0f);
+        h[2] = (label >> 8) as u8;
+        h[3] = label as u8;
+        let l = payload_len.to_be_bytes();
+        h[4] = l[0];
+        h[5] = l[1];
+        h[6] = next;
+        h[7] = OWN_TTL;
+        let mut i = 0;
+        while i < 16 {
+            h[8 + i] = src[i];
+            h[24 + i] = dst[i];
+            i += 1;
+        }
+        h
+    }
+
+    /// UDP header with no checksum (allowed for tunnels over IPv6 too, RFC 6935).
+    #[inline(always)]
+    pub fn udp(sport: u16, dport: u16, len: u16) -> [u8; 8] {
+        let (s, d, l) = (sport.to_be_bytes(), dport.to_be_bytes(), len.to_be_bytes());
+        [s[0], s[1], d[0], d[1], l[0], l[1], 0, 0]
+    }
+}
+
+/// Bytes of the offending packet an ICMP too-big answer quotes (IPv4: its header and 44
+/// more bytes; IPv6: header and 88): enough for the sender to find its socket.
+pub const TOO_BIG_QUOTE_V4: usize = 64;
+pub const TOO_BIG_QUOTE_V6: usize = 128;
 
 /// Addresses are 16 bytes on both sides; IPv4 is stored v4-mapped (`::ffff:a.b.c.d`).
 pub type Addr = [u8; 16];
@@ -111,6 +230,62 @@ pub const FWD_DR: u8 = 0;
 /// Farm mode: the ring holds member slots (see [`member_slot`]); the node that owns a flow
 /// delivers it to its own stack, every other node drops it.
 pub const FWD_FARM: u8 = 1;
+/// IP-in-IP: IPv4 in IPv4 (protocol 4), IPv6 in IPv6 (41), or across families (4in6, 6in4).
+pub const FWD_IPIP: u8 = 2;
+/// GUE (variant 1): the inner IP packet right after a UDP header to `gue_port`.
+pub const FWD_GUE: u8 = 3;
+/// Default `GlobalConfig::gue_port`.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
+
+/// Outer headers of a tunnel: the outer IP header and, for GUE, the UDP header.
+#[inline(always)]
+pub const fn tunnel_overhead(outer_v6: bool, gue: bool) -> usize {
+    (if outer_v6 { 40 } else { 20 }) + if gue { 8 } else { 0 }
+}
+
+/// Whether `a` is a v4-mapped (IPv4) address.
+#[inline(always)]
+pub const fn is_v4_mapped(a: &Addr) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+/// The flow-derived values of a tunnel's outer headers: the hash (five-tuple, whatever the
+/// service's hash mode), the GUE source port, and the IPv6 flow label.
+#[inline(always)]
+pub const fn tunnel_hash(flow: &FlowKey) -> u32 {
+    flow_hash(
+        HashMode::FiveTuple,
+        &flow.src,
+        flow.sport,
+        flow.dport,
+        flow.proto,
+    )
+}
+
+/// GUE source port for a flow hash: in the ephemeral range, varying with the flow.
+#[inline(always)]
+pub const fn gue_sport(hash: u32) -> u16 {
+    0xc000 | (hash as u16 & 0x3fff)
+}
+
+/// The last 32 bits of an outer source address: `base`'s, with the `mask` bits from `hash`.
+#[inline(always)]
+pub const fn tunnel_src_low(base: [u8; 4], mask: u32, hash: u32) -> [u8; 4] {
+    ((u32::from_be_bytes(base) & !mask) | (hash & mask)).to_be_bytes()
+}
 
 /// Farm members are identified by a node id `1..=MAX_MEMBERS` in the configuration and live in
 /// the `BACKENDS` array after the director's backends, at `MEMBER_BASE + node_id`, so farm
@@ -257,7 +432,7 @@ pub const MEMBER_OWNER: u32 = u32::MAX;
 /// Version of the maps' layout and meaning. A control plane adopts a pinned data plane only
 /// if the version matches (and every map's key, value and size does); bump it whenever a map
 /// type or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Conntrack key: the client-to-VIP direction of a flow.
 #[repr(C)]
@@ -313,6 +488,24 @@ pub struct GlobalConfig {
     /// flows); 0 = no guard.
     pub flood_rate: u32,
     pub _pad: u32,
+}
+
+/// Entry of `TUNNELS`, by `ServiceInfo::id` (written for IPIP / GUE services only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TunnelInfo {
+    /// Outer source addresses (the director's own, or a prefix). The `*_mask` bits of the
+    /// address's last 32 bits are taken from the flow hash, so a backend's NIC spreads
+    /// flows over its RX queues.
+    pub src6: Addr,
+    pub src4: [u8; 4],
+    pub src4_mask: u32,
+    pub src6_mask: u32,
+    /// The interface's L3 MTU; an encapsulated packet above it is answered with
+    /// frag-needed / packet-too-big (DF set, all IPv6) or dropped. 0 = not checked.
+    pub mtu: u16,
+    /// Destination UDP port of the service's GUE packets.
+    pub gue_port: u16,
 }
 
 /// Default `GlobalConfig::flood_rate` (Katran's default cap on new flows per CPU).
@@ -451,9 +644,83 @@ stats! {
     /// Farm: a new flow (TCP SYN, UDP) while this node's lease has run out (no daemon
     /// renews it): the other members own its share by now; live connections stay.
     FarmDropLease = "farm_drop_lease",
+    /// ICMP echo request (ping) to a VIP: answered from XDP.
+    IcmpEchoReply = "icmp_echo_reply",
+    /// ICMP fragmentation-needed / ICMPv6 packet-too-big quoting a VIP flow: forwarded to
+    /// that flow's backend.
+    IcmpTooBigTx = "icmp_too_big_tx",
+    /// Any other ICMP to a VIP (or an error whose quote names no VIP flow): dropped.
+    DropIcmp = "drop_icmp",
+    /// ICMPv6 neighbour discovery to a VIP: left to the kernel.
+    PassIcmpNd = "pass_icmp_nd",
+    /// Tunnel modes: the packet would exceed the MTU once encapsulated and may be
+    /// fragmented (IPv4, DF clear): dropped.
+    DropTooBig = "drop_too_big",
+    /// Tunnel modes: the packet would exceed the MTU once encapsulated and must not be
+    /// fragmented: the client was sent frag-needed / packet-too-big naming MTU - overhead.
+    IcmpTooBigSent = "icmp_too_big_sent",
+    /// Tunnel modes: the frame could not be grown for the outer headers.
+    DropEncap = "drop_encap",
+}
+
+/// Single entry of `DECAP_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DecapConfig {
+    /// UDP port whose datagrams (to a local address) are GUE.
+    pub gue_port: u16,
+    pub _pad: u16,
+}
+
+/// Counters of the decapsulator (`DECAP_STATS` indices): one per packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapStat {
+    /// Not IP-in-IP, nor UDP to the GUE port: left to the stack.
+    PassNotTunnel,
+    /// A tunnel packet for another host: left to the stack (it may route it).
+    PassNotLocal,
+    /// An outer IPv4 fragment: left to the stack.
+    PassFragment,
+    /// IP-in-IP stripped, the inner packet passed to the stack.
+    Ipip,
+    /// GUE stripped, the inner packet passed to the stack.
+    Gue,
+    /// A tunnel packet to this host whose inner packet is cut short, of another IP version
+    /// than the outer header says, or longer than the outer payload: dropped.
+    DropMalformed,
+}
+
+impl DecapStat {
+    pub const ALL: [DecapStat; 6] = [
+        DecapStat::PassNotTunnel,
+        DecapStat::PassNotLocal,
+        DecapStat::PassFragment,
+        DecapStat::Ipip,
+        DecapStat::Gue,
+        DecapStat::DropMalformed,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapStat::PassNotTunnel => "pass_not_tunnel",
+            DecapStat::PassNotLocal => "pass_not_local",
+            DecapStat::PassFragment => "pass_fragment",
+            DecapStat::Ipip => "decap_ipip",
+            DecapStat::Gue => "decap_gue",
+            DecapStat::DropMalformed => "drop_malformed",
+        }
+    }
 }
 
 const _: () = {
+    assert!(core::mem::size_of::<DecapConfig>() == 4);
+    let mut i = 0;
+    while i < DecapStat::ALL.len() {
+        assert!(DecapStat::ALL[i] as usize == i);
+        i += 1;
+    }
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceInfo>() == 16);
     assert!(core::mem::size_of::<ServiceEntry>() == 36);
@@ -461,6 +728,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<CtEntry>() == 16);
     assert!(core::mem::size_of::<GlobalConfig>() == 24);
+    assert!(core::mem::size_of::<TunnelInfo>() == 32);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<FarmConfig>() == 16);
@@ -486,6 +754,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FarmConfig {}
     unsafe impl aya::Pod for super::FloodWindow {}
+    unsafe impl aya::Pod for super::DecapConfig {}
+    unsafe impl aya::Pod for super::TunnelInfo {}
 }
 
 /// v4-mapped form of an IPv4 address given as its 4 wire bytes.

@@ -15,6 +15,8 @@ mod farm;
 #[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -27,7 +29,7 @@ mod prog {
     use lb_common::{Addr, Stat, FWD_FARM};
 
     use crate::{
-        farm, forward,
+        farm, forward, icmp,
         maps::{drop_for, verdict, CONFIG, VIP_ADDRS},
         parse::{self, Unparsed},
         select,
@@ -42,6 +44,13 @@ mod prog {
             Ok(p) => p,
             Err(Unparsed::Pass(reason)) => return verdict(reason, xdp_action::XDP_PASS),
             Err(Unparsed::DropIfVip { dst, reason }) => return drop_if_vip(&dst, reason),
+            Err(Unparsed::Icmp(p)) => {
+                // SAFETY: read-only lookup of a plain value.
+                if unsafe { VIP_ADDRS.get(&p.ip.dst()) }.is_none() {
+                    return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
+                }
+                return icmp::handle(&ctx, p);
+            }
         };
         let Some(svc) = select::service(&pkt.flow) else {
             return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
@@ -53,7 +62,17 @@ mod prog {
             return farm::farm(&ctx, &mut pkt, &svc, cfg);
         }
         match select::backend(&svc, &pkt.flow, pkt.is_syn, cfg) {
-            Some(dst) => forward::direct(&ctx, &mut pkt, &svc, cfg, &dst),
+            Some(dst) => forward::send(
+                &ctx,
+                pkt.eth,
+                &pkt.ip,
+                pkt.l2_len,
+                &pkt.flow,
+                &svc,
+                cfg,
+                &dst,
+                Stat::Tx,
+            ),
             None => drop_for(svc.id, Stat::DropNoBackend),
         }
     }

@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     svc_drop_index, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey,
-    GlobalConfig, ServiceEntry, Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES,
-    DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS, SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS,
-    SERVICE_SLOTS,
+    GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU,
+    CT_MAX_ENTRIES, DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS, SERVICE_DROP_REASONS,
+    SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
@@ -64,6 +64,9 @@ maps! {
     /// Flood guard: per CPU, the new conntrack entries of the current second (consulted
     /// only when a flow is about to be inserted).
     FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
+    /// Tunnel services' outer-header parameters by `ServiceInfo::id` (consulted only on the
+    /// tunnel branch of `forward`).
+    TUNNELS: Array<TunnelInfo> = Array::with_max_entries(MAX_SERVICES, 0);
 }
 
 /// Bump a `STATS` counter.

@@ -9,8 +9,8 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     v4_mapped,
     wire::{
-        ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, MAX_IPV6_EXT_HDRS, NEXTHDR_DEST, NEXTHDR_FRAGMENT,
-        NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_ACK, TCP_SYN,
+        ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, MAX_IPV6_EXT_HDRS,
+        NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_ACK, TCP_SYN,
     },
     Addr, FlowKey, Stat, PROTO_TCP, PROTO_UDP,
 };
@@ -23,33 +23,142 @@ pub struct Packet<'a> {
     /// TCP SYN without ACK: the start of a connection.
     pub is_syn: bool,
     pub v6: bool,
+    /// For tunnels, read only there ([`Inner::of`]).
+    pub ip: IpHdr<'a>,
+    /// Ethernet header with its VLAN tag, if any: 14 or 18 bytes.
+    pub l2_len: usize,
+}
+
+/// What a tunnel needs to know of the IP packet it wraps.
+#[derive(Clone, Copy)]
+pub struct Inner {
+    /// Ethernet header with its VLAN tag, if any: 14 or 18 bytes.
+    pub l2_len: usize,
+    pub v6: bool,
+    /// IPv4 ToS / IPv6 traffic class.
+    pub tos: u8,
+    /// The IP packet's length by its header (Ethernet padding after it excluded).
+    pub len: u32,
+    /// May not be fragmented: IPv4 with DF set, or any IPv6.
+    pub df: bool,
+}
+
+impl Inner {
+    #[inline(always)]
+    pub fn of(l2_len: usize, ip: &IpHdr) -> Self {
+        match ip {
+            IpHdr::V4(h) => Inner {
+                l2_len,
+                v6: false,
+                tos: h.tos,
+                len: u16::from_be_bytes(h.tot_len) as u32,
+                df: h.frag_off[0] & 0x40 != 0,
+            },
+            IpHdr::V6(h) => Inner {
+                l2_len,
+                v6: true,
+                tos: (h.ver_tc_flow[0] << 4) | (h.ver_tc_flow[1] >> 4),
+                len: u16::from_be_bytes(h.payload_len) as u32 + 40,
+                df: true,
+            },
+        }
+    }
 }
 
 /// Why a frame is not a [`Packet`], and what to count for it.
-pub enum Unparsed {
+pub enum Unparsed<'a> {
     /// Not ours to balance (not IP, malformed, not TCP/UDP): leave it to the kernel.
     Pass(Stat),
     /// Cannot be balanced (fragment, IP options, truncated L4 or IPv6 extension header, too many
     /// extension headers): drop it, counting `reason`, if it was addressed to a VIP, otherwise
     /// leave it to the kernel.
     DropIfVip { dst: Addr, reason: Stat },
+    /// ICMP (IPv4) or ICMPv6 with its 8-byte header: `icmp::handle` decides, if it is
+    /// addressed to a VIP.
+    Icmp(IcmpPacket<'a>),
+}
+
+/// An ICMP or ICMPv6 message (IPv4 without options, or IPv6 without extension headers), with
+/// the cursor left after its header for reading the quoted packet of an error.
+pub struct IcmpPacket<'a> {
+    pub eth: &'a mut EthHdr,
+    pub ip: IpHdr<'a>,
+    pub icmp: &'a mut IcmpHdr,
+    pub l2_len: usize,
+    cur: Cursor<'a>,
+}
+
+/// The outer IP header of an [`IcmpPacket`].
+pub enum IpHdr<'a> {
+    V4(&'a mut Ipv4Hdr),
+    V6(&'a mut Ipv6Hdr),
+}
+
+impl IpHdr<'_> {
+    /// Destination address (IPv4 v4-mapped).
+    #[inline(always)]
+    pub fn dst(&self) -> Addr {
+        match self {
+            IpHdr::V4(ip) => v4_mapped(ip.dst),
+            IpHdr::V6(ip) => ip.dst,
+        }
+    }
+}
+
+impl IcmpPacket<'_> {
+    /// The client-to-VIP flow an ICMP error is about. The quoted packet is one the flow's
+    /// backend sent (VIP -> client), so addresses and ports are swapped back. `None` if the
+    /// quote is cut short, of the other family, carries IPv4 options or IPv6 extension
+    /// headers, or is neither TCP nor UDP.
+    #[inline(always)]
+    pub fn quoted_flow(&mut self) -> Option<FlowKey> {
+        let (src, dst, proto) = match self.ip {
+            IpHdr::V4(_) => {
+                let q: &Ipv4Hdr = self.cur.take()?;
+                if q.ver_ihl != 0x45 {
+                    return None;
+                }
+                (v4_mapped(q.src), v4_mapped(q.dst), q.proto)
+            }
+            IpHdr::V6(_) => {
+                let q: &Ipv6Hdr = self.cur.take()?;
+                if q.ver_tc_flow[0] >> 4 != 6 {
+                    return None;
+                }
+                (q.src, q.dst, q.next_hdr)
+            }
+        };
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        let ports: &Ports = self.cur.take()?;
+        Some(FlowKey::new(
+            dst,
+            src,
+            u16::from_be_bytes(ports.dport),
+            u16::from_be_bytes(ports.sport),
+            proto,
+        ))
+    }
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
+pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
     use Unparsed::*;
     // SAFETY: the only cursor over this frame.
     let mut cur = unsafe { Cursor::new(ctx) };
     let eth: &mut EthHdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
     let mut eth_type = u16::from_be_bytes(eth.proto);
+    let mut l2_len = size_of::<EthHdr>();
     if eth_type == ETH_P_8021Q {
+        l2_len += size_of::<VlanHdr>();
         let vlan: &VlanHdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
         eth_type = u16::from_be_bytes(vlan.proto);
     }
 
-    let (src, dst, proto, v6) = match eth_type {
+    let (src, dst, proto, v6, ip_hdr) = match eth_type {
         ETH_P_IP => {
-            let ip: &Ipv4Hdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
+            let ip: &mut Ipv4Hdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
             let ihl = ip.ver_ihl & 0x0f;
             if ip.ver_ihl >> 4 != 4 || ihl < 5 {
                 return Err(Pass(Stat::PassMalformed));
@@ -69,10 +178,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
                     reason: Stat::DropIpOptions,
                 });
             }
-            (v4_mapped(ip.src), dst, ip.proto, false)
+            (v4_mapped(ip.src), dst, ip.proto, false, IpHdr::V4(ip))
         }
         ETH_P_IPV6 => {
-            let ip: &Ipv6Hdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
+            let ip: &mut Ipv6Hdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
             if ip.ver_tc_flow[0] >> 4 != 6 {
                 return Err(Pass(Stat::PassMalformed));
             }
@@ -84,8 +193,12 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
                     dst: ip.dst,
                     reason,
                 })?;
+                // ICMPv6 behind extension headers is left to the kernel (no VIP answers it).
+                if next == IPPROTO_ICMPV6 {
+                    return Err(Pass(Stat::PassNotVip));
+                }
             }
-            (ip.src, ip.dst, next, true)
+            (ip.src, ip.dst, next, true, IpHdr::V6(ip))
         }
         _ => return Err(Pass(Stat::PassNotIp)),
     };
@@ -118,6 +231,21 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
                 false,
             )
         }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if (proto == IPPROTO_ICMPV6) == v6 => {
+            let Some(icmp) = cur.take::<IcmpHdr>() else {
+                return Err(DropIfVip {
+                    dst,
+                    reason: Stat::DropMalformed,
+                });
+            };
+            return Err(Icmp(IcmpPacket {
+                eth,
+                ip: ip_hdr,
+                icmp,
+                l2_len,
+                cur,
+            }));
+        }
         _ => return Err(Pass(Stat::PassNotVip)),
     };
 
@@ -126,6 +254,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed> {
         flow: FlowKey::new(src, dst, sport, dport, proto),
         is_syn,
         v6,
+        ip: ip_hdr,
+        l2_len,
     })
 }
 
@@ -230,27 +360,44 @@ struct VlanHdr {
 }
 
 #[repr(C)]
-struct Ipv4Hdr {
-    ver_ihl: u8,
-    _tos: u8,
-    _tot_len: [u8; 2],
-    _id: [u8; 2],
-    frag_off: [u8; 2],
-    _ttl: u8,
-    proto: u8,
-    _check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
 }
 
 #[repr(C)]
-struct Ipv6Hdr {
-    ver_tc_flow: [u8; 4],
-    _payload_len: [u8; 2],
-    next_hdr: u8,
-    _hop_limit: u8,
-    src: Addr,
-    dst: Addr,
+pub struct Ipv6Hdr {
+    pub ver_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: Addr,
+    pub dst: Addr,
+}
+
+/// ICMP / ICMPv6 header: type, code, checksum, and the type's 4 bytes (echo: id and
+/// sequence; frag-needed: next-hop MTU in the low half; PTB: the MTU).
+#[repr(C)]
+pub struct IcmpHdr {
+    pub ty: u8,
+    pub code: u8,
+    pub check: [u8; 2],
+    pub rest: [u8; 4],
+}
+
+/// The ports at the start of a quoted TCP or UDP header.
+#[repr(C)]
+struct Ports {
+    sport: [u8; 2],
+    dport: [u8; 2],
 }
 
 /// The common start of the hop-by-hop, routing and destination-options headers.
@@ -289,6 +436,8 @@ unsafe impl Header for Ipv6Hdr {}
 unsafe impl Header for ExtHdr {}
 unsafe impl Header for TcpHdr {}
 unsafe impl Header for UdpHdr {}
+unsafe impl Header for IcmpHdr {}
+unsafe impl Header for Ports {}
 
 const _: () = {
     assert!(size_of::<EthHdr>() == 14);
@@ -298,4 +447,6 @@ const _: () = {
     assert!(size_of::<ExtHdr>() == 2);
     assert!(size_of::<TcpHdr>() == 20);
     assert!(size_of::<UdpHdr>() == 8);
+    assert!(size_of::<IcmpHdr>() == 8);
+    assert!(size_of::<Ports>() == 4);
 };

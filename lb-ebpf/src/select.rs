@@ -74,6 +74,19 @@ pub fn backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, cfg: &GlobalConf
     valid(id)
 }
 
+/// The backend a flow's packets go to now, without recording anything (ICMP errors about
+/// the flow): its live conntrack entry's, else the ring's. Counts nothing.
+#[inline(always)]
+pub fn existing(svc: &ServiceInfo, flow: &FlowKey, cfg: &GlobalConfig) -> Option<Dst> {
+    let now = conntrack::now(flow);
+    if let Some(ct) = conntrack::lookup(flow, now, cfg.udp_timeout_ns) {
+        if let Some(dst) = valid(ct.backend) {
+            return Some(dst);
+        }
+    }
+    ring_owner(svc, flow)
+}
+
 /// The ring's choice alone, bypassing conntrack (farm TCP SYNs).
 #[inline(always)]
 pub fn ring_owner(svc: &ServiceInfo, flow: &FlowKey) -> Option<Dst> {

@@ -72,6 +72,39 @@ pub enum Cmd {
     },
     /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+    /// On a backend of an IPIP/GUE service: strip the tunnel headers of packets to this
+    /// host arriving on INTERFACE in XDP and pass the inner packets on (the VIP on `lo`, as
+    /// for DR), until SIGINT/SIGTERM; then detach and print the counters.
+    Decap {
+        /// The interface the tunnelled packets arrive on.
+        #[arg(long, short)]
+        interface: String,
+        /// UDP port of GUE packets (the director's `gue_port`).
+        #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        gue_port: u16,
+        /// XDP attach mode.
+        #[arg(long, value_enum, default_value_t = DecapMode::Auto)]
+        xdp_mode: DecapMode,
+    },
+}
+
+/// `farmlb decap --xdp-mode`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapMode {
+    Auto,
+    Native,
+    Generic,
+}
+
+impl From<DecapMode> for crate::dataplane::AttachMode {
+    fn from(m: DecapMode) -> Self {
+        match m {
+            DecapMode::Auto => Self::Auto,
+            DecapMode::Native => Self::Native,
+            DecapMode::Generic => Self::Generic,
+        }
+    }
 }
 
 /// The command definition every consumer uses (parsing, man pages, completions): every

@@ -6,6 +6,7 @@ pub mod config;
 pub mod conns;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod director;
 pub mod farm;
 pub mod health;
@@ -17,6 +18,7 @@ pub mod neigh;
 pub mod packet;
 pub mod simulate;
 pub mod top;
+pub mod tunnel;
 
 /// The XDP object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -28,3 +30,6 @@ pub static REFERENCE_OBJECT: &[u8] =
 
 /// A program that passes every frame (see `lb-ebpf/src/bin/pass.rs`).
 pub static PASS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pass"));
+
+/// The backend-side decapsulator (see `lb-ebpf/src/bin/decap.rs` and [`decap`]).
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/decap"));

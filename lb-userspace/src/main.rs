@@ -24,6 +24,11 @@ fn main() -> ExitCode {
             },
         ),
         Cmd::CheckConfig { file, strict } => check_config(&file, strict),
+        Cmd::Decap {
+            interface,
+            gue_port,
+            xdp_mode,
+        } => farmlb::decap::run(&interface, gue_port, xdp_mode.into()),
         Cmd::Completions { shell } => {
             farmlb::cli::completions(shell, &mut std::io::stdout());
             Ok(())

@@ -12,6 +12,11 @@ use tokio::sync::mpsc;
 /// Finds a backend's MAC address (DR rewrites the destination MAC only).
 pub trait MacResolver {
     fn resolve(&mut self, ip: IpAddr) -> Result<[u8; 6]>;
+    /// The MAC of the next hop towards `ip` by the routing table (tunnel modes: the
+    /// backend need not be on-link). Fixed tables give it under the backend's address.
+    fn resolve_next_hop(&mut self, ip: IpAddr) -> Result<[u8; 6]> {
+        self.resolve(ip)
+    }
 }
 
 /// Fixed MACs, for tests and the model.
@@ -40,23 +45,30 @@ const CONCURRENCY: usize = 32;
 /// How long one resolution waits for the kernel.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A resolution result: the address and its MAC, or why not.
-pub type Resolved = (IpAddr, Result<[u8; 6], String>);
+/// What is resolved: an address on the link, or (`routed`) the next hop towards it.
+pub type Target = (IpAddr, bool);
+
+/// A resolution result: the target and its MAC, or why not.
+pub type Resolved = (Target, Result<[u8; 6], String>);
 
 /// The owner loop's view of the neighbour table: what is known is answered at once; what is
 /// not is handed to a background task (never a wait on the owner loop), whose results arrive
 /// on the receiver that [`Neighbours::start`] returns; the owner then applies again.
 pub struct Neighbours {
     iface: String,
-    known: HashMap<IpAddr, [u8; 6]>,
-    pending: HashSet<IpAddr>,
-    tx: mpsc::Sender<IpAddr>,
+    known: HashMap<Target, [u8; 6]>,
+    pending: HashSet<Target>,
+    tx: mpsc::Sender<Target>,
+    last_recheck: std::time::Instant,
 }
+
+/// How often known next hops of tunnel backends are resolved again.
+pub const RECHECK_EVERY: Duration = Duration::from_secs(10);
 
 impl Neighbours {
     /// Start the resolver task for `iface` (inside a tokio runtime).
     pub fn start(iface: &str) -> (Neighbours, mpsc::Receiver<Resolved>) {
-        let (tx, rx) = mpsc::channel::<IpAddr>(QUEUE);
+        let (tx, rx) = mpsc::channel::<Target>(QUEUE);
         let (done_tx, done_rx) = mpsc::channel::<Resolved>(QUEUE);
         tokio::spawn(resolver(iface.to_string(), rx, done_tx));
         let n = Neighbours {
@@ -64,61 +76,92 @@ impl Neighbours {
             known: HashMap::new(),
             pending: HashSet::new(),
             tx,
+            last_recheck: std::time::Instant::now(),
         };
         (n, done_rx)
     }
 
     /// Record a result of the task. Returns whether a MAC was learned.
-    pub fn learned(&mut self, (ip, res): Resolved) -> bool {
-        self.pending.remove(&ip);
+    /// A re-check that finds the same MAC learns nothing; one that fails keeps the last
+    /// good MAC (a control-plane hiccup must not take a backend's traffic away).
+    pub fn learned(&mut self, (target, res): Resolved) -> bool {
+        self.pending.remove(&target);
         match res {
-            Ok(mac) => {
-                self.known.insert(ip, mac);
-                true
-            }
+            Ok(mac) => self.known.insert(target, mac) != Some(mac),
             Err(e) => {
-                tracing::warn!(backend = %ip, "{e}");
+                tracing::warn!(backend = %target.0, "{e}");
                 false
             }
         }
     }
 
-    /// Start resolving `ips` now (all in parallel), so a first `apply` finds them known.
-    pub fn prefetch(&mut self, ips: impl IntoIterator<Item = IpAddr>) {
-        for ip in ips {
-            let _ = self.resolve(ip);
+    /// Start resolving `targets` now (all in parallel), so a first `apply` finds them known.
+    pub fn prefetch(&mut self, targets: impl IntoIterator<Item = Target>) {
+        for t in targets {
+            let _ = self.lookup_or_queue(t);
         }
+    }
+
+    fn lookup_or_queue(&mut self, t: Target) -> Result<[u8; 6]> {
+        if let Some(mac) = self.known.get(&t) {
+            return Ok(*mac);
+        }
+        if !self.pending.contains(&t) && self.tx.try_send(t).is_ok() {
+            self.pending.insert(t);
+        }
+        let how = if t.1 { "next hop of " } else { "" };
+        Err(anyhow!(
+            "{how}{} is being resolved on {} (ARP/ND)",
+            t.0,
+            self.iface
+        ))
     }
 
     /// Addresses being resolved.
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
+
+    /// Resolve every known next hop again (routes and neighbours change: a new router, a
+    /// failover), at most every [`RECHECK_EVERY`]; a changed MAC arrives as a result like
+    /// any other, and the director rewrites the backends concerned.
+    pub fn recheck_routed(&mut self) {
+        if self.last_recheck.elapsed() < RECHECK_EVERY {
+            return;
+        }
+        self.last_recheck = std::time::Instant::now();
+        let targets: Vec<Target> = self.known.keys().filter(|t| t.1).copied().collect();
+        for t in targets {
+            if !self.pending.contains(&t) && self.tx.try_send(t).is_ok() {
+                self.pending.insert(t);
+            }
+        }
+    }
 }
 
 impl MacResolver for Neighbours {
     fn resolve(&mut self, ip: IpAddr) -> Result<[u8; 6]> {
-        if let Some(mac) = self.known.get(&ip) {
-            return Ok(*mac);
-        }
-        if !self.pending.contains(&ip) && self.tx.try_send(ip).is_ok() {
-            self.pending.insert(ip);
-        }
-        Err(anyhow!("{ip} is being resolved on {} (ARP/ND)", self.iface))
+        self.lookup_or_queue((ip, false))
+    }
+    fn resolve_next_hop(&mut self, ip: IpAddr) -> Result<[u8; 6]> {
+        self.lookup_or_queue((ip, true))
     }
 }
 
 /// Resolve every address sent on `rx`, up to [`CONCURRENCY`] at once.
-async fn resolver(iface: String, mut rx: mpsc::Receiver<IpAddr>, done: mpsc::Sender<Resolved>) {
+async fn resolver(iface: String, mut rx: mpsc::Receiver<Target>, done: mpsc::Sender<Resolved>) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-    while let Some(ip) = rx.recv().await {
+    while let Some(target) = rx.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
         let (iface, done) = (iface.clone(), done.clone());
         tokio::spawn(async move {
-            let res = resolve_one(&iface, ip).await.map_err(|e| format!("{e:#}"));
-            let _ = done.send((ip, res)).await;
+            let res = match target {
+                (ip, false) => resolve_one(&iface, ip).await,
+                (ip, true) => resolve_routed(&iface, ip).await,
+            };
+            let _ = done.send((target, res.map_err(|e| format!("{e:#}")))).await;
             drop(permit);
         });
     }
@@ -141,6 +184,40 @@ async fn resolve_one(iface: &str, ip: IpAddr) -> Result<[u8; 6]> {
          the same L2 segment?); retrying",
         RESOLVE_TIMEOUT
     ))
+}
+
+/// The MAC of the next hop towards `ip`: the gateway of its route, or `ip` itself if the
+/// route is on-link. The route must leave through `iface`, where the program sends.
+async fn resolve_routed(iface: &str, ip: IpAddr) -> Result<[u8; 6]> {
+    let out = tokio::process::Command::new("ip")
+        .args(["-j", "route", "get", &ip.to_string()])
+        .output()
+        .await
+        .context("running `ip route get` (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "backend kept out of the table: no route to {ip} ({}); retrying",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j route get` output")?;
+    let r = routes.first().context("`ip route get` printed no route")?;
+    let dev = r["dev"].as_str().unwrap_or("");
+    if dev != iface {
+        bail!(
+            "backend kept out of the table: the route to {ip} leaves through {dev:?}, not              {iface:?} where farmlb sends; retrying"
+        );
+    }
+    let hop = match r["gateway"].as_str() {
+        Some(g) => g
+            .parse()
+            .with_context(|| format!("gateway {g:?} of the route to {ip}"))?,
+        None => ip,
+    };
+    resolve_one(iface, hop)
+        .await
+        .with_context(|| format!("next hop {hop} towards {ip}"))
 }
 
 /// Current entry, if the kernel has a usable one (not FAILED/INCOMPLETE).

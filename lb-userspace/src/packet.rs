@@ -27,6 +27,11 @@ pub struct PacketBuilder {
     pub frag: u16,
     /// IPv6 extension headers between the IPv6 header and L4, in order.
     pub ext: Vec<Ext>,
+    /// ICMP / ICMPv6 message (with `proto` 1 / 58): type, code, the 4 type-specific bytes
+    /// and the body; the checksum is computed (with the pseudo-header for ICMPv6).
+    pub icmp: Option<(u8, u8, [u8; 4], Vec<u8>)>,
+    /// IPv4 ToS / IPv6 traffic class.
+    pub tos: u8,
 }
 
 /// An IPv6 extension header for [`PacketBuilder::ext`].
@@ -98,6 +103,8 @@ setters! {
     ip_options(ip_option_words: u8);
     /// IPv4: raw flags/offset field (0x2000 = MF). IPv6: adds a fragment header.
     fragment(frag: u16);
+    /// IPv4 ToS / IPv6 traffic class (DSCP and ECN).
+    tos(tos: u8);
 }
 
 impl PacketBuilder {
@@ -114,7 +121,47 @@ impl PacketBuilder {
             ip_option_words: 0,
             frag: 0,
             ext: Vec::new(),
+            icmp: None,
+            tos: 0,
         }
+    }
+
+    /// An ICMP (IPv4) or ICMPv6 (IPv6) message from `src` to `dst` (ports ignored).
+    pub fn icmp(src: SocketAddr, dst: SocketAddr, ty: u8, code: u8, rest: [u8; 4]) -> Self {
+        let proto = if src.is_ipv6() { 58 } else { 1 };
+        Self {
+            icmp: Some((ty, code, rest, Vec::new())),
+            ..Self::new(proto, src, dst)
+        }
+    }
+
+    /// An echo request (ping) with identifier `id`, sequence `seq` and `len` payload bytes.
+    pub fn ping(src: SocketAddr, dst: SocketAddr, id: u16, seq: u16, len: usize) -> Self {
+        let ty = if src.is_ipv6() { 128 } else { 8 };
+        let mut rest = [0u8; 4];
+        rest[..2].copy_from_slice(&id.to_be_bytes());
+        rest[2..].copy_from_slice(&seq.to_be_bytes());
+        Self::icmp(src, dst, ty, 0, rest).icmp_body((0..len).map(|i| i as u8).collect())
+    }
+
+    /// A fragmentation-needed (IPv4) / packet-too-big (ICMPv6) error naming `mtu`, quoting
+    /// `quoted` (an IP packet, no Ethernet header).
+    pub fn too_big(src: SocketAddr, dst: SocketAddr, mtu: u16, quoted: &[u8]) -> Self {
+        let (ty, code, rest) = if src.is_ipv6() {
+            (2, 0, (mtu as u32).to_be_bytes())
+        } else {
+            let m = mtu.to_be_bytes();
+            (3, 4, [0, 0, m[0], m[1]])
+        };
+        Self::icmp(src, dst, ty, code, rest).icmp_body(quoted.to_vec())
+    }
+
+    /// The body of the ICMP message (after its 8-byte header).
+    pub fn icmp_body(mut self, body: Vec<u8>) -> Self {
+        if let Some(m) = self.icmp.as_mut() {
+            m.3 = body;
+        }
+        self
     }
 
     /// A TCP segment (ACK set: an established-flow packet).
@@ -153,6 +200,25 @@ impl PacketBuilder {
     }
 
     fn l4(&self) -> Vec<u8> {
+        if let Some((ty, code, rest, body)) = &self.icmp {
+            let mut m = vec![*ty, *code, 0, 0];
+            m.extend_from_slice(rest);
+            m.extend_from_slice(body);
+            let acc = match (self.src.ip(), self.dst.ip()) {
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    let mut ph = Vec::with_capacity(40);
+                    ph.extend_from_slice(&s.octets());
+                    ph.extend_from_slice(&d.octets());
+                    ph.extend_from_slice(&(m.len() as u32).to_be_bytes());
+                    ph.extend_from_slice(&[0, 0, 0, 58]);
+                    lb_common::csum::sum(&ph, 0)
+                }
+                _ => 0,
+            };
+            let c = lb_common::csum::fold(lb_common::csum::sum(&m, acc));
+            m[2..4].copy_from_slice(&c.to_be_bytes());
+            return m;
+        }
         let (sp, dp) = (self.src.port().to_be_bytes(), self.dst.port().to_be_bytes());
         let mut h = match self.proto {
             6 => {
@@ -193,6 +259,7 @@ impl PacketBuilder {
                 let hlen = 20 + 4 * self.ip_option_words as usize;
                 let mut h = vec![0u8; hlen];
                 h[0] = 0x40 | (5 + self.ip_option_words);
+                h[1] = self.tos;
                 h[2..4].copy_from_slice(&((hlen + l4.len()) as u16).to_be_bytes());
                 h[6..8].copy_from_slice(&self.frag.to_be_bytes());
                 h[8] = 64;
@@ -219,7 +286,8 @@ impl PacketBuilder {
                 }
                 let plen = exts.len() + l4.len();
                 let mut h = vec![0u8; 40];
-                h[0] = 0x60;
+                h[0] = 0x60 | (self.tos >> 4);
+                h[1] = self.tos << 4;
                 h[4..6].copy_from_slice(&(plen as u16).to_be_bytes());
                 h[6] = chain.first().map_or(self.proto, |e| e.code());
                 h[7] = 64;

@@ -183,7 +183,7 @@ fn non_vip_traffic_passes_untouched() {
         PacketBuilder::tcp(sa("198.51.0.1:1000"), sa("10.99.100.9:80")).build(), // other address
         PacketBuilder::tcp(sa("198.51.0.1:1000"), sa("10.99.100.1:81")).build(), // other port
         PacketBuilder::udp(sa("198.51.0.1:1000"), sa("10.99.100.1:80")).build(), // other proto
-        PacketBuilder::ip_proto(1, sa("198.51.0.1:0"), sa("10.99.100.1:0")).build(), // ICMP
+        PacketBuilder::ip_proto(47, sa("198.51.0.1:0"), sa("10.99.100.1:0")).build(), // GRE
         PacketBuilder::tcp(sa("[2001:db8::1]:1000"), sa("[fd99:100::9]:80")).build(),
     ];
     for pkt in cases {

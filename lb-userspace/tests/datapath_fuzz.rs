@@ -1,6 +1,7 @@
 //! Parser fuzzing against the reference model: thousands of seeded, deterministic mutations of
 //! valid VIP packets (random IPv6 extension-header chains, fragments, VLAN tags, IPv4 options,
-//! random truncation points, random bytes) run through the real XDP program with
+//! random truncation points, random bytes; pings, ICMP errors, tunnel services with a small
+//! MTU) run through the real XDP program with
 //! BPF_PROG_TEST_RUN; every one must agree with the model on verdict, output bytes and counters.
 //! Needs root.
 
@@ -32,6 +33,15 @@ impl Rng {
     }
 }
 
+/// A tunnel service's `[[service]]` table.
+fn tunnel(name: &str, vip: &str, port: u16, proto: &str, fwd: &str, backends: &[&str]) -> String {
+    service_toml(name, vip, port, proto, Some(211), backends).replacen(
+        "table_size",
+        &format!("forwarding = \"{fwd}\"\ntable_size"),
+        1,
+    )
+}
+
 fn twin() -> Twin {
     let v4 = ["10.99.0.11", "10.99.0.12", "10.99.0.13"];
     let v6 = ["fd99::11", "fd99::12", "fd99::13"];
@@ -43,6 +53,10 @@ fn twin() -> Twin {
             service_toml("web6", "fd99:100::1", 80, "tcp", Some(1009), &v6),
             service_toml("dns6", "fd99:100::1", 53, "udp", Some(1009), &v6[..2]),
             service_toml("any-port", "10.99.100.2", 0, "tcp", Some(211), &v4[..2]),
+            tunnel("ipip4", "10.99.100.4", 80, "tcp", "ipip", &v4),
+            tunnel("gue4", "10.99.100.4", 53, "udp", "gue", &v6),
+            tunnel("ipip64", "fd99:100::4", 80, "tcp", "ipip", &v4),
+            tunnel("gue6", "fd99:100::4", 53, "udp", "gue", &v6),
         ]
         .concat()
     );
@@ -56,6 +70,12 @@ fn twin() -> Twin {
     })
     .expect("load XDP program (are we root?)");
     let mut director = Director::new(k.dp.ring_slots(), [0x02, 0xaa, 0, 0, 0, 0x03]);
+    // A small MTU, so fuzzed lengths reach the too-big branches too.
+    director.tunnel = farmlb::tunnel::TunnelHost {
+        mtu: 200,
+        addr4: Some("10.99.0.3".parse().unwrap()),
+        addr6: Some("fd99::3".parse().unwrap()),
+    };
     let mut macs: HashMap<IpAddr, [u8; 6]> = HashMap::new();
     for s in &cfg.services {
         for b in &s.backends {
@@ -98,6 +118,8 @@ fn random_packet(r: &mut Rng, made: &mut Made) -> Vec<u8> {
     let src = client(i, 1024 + r.below(60_000) as u16, v6);
     let (ip, udp): (&str, bool) = match (v6, r.below(10)) {
         (true, 0) => ("fd99:100::9", false),
+        (true, n @ (2 | 5)) => ("fd99:100::4", n == 5),
+        (false, n @ (2 | 5)) => ("10.99.100.4", n == 5),
         (true, n) => ("fd99:100::1", n % 3 == 0),
         (false, 0) => ("10.99.100.9", false),
         (false, 1) => ("10.99.100.2", false),
@@ -106,12 +128,32 @@ fn random_packet(r: &mut Rng, made: &mut Made) -> Vec<u8> {
     let port = if udp { 53 } else { 80 };
     let dst = SocketAddr::new(ip.parse().unwrap(), port);
     let mut b = match r.below(20) {
+        // Long enough for the tunnels' MTU check.
+        3 if udp => PacketBuilder::udp(src, dst).payload(100 + r.below(200)),
         0 => PacketBuilder::ip_proto(if v6 { 58 } else { 1 }, src, dst),
+        // Mostly to the director's MAC (answered), sometimes to another (dropped).
+        1 => {
+            let to = if r.chance(80) {
+                [0x02, 0xaa, 0, 0, 0, 0x03]
+            } else {
+                [2, 0, 0, 0, 0, 2]
+            };
+            PacketBuilder::ping(src, dst, 7, r.below(100) as u16, r.below(64))
+                .macs([2, 0, 0, 0, 0, 1], to)
+        }
+        2 => {
+            // An error quoting the flow's reply (VIP -> client).
+            let quoted = PacketBuilder::tcp(dst, src).build()[14..].to_vec();
+            let router = client(500, 0, v6);
+            PacketBuilder::too_big(router, dst, 1280, &quoted)
+        }
         _ if udp => PacketBuilder::udp(src, dst),
         _ if r.chance(30) => PacketBuilder::tcp(src, dst).syn(),
         _ => PacketBuilder::tcp(src, dst),
     };
-    b = b.payload(r.below(64));
+    if b.payload == 0 {
+        b = b.payload(r.below(64));
+    }
     if r.chance(10) {
         b = b.vlan(r.below(4095) as u16);
     }
@@ -175,6 +217,18 @@ fn random_and_truncated_packets_agree_with_model() {
     ] {
         assert!(
             reasons.get(s.name()).copied().unwrap_or(0) >= 20,
+            "{s:?} too rare: {table:?}"
+        );
+    }
+    // ICMP answered, errors forwarded, tunnels' too-big answers: each seen.
+    for s in [
+        Stat::IcmpEchoReply,
+        Stat::IcmpTooBigTx,
+        Stat::IcmpTooBigSent,
+        Stat::DropIcmp,
+    ] {
+        assert!(
+            reasons.get(s.name()).copied().unwrap_or(0) >= 5,
             "{s:?} too rare: {table:?}"
         );
     }

@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod farm_rig;
+pub mod icmp;
 pub mod netns;
 pub mod pins;
 pub mod process;
@@ -18,6 +19,7 @@ pub mod pty;
 pub mod rig;
 pub mod server;
 pub mod svg;
+pub mod tunnel_rig;
 pub mod wait;
 
 pub use client::{connect_many, connect_tallied, ping_all, try_identify, LongConn};

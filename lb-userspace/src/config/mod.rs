@@ -140,6 +140,11 @@ pub enum Forwarding {
     /// Farm mode (needs `[farm]`): every node holds the VIP; the node that owns a flow
     /// delivers it locally.
     Farm,
+    /// IP-in-IP to backends anywhere routable (IPv4 in IPv4, IPv6 in IPv6, or across
+    /// families); the backends run `farmlb decap`.
+    Ipip,
+    /// The inner packet in UDP to `gue_port` (GUE variant 1); the backends run `farmlb decap`.
+    Gue,
 }
 
 impl Forwarding {
@@ -148,7 +153,72 @@ impl Forwarding {
         match self {
             Forwarding::Dr => lb_common::FWD_DR,
             Forwarding::Farm => lb_common::FWD_FARM,
+            Forwarding::Ipip => lb_common::FWD_IPIP,
+            Forwarding::Gue => lb_common::FWD_GUE,
         }
+    }
+
+    /// Encapsulating modes: backends are reached through the routing table, in either
+    /// address family.
+    pub const fn is_tunnel(self) -> bool {
+        matches!(self, Forwarding::Ipip | Forwarding::Gue)
+    }
+}
+
+/// `tunnel_source`: a prefix the outer source addresses of tunnelled packets come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// The host bits (of the address's last 32) that vary per flow.
+    pub fn host_mask(&self) -> u32 {
+        let host = if self.addr.is_ipv4() { 32 } else { 128 } - self.len as u32;
+        if host >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << host) - 1
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a prefix (expected ADDRESS/LENGTH)"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IP address"))?;
+        let (min, max) = if addr.is_ipv4() { (0, 32) } else { (96, 128) };
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "prefix length {l:?} out of range {min}..={max} (only the address's last 32 \
+                     bits vary per flow)"
+                )
+            })?;
+        let c = Cidr { addr, len };
+        let low = match addr {
+            IpAddr::V4(v) => u32::from(v),
+            IpAddr::V6(v) => u128::from(v) as u32,
+        };
+        if low & c.host_mask() != 0 && c.host_mask() != u32::MAX {
+            return Err(format!("{s:?} has host bits set"));
+        }
+        Ok(c)
     }
 }
 
@@ -172,6 +242,12 @@ pub struct Config {
     pub pin_path: PathBuf,
     /// Runtime state (API edits, runtime weights/states) kept across restarts.
     pub state_file: PathBuf,
+    /// Tunnel modes: destination UDP port of GUE packets (the backends' `farmlb decap
+    /// --gue-port`).
+    pub gue_port: u16,
+    /// Tunnel modes: prefixes (at most one per family) the outer source address is taken
+    /// from, per flow; empty = the interface's own address.
+    pub tunnel_source: Vec<Cidr>,
     pub services: Vec<ServiceCfg>,
     /// `[farm]`: farm mode / director failover (see `farm.rs`).
     pub farm: Option<FarmCfg>,
@@ -186,6 +262,8 @@ pub struct ServiceCfg {
     pub protocol: Protocol,
     pub hash: HashMode,
     pub forwarding: Forwarding,
+    /// GUE services: this service's UDP port, instead of the global `gue_port`.
+    pub gue_port: Option<u16>,
     /// Maglev table slots (prime).
     pub table_size: u32,
     /// The service's `check` table as written: the default check of its backends.
@@ -283,7 +361,8 @@ macro_rules! spelled {
 spelled!(XdpModeCfg, r#""auto", "native" or "generic""#,
     "auto" => XdpModeCfg::Auto, "native" => XdpModeCfg::Native, "generic" => XdpModeCfg::Generic);
 spelled!(Protocol, r#""tcp" or "udp""#, "tcp" => Protocol::Tcp, "udp" => Protocol::Udp);
-spelled!(Forwarding, r#""dr" or "farm""#, "dr" => Forwarding::Dr, "farm" => Forwarding::Farm);
+spelled!(Forwarding, r#""dr", "farm", "ipip" or "gue""#, "dr" => Forwarding::Dr,
+    "farm" => Forwarding::Farm, "ipip" => Forwarding::Ipip, "gue" => Forwarding::Gue);
 spelled!(AdminState, r#""ready", "drain" or "maint""#,
     "ready" => AdminState::Ready, "drain" => AdminState::Drain, "maint" => AdminState::Maint);
 spelled!(CheckType, r#""tcp", "http", "udp", "exec" or "none""#,
@@ -473,7 +552,7 @@ macro_rules! spell_bare {
 }
 
 spell_quoted!(
-    String, &str, IpAddr, SocketAddr, XdpModeCfg, Protocol, Forwarding, AdminState, CheckType
+    String, &str, IpAddr, SocketAddr, XdpModeCfg, Protocol, Forwarding, AdminState, CheckType, Cidr
 );
 spell_bare!(u16, u32, bool);
 
@@ -496,7 +575,7 @@ macro_rules! spell_optional {
     })+ };
 }
 
-spell_optional!(String, IpAddr, CheckSpec);
+spell_optional!(String, IpAddr, CheckSpec, u16);
 
 /// `metrics_address`: unset is written `"off"` (a missing key means the default address).
 impl Spell for Option<SocketAddr> {
@@ -536,7 +615,7 @@ impl Config {
         entries!(self => Config {
             interface, xdp_mode, udp_timeout, conntrack_size, flood_guard_rate, api_socket,
             metrics_address,
-            pin_path, state_file
+            pin_path, state_file, gue_port, tunnel_source
         } skip { services, farm })
     }
 
@@ -548,7 +627,7 @@ impl Config {
         for svc in &self.services {
             s += "\n[[service]]\n";
             let fields = entries!(svc => ServiceCfg {
-                name, vip, port, protocol, hash, forwarding, table_size, check
+                name, vip, port, protocol, hash, forwarding, gue_port, table_size, check
             } skip { backends });
             put(&mut s, "", &fields);
             for b in &svc.backends {
@@ -605,7 +684,19 @@ mod tests {
         assert_eq!(c.xdp_mode, XdpModeCfg::Auto);
         assert_eq!(c.udp_timeout, Duration::from_secs(30));
         assert_eq!(c.conntrack_size, 1_048_576);
-        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services.len(), 4);
+        assert_eq!(c.services[3].gue_port, Some(6081));
+        assert_eq!(c.gue_port, lb_common::DEFAULT_GUE_PORT);
+        assert_eq!(
+            c.tunnel_source,
+            [
+                "192.0.2.0/28".parse().unwrap(),
+                "2001:db8:5::/124".parse().unwrap()
+            ]
+        );
+        let api = &c.services[2];
+        assert_eq!(api.forwarding, Forwarding::Ipip);
+        assert!(api.backends[0].address.is_ipv4() && api.backends[1].address.is_ipv6());
         let web = &c.services[0];
         assert_eq!(web.name, "web");
         assert_eq!(web.vip, IpAddr::V4(Ipv4Addr::new(10, 99, 100, 1)));
@@ -642,6 +733,8 @@ mod tests {
         assert_eq!(s.forwarding, Forwarding::Dr);
         assert_eq!(s.table_size, lb_common::DEFAULT_TABLE_SIZE);
         assert!(s.backends.is_empty());
+        assert_eq!(c.gue_port, 6080);
+        assert!(c.tunnel_source.is_empty());
         let c = Config::from_toml_str(&svc("[[service.backend]]\naddress = \"10.0.0.2\"")).unwrap();
         assert_eq!(c.services[0].backends[0].weight, 1);
         // No services at all is a valid (idle) config.

@@ -35,9 +35,40 @@ pub(super) struct RawConfig {
     metrics_address: Field<String>,
     pin_path: Field<String>,
     state_file: Field<String>,
+    gue_port: Field<i64>,
+    tunnel_source: Field<OneOrMany>,
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
     farm: Option<Spanned<RawFarm>>,
+}
+
+/// A string or an array of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `tunnel_source`: prefixes, at most one per address family.
+fn tunnel_sources(v: &OneOrMany) -> Result<Vec<Cidr>, String> {
+    let list = match v {
+        OneOrMany::One(s) => vec![s.clone()],
+        OneOrMany::Many(l) => l.clone(),
+    };
+    let cidrs = list
+        .iter()
+        .map(|s| s.parse::<Cidr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    for fam in [true, false] {
+        if cidrs.iter().filter(|c| c.addr.is_ipv4() == fam).count() > 1 {
+            return Err(format!(
+                "more than one {} prefix (at most one per address family)",
+                if fam { "IPv4" } else { "IPv6" }
+            ));
+        }
+    }
+    Ok(cidrs)
 }
 
 #[derive(Deserialize)]
@@ -49,6 +80,7 @@ pub(super) struct RawService {
     protocol: Field<String>,
     hash: Field<String>,
     forwarding: Field<String>,
+    gue_port: Field<i64>,
     table_size: Field<i64>,
     check: Field<RawCheck>,
     #[serde(default, rename = "backend")]
@@ -188,6 +220,10 @@ impl<'a> Ctx<'a> {
                 "invalid type, expected a string or an array of strings",
             )
             .replace(
+                "data did not match any variant of untagged enum OneOrMany",
+                "invalid type, expected a string or an array of strings",
+            )
+            .replace(
                 "data did not match any variant of untagged enum RawStatus",
                 "invalid type, expected an integer or a string such as \"200-399\"",
             );
@@ -255,6 +291,8 @@ impl Ctx<'_> {
         let metrics = self.opt("", "metrics_address", &raw.metrics_address, metrics_address)?;
         let pin_path = self.opt("", "pin_path", &raw.pin_path, absolute_path)?;
         let state_file = self.opt("", "state_file", &raw.state_file, absolute_path)?;
+        let gue_port = self.opt("", "gue_port", &raw.gue_port, int(1, u16::MAX))?;
+        let tunnel_source = self.opt("", "tunnel_source", &raw.tunnel_source, tunnel_sources)?;
         let services = (raw.services.iter().enumerate())
             .map(|(i, rs)| self.service(i, rs))
             .collect::<Result<Vec<_>, _>>()?;
@@ -288,6 +326,8 @@ impl Ctx<'_> {
                 .unwrap_or_else(|| Some(DEFAULT_METRICS_ADDRESS.parse().expect("valid default"))),
             pin_path,
             state_file,
+            gue_port: gue_port.unwrap_or(lb_common::DEFAULT_GUE_PORT),
+            tunnel_source: tunnel_source.unwrap_or_default(),
             services,
             farm,
         })
@@ -310,6 +350,13 @@ impl Ctx<'_> {
         let hash = self.opt(&p, "hash", &rs.hash, spelled(parse_hash_mode))?;
         let forwarding = spelled(Forwarding::from_str);
         let forwarding = self.opt(&p, "forwarding", &rs.forwarding, forwarding)?;
+        let gue_port = self.opt(&p, "gue_port", &rs.gue_port, int(1, u16::MAX))?;
+        let fwd = forwarding.unwrap_or_default();
+        if gue_port.is_some() && fwd != Forwarding::Gue {
+            let span = rs.gue_port.as_ref().map(Spanned::span);
+            let msg = format!("{p}gue_port: only for forwarding = \"gue\" (this one is \"{fwd}\")");
+            return Err(self.err(span, msg));
+        }
         let table_size = self.opt(&p, "table_size", &rs.table_size, table_size)?;
         let check = match &rs.check {
             None => None,
@@ -328,6 +375,7 @@ impl Ctx<'_> {
             protocol: protocol.unwrap_or_default(),
             hash: hash.unwrap_or(HashMode::FiveTuple),
             forwarding: forwarding.unwrap_or_default(),
+            gue_port,
             table_size: table_size.unwrap_or(DEFAULT_TABLE_SIZE),
             check,
             backends: Vec::with_capacity(rs.backends.len()),
@@ -729,7 +777,7 @@ mod tests {
                 "dst-ip",
                 "\"5-tuple\", \"src-ip\" or \"src-ip-port\"",
             ),
-            ("forwarding", "nat", "\"dr\" or \"farm\""),
+            ("forwarding", "nat", "\"dr\", \"farm\", \"ipip\" or \"gue\""),
         ] {
             let msg = error(&svc(&format!("{field} = \"{value}\"")), field);
             assert!(

@@ -94,7 +94,8 @@ pub(super) fn admit(
     }
     let p = naming.backend(i, &svc.name, svc.backends.len());
     let (address, vip) = (b.address, svc.vip);
-    if address.is_ipv4() != vip.is_ipv4() {
+    // Tunnels cross families (4in6, 6in4); DR and farm cannot.
+    if address.is_ipv4() != vip.is_ipv4() && !svc.forwarding.is_tunnel() {
         return invalid(
             InService::Address,
             format!(

@@ -70,6 +70,12 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
         pin_dir: Some(pin_dir.clone()),
     })?;
     let mut director = Director::new(dp.ring_slots(), own_mac);
+    // Tunnel services may arrive by reload too: always know the interface's MTU and
+    // addresses (a failure leaves tunnels without sources, shown per backend in status).
+    director.tunnel = crate::tunnel::TunnelHost::discover(&cfg.interface).unwrap_or_else(|e| {
+        tracing::warn!("tunnel forwarding: {e:#}");
+        Default::default()
+    });
     if dp.adopted() {
         // A data plane is running (the previous daemon died, stopped or is being upgraded):
         // take over its ids and tables, so established flows keep their backends.
@@ -86,11 +92,10 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     // Give the backends' MACs one resolution timeout (all in parallel) before the first
     // apply, so the first packet already sees the full config; later ones join as they
     // resolve.
-    macs.prefetch(
-        cfg.services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.address)),
-    );
+    macs.prefetch(cfg.services.iter().flat_map(|s| {
+        let routed = s.forwarding.is_tunnel();
+        s.backends.iter().map(move |b| (b.address, routed))
+    }));
     let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT + Duration::from_millis(200);
     while macs.pending() > 0 {
         match tokio::time::timeout_at(deadline, resolved_rx.recv()).await {

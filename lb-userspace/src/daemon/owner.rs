@@ -313,6 +313,7 @@ impl Owner {
 
     /// Periodic work: retry unresolved backends, refresh the farm status.
     pub fn tick(&mut self) {
+        self.macs.recheck_routed();
         if self.director.unresolved() > 0 {
             if let Err(e) = self.director.apply(&self.cfg, &mut self.dp, &mut self.macs) {
                 tracing::error!("retrying unresolved backends: {e:#}");

@@ -4,7 +4,8 @@
 
 use anyhow::{ensure, Result};
 use lb_common::{
-    Addr, Backend, FarmConfig, GlobalConfig, ServiceInfo, ServiceKey, BACKEND_SLOTS, MAX_SERVICES,
+    Addr, Backend, FarmConfig, GlobalConfig, ServiceInfo, ServiceKey, TunnelInfo, BACKEND_SLOTS,
+    MAX_SERVICES,
 };
 
 /// Which per-id packet/byte counter array.
@@ -28,6 +29,11 @@ pub trait Maps {
     fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> Result<()>;
     /// Zero an id's packet/byte counters (the id is handed to a new service or backend).
     fn reset_counter(&mut self, kind: CounterKind, id: u32) -> Result<()>;
+    /// A tunnel service's outer-header parameters, by service id. The default writes
+    /// nothing: for map sets without tunnels (a previous version's, in the benchmark).
+    fn set_tunnel(&mut self, _service: u32, _t: &TunnelInfo) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Writes every update to two map sets: datapath tests program the kernel and the reference
@@ -55,6 +61,7 @@ tee! {
     set_backend(id: u32, b: &Backend);
     write_ring(o: u32, s: &[(u32, u32)]);
     reset_counter(kind: CounterKind, id: u32);
+    set_tunnel(service: u32, t: &TunnelInfo);
 }
 
 /// A sink that writes nothing but refuses what the kernel maps would refuse (an index out of
@@ -105,6 +112,10 @@ impl Maps for DryRun {
         Ok(())
     }
     fn reset_counter(&mut self, _: CounterKind, _: u32) -> Result<()> {
+        Ok(())
+    }
+    fn set_tunnel(&mut self, service: u32, _: &TunnelInfo) -> Result<()> {
+        ensure!(service < MAX_SERVICES, "service id {service} out of range");
         Ok(())
     }
 }

@@ -17,7 +17,8 @@ use aya::{
 };
 use lb_common::{
     maps as names, svc_drop_index, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey,
-    GlobalConfig, ServiceEntry, ServiceInfo, ServiceKey, Stat, SERVICE_DROP_REASONS, SERVICE_SLOTS,
+    GlobalConfig, ServiceEntry, ServiceInfo, ServiceKey, Stat, TunnelInfo, SERVICE_DROP_REASONS,
+    SERVICE_SLOTS,
 };
 
 pub mod conntrack;
@@ -92,6 +93,7 @@ struct KernelMaps {
     svc_stats: PerCpuArray<MapData, Counter>,
     svc_drops: PerCpuArray<MapData, u64>,
     backend_stats: PerCpuArray<MapData, Counter>,
+    tunnels: Array<MapData, TunnelInfo>,
 }
 
 /// Take map `name` out of a loaded object as a typed handle (it is taken once).
@@ -120,6 +122,7 @@ impl KernelMaps {
             svc_stats: take(ebpf, names::SVC_STATS)?,
             svc_drops: take(ebpf, names::SVC_DROPS)?,
             backend_stats: take(ebpf, names::BACKEND_STATS)?,
+            tunnels: take(ebpf, names::TUNNELS)?,
         })
     }
 }
@@ -316,6 +319,11 @@ impl Dataplane {
             m.conntrack.insert(*flow, e);
             ids.push(e.backend);
         }
+        if let Some((_, s)) = svc {
+            if let Ok(t) = self.maps.tunnels.get(&s.id, 0) {
+                m.tunnels.insert(s.id, t);
+            }
+        }
         for id in ids {
             if let Ok(b) = self.maps.backends.get(&id, 0) {
                 m.backends.insert(id, b);
@@ -442,6 +450,10 @@ impl Maps for Dataplane {
         Ok(())
     }
 
+    fn set_tunnel(&mut self, service: u32, t: &TunnelInfo) -> Result<()> {
+        Ok(self.maps.tunnels.set(service, t, 0)?)
+    }
+
     fn reset_counter(&mut self, kind: CounterKind, id: u32) -> Result<()> {
         let a = match kind {
             CounterKind::Service => &mut self.maps.svc_stats,
@@ -493,7 +505,7 @@ pub fn test_run_repeat(prog: &Xdp, packet: &[u8], repeat: u32) -> Result<(u32, D
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large rings load there too.
-fn bump_memlock_rlimit() {
+pub fn bump_memlock_rlimit() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,

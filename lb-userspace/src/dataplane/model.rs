@@ -5,14 +5,17 @@
 use std::collections::{HashMap, HashSet};
 
 use lb_common::{
-    v4_mapped, Addr, Backend, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat, BACKEND_F_VALID, FLOOD_CLOCK_EVERY, FWD_FARM, NO_BACKEND, PROTO_TCP,
-    PROTO_UDP,
+    gue_sport, hdr, is_v4_mapped, tunnel_hash, tunnel_overhead, v4_mapped, Addr, Backend, CtEntry,
+    FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, TunnelInfo,
+    BACKEND_F_VALID, FLOOD_CLOCK_EVERY, FWD_DR, FWD_FARM, FWD_GUE, FWD_IPIP, IPPROTO_IPIP,
+    IPPROTO_IPV6, NO_BACKEND, PROTO_TCP, PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
 };
 
 use lb_common::wire::{
-    ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, MAX_IPV6_EXT_HDRS, NEXTHDR_DEST, NEXTHDR_FRAGMENT,
-    NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_ACK, TCP_SYN,
+    ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, ICMPV6_ND_FIRST,
+    ICMPV6_ND_LAST, ICMPV6_PKT_TOOBIG, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+    ICMP_FRAG_NEEDED, IPPROTO_ICMP, IPPROTO_ICMPV6, MAX_IPV6_EXT_HDRS, NEXTHDR_DEST,
+    NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, OWN_TTL, TCP_ACK, TCP_SYN,
 };
 
 use crate::dataplane::{CounterKind, Maps};
@@ -54,6 +57,10 @@ pub struct Decision {
     /// Bytes added to the service and backend counters: the whole frame (every fragment of a
     /// multi-buffer frame), or 0 for exits that count no traffic.
     pub bytes: u64,
+    /// The service's forwarding mode (`FWD_*`) for `Tx` and the tunnel exits.
+    pub fwd: u8,
+    /// Tunnels: the flow's `tunnel_hash` (outer source, GUE port, flow label).
+    pub hash: u32,
 }
 
 impl Decision {
@@ -66,6 +73,8 @@ impl Decision {
             flood_skip: false,
             service: 0,
             bytes: 0,
+            fwd: FWD_DR,
+            hash: 0,
         }
     }
 }
@@ -86,6 +95,8 @@ pub struct Model {
     /// Farm mode: connections that have a local (non-listener) TCP socket, standing in for
     /// the kernel's socket lookup.
     pub sockets: HashSet<FlowKey>,
+    /// Tunnel services' outer-header parameters by service id.
+    pub tunnels: HashMap<u32, TunnelInfo>,
 }
 
 impl Maps for Model {
@@ -125,6 +136,10 @@ impl Maps for Model {
         for &(s, id) in slots {
             self.ring.insert(offset + s, id);
         }
+        Ok(())
+    }
+    fn set_tunnel(&mut self, service: u32, t: &TunnelInfo) -> anyhow::Result<()> {
+        self.tunnels.insert(service, *t);
         Ok(())
     }
 }
@@ -206,11 +221,27 @@ impl Model {
         // The program sees only the first buffer of a larger frame (BPF_PROG_TEST_RUN puts the
         // rest in fragments); headers past it count as truncated.
         let mut d = self.decide(&pkt[..pkt.len().min(TEST_RUN_LINEAR_MAX)], now_ns);
+        let tunnel = matches!(d.fwd, FWD_IPIP | FWD_GUE);
+        let overhead = match self.backends.get(&d.backend) {
+            Some(b) if tunnel => tunnel_overhead(!is_v4_mapped(&b.addr), d.fwd == FWD_GUE),
+            _ => 0,
+        };
         if matches!(
             d.reason,
-            Stat::Tx | Stat::FarmPassOwner | Stat::FarmPassSocket
+            Stat::Tx | Stat::FarmPassOwner | Stat::FarmPassSocket | Stat::IcmpTooBigTx
         ) {
-            d.bytes = pkt.len() as u64;
+            d.bytes = (pkt.len() + overhead) as u64;
+        }
+        match d.reason {
+            Stat::IcmpEchoReply => return (d, echo_reply(pkt)),
+            Stat::IcmpTooBigSent => {
+                let mtu = self.tunnels[&d.service].mtu as u32 - overhead as u32;
+                return (d, too_big_answer(pkt, mtu));
+            }
+            _ => {}
+        }
+        if d.action == Action::Tx && tunnel {
+            return (d, self.encap(pkt, &d));
         }
         let mut out = pkt.to_vec();
         if d.action == Action::Tx {
@@ -273,6 +304,20 @@ impl Model {
             }
             _ => return Decision::exit(Pass, Stat::PassNotIp),
         };
+        let v6 = eth_type == ETH_P_IPV6;
+        if proto == if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP } {
+            // ICMPv6 behind extension headers is the kernel's.
+            if v6 && l4 != l3 + 40 {
+                return Decision::exit(Pass, Stat::PassNotVip);
+            }
+            if p.len() < l4 + 8 {
+                return self.rare(&dst, Stat::DropMalformed);
+            }
+            if !self.vip_addrs.contains(&dst) {
+                return Decision::exit(Pass, Stat::PassNotVip);
+            }
+            return self.icmp(p, l3, l4, v6, now);
+        }
         let (sport, dport, syn) = match proto {
             PROTO_TCP => {
                 if p.len() < l4 + 20 {
@@ -313,14 +358,189 @@ impl Model {
             };
         }
         Decision {
-            action: Tx,
-            reason: Stat::Tx,
-            backend,
             ct: Some(ct),
             flood_skip,
-            service: svc.id,
-            bytes: 0,
+            ..self.send(p, l3, &svc, backend, &flow, Stat::Tx)
         }
+    }
+
+    /// ICMP to a VIP: see `lb-ebpf/src/icmp.rs`.
+    fn icmp(&self, p: &[u8], l3: usize, l4: usize, v6: bool, now: u64) -> Decision {
+        let (ty, code) = (p[l4], p[l4 + 1]);
+        let to_us = p[0..6] == self.config.own_mac;
+        if v6 {
+            if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&ty) {
+                return Decision::exit(Action::Pass, Stat::PassIcmpNd);
+            }
+            if ty == ICMPV6_ECHO_REQUEST && to_us {
+                return Decision::exit(Action::Tx, Stat::IcmpEchoReply);
+            }
+            if ty == ICMPV6_PKT_TOOBIG {
+                return self.too_big(p, l3, l4 + 8, v6, now);
+            }
+        } else {
+            if ty == ICMP_ECHO_REQUEST && to_us {
+                return Decision::exit(Action::Tx, Stat::IcmpEchoReply);
+            }
+            if ty == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
+                return self.too_big(p, l3, l4 + 8, v6, now);
+            }
+        }
+        Decision::exit(Action::Drop, Stat::DropIcmp)
+    }
+
+    /// The flow an ICMP error quotes (at `q`), swapped back to client -> VIP, and its
+    /// backend: live conntrack entry, else the ring; nothing recorded.
+    fn too_big(&self, p: &[u8], l3: usize, q: usize, v6: bool, clock: u64) -> Decision {
+        let drop = Decision::exit(Action::Drop, Stat::DropIcmp);
+        let (src, dst, proto, ports): (Addr, Addr, u8, usize) = if v6 {
+            if p.len() < q + 40 || p[q] >> 4 != 6 {
+                return drop;
+            }
+            (
+                p[q + 8..q + 24].try_into().unwrap(),
+                p[q + 24..q + 40].try_into().unwrap(),
+                p[q + 6],
+                q + 40,
+            )
+        } else {
+            if p.len() < q + 20 || p[q] != 0x45 {
+                return drop;
+            }
+            (
+                v4_mapped(p[q + 12..q + 16].try_into().unwrap()),
+                v4_mapped(p[q + 16..q + 20].try_into().unwrap()),
+                p[q + 9],
+                q + 20,
+            )
+        };
+        if (proto != PROTO_TCP && proto != PROTO_UDP) || p.len() < ports + 4 {
+            return drop;
+        }
+        let flow = FlowKey::new(dst, src, be16(p, ports + 2), be16(p, ports), proto);
+        let Some((_, svc)) = self.service_for(&flow.dst, flow.dport, proto) else {
+            return drop;
+        };
+        if svc.fwd_mode == FWD_FARM {
+            return drop;
+        }
+        let now = if proto == PROTO_UDP { clock } else { 0 };
+        let tracked = self.conntrack.get(&flow).filter(|e| {
+            (proto != PROTO_UDP || now.wrapping_sub(e.last_seen_ns) <= self.config.udp_timeout_ns)
+                && self.backend_valid(e.backend)
+        });
+        let backend = match tracked {
+            Some(e) => e.backend,
+            None => self.expected_backend(&svc, &flow),
+        };
+        if !self.backend_valid(backend) {
+            return Decision {
+                service: svc.id,
+                ..Decision::exit(Action::Drop, Stat::DropNoBackend)
+            };
+        }
+        self.send(p, l3, &svc, backend, &flow, Stat::IcmpTooBigTx)
+    }
+
+    /// Forward to `backend` by the service's method (see `lb-ebpf/src/forward.rs`): `Tx`
+    /// counted as `reason`, or a tunnel's too-big exit.
+    fn send(
+        &self,
+        p: &[u8],
+        l3: usize,
+        svc: &ServiceInfo,
+        backend: u32,
+        flow: &FlowKey,
+        reason: Stat,
+    ) -> Decision {
+        let d = Decision {
+            backend,
+            service: svc.id,
+            fwd: svc.fwd_mode,
+            ..Decision::exit(Action::Tx, reason)
+        };
+        if !matches!(svc.fwd_mode, FWD_IPIP | FWD_GUE) {
+            return d;
+        }
+        let Some(t) = self.tunnels.get(&svc.id) else {
+            return Decision::exit(Action::Drop, Stat::DropEncap);
+        };
+        let outer_v6 = !is_v4_mapped(&self.backends[&backend].addr);
+        let overhead = tunnel_overhead(outer_v6, svc.fwd_mode == FWD_GUE) as u32;
+        let (_, len, df) = inner_ip(p, l3);
+        let mtu = t.mtu as u32;
+        if mtu != 0 && len + overhead > mtu {
+            if !(df && reason == Stat::Tx) {
+                return Decision::exit(Action::Drop, Stat::DropTooBig);
+            }
+            let quote = if p[l3] >> 4 == 6 {
+                TOO_BIG_QUOTE_V6
+            } else {
+                TOO_BIG_QUOTE_V4
+            };
+            if p.len() < l3 + quote {
+                return Decision::exit(Action::Drop, Stat::DropEncap);
+            }
+            return Decision {
+                backend,
+                service: svc.id,
+                fwd: svc.fwd_mode,
+                ..Decision::exit(Action::Tx, Stat::IcmpTooBigSent)
+            };
+        }
+        Decision {
+            hash: tunnel_hash(flow),
+            ..d
+        }
+    }
+
+    /// The frame wrapped for the tunnel to `d.backend` (see `encap` in `forward.rs`).
+    fn encap(&self, pkt: &[u8], d: &Decision) -> Vec<u8> {
+        let l2 = if be16(pkt, 12) == ETH_P_8021Q { 18 } else { 14 };
+        let b = &self.backends[&d.backend];
+        let (outer_v6, gue) = (!is_v4_mapped(&b.addr), d.fwd == FWD_GUE);
+        let (tos, len, _) = inner_ip(pkt, l2);
+        let inner_v6 = pkt[l2] >> 4 == 6;
+        let outer_len = len + tunnel_overhead(outer_v6, gue) as u32;
+        let mut out = Vec::with_capacity(pkt.len() + 48);
+        out.extend_from_slice(&b.mac);
+        out.extend_from_slice(&self.config.own_mac);
+        out.extend_from_slice(&pkt[12..l2 - 2]);
+        out.extend_from_slice(&if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP }.to_be_bytes());
+        let next = match (gue, inner_v6) {
+            (true, _) => PROTO_UDP,
+            (false, true) => IPPROTO_IPV6,
+            (false, false) => IPPROTO_IPIP,
+        };
+        let t = &self.tunnels[&d.service];
+        let src = crate::tunnel::outer_source(t, outer_v6, d.hash);
+        let ip_len = if outer_v6 {
+            out.extend_from_slice(&hdr::ipv6(
+                tos,
+                d.hash,
+                (outer_len - 40) as u16,
+                next,
+                &src,
+                &b.addr,
+            ));
+            40
+        } else {
+            let (s4, d4) = (&src[12..], &b.addr[12..]);
+            out.extend_from_slice(&hdr::ipv4(
+                tos,
+                outer_len as u16,
+                next,
+                s4.try_into().unwrap(),
+                d4.try_into().unwrap(),
+            ));
+            20
+        };
+        if gue {
+            let udp_len = (outer_len - ip_len) as u16;
+            out.extend_from_slice(&hdr::udp(gue_sport(d.hash), t.gue_port, udp_len));
+        }
+        out.extend_from_slice(&pkt[l2..]);
+        out
     }
 
     /// Farm branch: see `lb-ebpf/src/farm.rs`.
@@ -440,6 +660,91 @@ impl Model {
             .and_then(|i| self.ring.get(&i).copied())
             .unwrap_or(NO_BACKEND)
     }
+}
+
+/// The program's echo reply to the echo request `pkt`: MACs and addresses swapped, TTL /
+/// hop limit reset, type changed, checksums updated incrementally as the program does.
+fn echo_reply(pkt: &[u8]) -> Vec<u8> {
+    let mut o = pkt.to_vec();
+    o[0..6].copy_from_slice(&pkt[6..12]);
+    o[6..12].copy_from_slice(&pkt[0..6]);
+    let l3 = if be16(pkt, 12) == ETH_P_8021Q { 18 } else { 14 };
+    let (l4, reply) = if be16(pkt, l3 - 2) == ETH_P_IP {
+        o[l3 + 12..l3 + 16].copy_from_slice(&pkt[l3 + 16..l3 + 20]);
+        o[l3 + 16..l3 + 20].copy_from_slice(&pkt[l3 + 12..l3 + 16]);
+        let old = be16(&o, l3 + 8);
+        o[l3 + 8] = OWN_TTL;
+        let c = lb_common::csum::replace([o[l3 + 10], o[l3 + 11]], old, be16(&o, l3 + 8));
+        o[l3 + 10..l3 + 12].copy_from_slice(&c);
+        (l3 + 20, ICMP_ECHO_REPLY)
+    } else {
+        o[l3 + 8..l3 + 24].copy_from_slice(&pkt[l3 + 24..l3 + 40]);
+        o[l3 + 24..l3 + 40].copy_from_slice(&pkt[l3 + 8..l3 + 24]);
+        o[l3 + 7] = OWN_TTL;
+        (l3 + 40, ICMPV6_ECHO_REPLY)
+    };
+    let old = be16(&o, l4);
+    o[l4] = reply;
+    let c = lb_common::csum::replace([o[l4 + 2], o[l4 + 3]], old, be16(&o, l4));
+    o[l4 + 2..l4 + 4].copy_from_slice(&c);
+    o
+}
+
+/// ToS / traffic class, length by the header, and "may not be fragmented" of the IP packet
+/// at `l3` (see `Inner::of` in `parse.rs`).
+fn inner_ip(p: &[u8], l3: usize) -> (u8, u32, bool) {
+    let h = &p[l3..];
+    if h[0] >> 4 == 6 {
+        ((h[0] << 4) | (h[1] >> 4), be16(h, 4) as u32 + 40, true)
+    } else {
+        (h[1], be16(h, 2) as u32, h[6] & 0x40 != 0)
+    }
+}
+
+/// The program's frag-needed / packet-too-big answer to the frame `pkt` naming `mtu` (see
+/// `too_big_reply` in `icmp.rs`).
+fn too_big_answer(pkt: &[u8], mtu: u32) -> Vec<u8> {
+    let l2 = if be16(pkt, 12) == ETH_P_8021Q { 18 } else { 14 };
+    let v6 = pkt[l2] >> 4 == 6;
+    let q = if v6 {
+        TOO_BIG_QUOTE_V6
+    } else {
+        TOO_BIG_QUOTE_V4
+    };
+    let quote = &pkt[l2..l2 + q];
+    let mut out = pkt[6..12].to_vec();
+    out.extend_from_slice(&pkt[0..6]);
+    out.extend_from_slice(&pkt[12..l2]);
+    let mut msg;
+    let acc;
+    if v6 {
+        let (client, vip): (Addr, Addr) = (
+            quote[8..24].try_into().unwrap(),
+            quote[24..40].try_into().unwrap(),
+        );
+        let h = hdr::ipv6(0, 0, (8 + q) as u16, IPPROTO_ICMPV6, &vip, &client);
+        out.extend_from_slice(&h);
+        acc = lb_common::csum::sum(&h[8..40], 0) + (8 + q) as u32 + IPPROTO_ICMPV6 as u32;
+        msg = vec![ICMPV6_PKT_TOOBIG, 0, 0, 0];
+        msg.extend_from_slice(&mtu.to_be_bytes());
+    } else {
+        let h = hdr::ipv4(
+            0,
+            (28 + q) as u16,
+            IPPROTO_ICMP,
+            quote[16..20].try_into().unwrap(),
+            quote[12..16].try_into().unwrap(),
+        );
+        out.extend_from_slice(&h);
+        acc = 0;
+        msg = vec![ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0];
+        msg.extend_from_slice(&(mtu as u16).to_be_bytes());
+    }
+    msg.extend_from_slice(quote);
+    let c = lb_common::csum::fold(lb_common::csum::sum(&msg, acc));
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    out.extend_from_slice(&msg);
+    out
 }
 
 /// The kernel program and the model side by side, programmed identically through

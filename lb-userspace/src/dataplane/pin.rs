@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
     maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig,
-    ServiceEntry, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
+    ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
     SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
 };
 
@@ -24,7 +24,7 @@ pub const LINK: &str = "link";
 pub const PROGRAM: &str = "program";
 
 /// Every map, pinned under its own name.
-pub const MAPS: [&str; 13] = [
+pub const MAPS: [&str; 14] = [
     names::SERVICE_INDEX,
     names::SERVICE_ENTRIES,
     names::VIP_ADDRS,
@@ -38,6 +38,7 @@ pub const MAPS: [&str; 13] = [
     names::BACKEND_STATS,
     names::FLOOD,
     names::SVC_DROPS,
+    names::TUNNELS,
 ];
 
 fn is_bpffs(p: &Path) -> bool {
@@ -94,7 +95,7 @@ struct Spec {
 
 /// The maps as this build lays them out, for a data plane of `ring_slots` and
 /// `conntrack_size`.
-fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 13] {
+fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 14] {
     use std::mem::size_of;
     let s = |name, key, value, max| Spec {
         name,
@@ -131,6 +132,7 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 13] {
             8,
             MAX_SERVICES * SERVICE_DROP_REASONS.len() as u32,
         ),
+        s(names::TUNNELS, 4, size_of::<TunnelInfo>(), MAX_SERVICES),
     ]
 }
 

@@ -108,6 +108,8 @@ pub struct ServiceState {
     pub backends: BTreeMap<IpAddr, BackendState>,
     /// The service has backends but none takes new flows (logged once per transition).
     pub no_backend: bool,
+    /// Tunnel services: the `TUNNELS` entry as last written.
+    pub tunnel: Option<lb_common::TunnelInfo>,
 }
 
 impl ServiceState {
@@ -238,6 +240,12 @@ pub struct Director {
     stale: Vec<u32>,
     /// Farm mode: until when this node takes new flows (see `FarmConfig::lease_until_ns`).
     lease_until_ns: u64,
+    /// Tunnel modes: the interface's MTU and addresses (the daemon discovers them).
+    pub tunnel: crate::tunnel::TunnelHost,
+    /// Tunnel modes: the configured `tunnel_source` prefixes and `gue_port` (set by
+    /// `apply`).
+    tunnel_sources: Vec<crate::config::Cidr>,
+    gue_port: u16,
 }
 
 impl Director {
@@ -256,6 +264,9 @@ impl Director {
             valid_members: BTreeSet::new(),
             stale: Vec::new(),
             lease_until_ns: 0,
+            tunnel: Default::default(),
+            tunnel_sources: Vec::new(),
+            gue_port: lb_common::DEFAULT_GUE_PORT,
         }
     }
 
@@ -318,6 +329,7 @@ impl Director {
                 table: table.clone(),
                 backends: BTreeMap::new(),
                 no_backend: false,
+                tunnel: None,
             };
             for (id, b) in snap.backends.iter().filter(|(_, b)| b.service == info.id) {
                 let Some(bc) = s.backends.iter().find(|c| addr_of(c.address) == b.addr) else {
@@ -379,6 +391,8 @@ impl Director {
             flood_rate: cfg.flood_guard_rate,
             _pad: 0,
         })?;
+        self.tunnel_sources = cfg.tunnel_source.clone();
+        self.gue_port = cfg.gue_port;
         self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
         self.write_farm(maps)?;
         let wanted: BTreeMap<&str, &ServiceCfg> =
@@ -450,6 +464,7 @@ impl Director {
                 table,
                 backends: BTreeMap::new(),
                 no_backend: false,
+                tunnel: None,
             },
         );
         Ok(())
@@ -479,6 +494,16 @@ impl Director {
         macs: &mut impl MacResolver,
     ) -> Result<()> {
         let st = self.services.get_mut(&s.name).expect("added above");
+        // Before any ring slot points at a backend: the program reads it for every packet.
+        if s.forwarding.is_tunnel() {
+            let t = self
+                .tunnel
+                .info(&self.tunnel_sources, s.gue_port.unwrap_or(self.gue_port));
+            if st.tunnel != Some(t) {
+                maps.set_tunnel(st.info.id, &t)?;
+                st.tunnel = Some(t);
+            }
+        }
         if st.cfg.hash != s.hash {
             st.info.hash_mode = s.hash as u8;
             maps.set_service(&st.key, &st.info)?;
@@ -527,8 +552,39 @@ impl Director {
                     })
                 }
             };
+            if entry.mac.is_some() && s.forwarding.is_tunnel() {
+                // A tunnel backend's next hop may change (routes, router failover): the
+                // resolver re-checks it, and a new MAC is written over the old one.
+                if let Ok(mac) = macs.resolve_next_hop(b.address) {
+                    if entry.mac != Some(mac) {
+                        tracing::info!(
+                            service = %s.name, backend = %b.address,
+                            "next hop changed: now {}",
+                            mac.map(|x| format!("{x:02x}")).join(":")
+                        );
+                        entry.mac = Some(mac);
+                        if entry.valid {
+                            maps.set_backend(
+                                entry.id,
+                                &backend_entry(st.info.id, entry, BACKEND_F_VALID),
+                            )?;
+                        }
+                    }
+                }
+            }
             if entry.mac.is_none() {
-                match macs.resolve(b.address) {
+                // Tunnels reach the backend through its route: the MAC is the next hop's.
+                let resolved = if !s.forwarding.is_tunnel() {
+                    macs.resolve(b.address)
+                } else if !self.tunnel.can_reach(&self.tunnel_sources, b.address) {
+                    Err(anyhow::anyhow!(
+                        "no outer source address of the backend's family: the interface has \
+                         none and tunnel_source gives none"
+                    ))
+                } else {
+                    macs.resolve_next_hop(b.address)
+                };
+                match resolved {
                     Ok(mac) => entry.mac = Some(mac),
                     // The resolver reports failures; `farmlb status` shows it unresolved.
                     Err(e) => tracing::debug!(

@@ -16,7 +16,9 @@
 //! `bench/report.md`, `bench/report.json` and `bench/ratios.svg`. Goals are reported, never
 //! asserted.
 //!
-//! For work on the benchmark itself, `FARMLB_BENCH_ONLY=pkt,maglev,conn,fwd` (any subset)
+//! 1b. The tunnel modes' per-packet cost beside DR, and the decapsulator's ([`tunnel`]).
+//!
+//! For work on the benchmark itself, `FARMLB_BENCH_ONLY=pkt,tun,maglev,conn,fwd` (any subset)
 //! (and `fail`) runs only those parts and prints their lines without writing the report.
 
 mod baseline;
@@ -30,6 +32,7 @@ mod pkt;
 mod report;
 mod stats;
 mod sys;
+mod tunnel;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -317,6 +320,12 @@ fn measure(quick: bool, baseline: Option<String>) -> Result<()> {
         "Per-packet cost (BPF_PROG_TEST_RUN)",
         &[("pkt", "Per-packet cost")],
     );
+    const TUN: Part = (
+        "tun",
+        "per_packet_tunnel",
+        "Per-packet cost of the tunnel modes",
+        &[("pkt.tunnel", "Per-packet cost of IPIP and GUE")],
+    );
     const MAGLEV: Part = (
         "maglev",
         "maglev",
@@ -334,6 +343,8 @@ fn measure(quick: bool, baseline: Option<String>) -> Result<()> {
 
     eprintln!("xtask bench: [1/5] per-packet cost (BPF_PROG_TEST_RUN)");
     let pkt_sec = part(PKT, &mut || pkt::run(&plan, baseline.as_deref()));
+    eprintln!("xtask bench: [1b/5] per-packet cost of the tunnel modes (repeat-1 calls)");
+    let tun_sec = part(TUN, &mut || tunnel::run(&plan));
     eprintln!("xtask bench: [2/5] Maglev");
     let maglev_sec = part(MAGLEV, &mut || maglev::run(&plan));
     let rig = if want("conn") || want("fail") || want("fwd") {
@@ -360,7 +371,7 @@ fn measure(quick: bool, baseline: Option<String>) -> Result<()> {
         }
     };
     // Report in the order.
-    let sections = vec![pkt_sec, fwd_sec, conn_sec, maglev_sec, fail_sec];
+    let sections = vec![pkt_sec, tun_sec, fwd_sec, conn_sec, maglev_sec, fail_sec];
 
     let duration = started.elapsed();
     let info = report::RunInfo {

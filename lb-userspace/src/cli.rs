@@ -617,7 +617,10 @@ pub(crate) fn health_str(b: &BackendView) -> String {
 }
 
 pub fn render_status(s: &StatusView) -> String {
-    let farm = s.farm.as_ref().map(|f| f.render()).unwrap_or_default();
+    let mut farm = s.farm.as_ref().map(|f| f.render()).unwrap_or_default();
+    if let Some(a) = &s.announce {
+        farm += &a.render();
+    }
     if s.services.is_empty() {
         return format!("{farm}no services configured\n");
     }

@@ -1,5 +1,6 @@
 //! farmlb control plane library: the daemon and CLI in `main.rs` are thin wrappers over it.
 
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -649,6 +649,7 @@ mod tests {
                 error: Some("bad".into()),
             }),
             farm: None,
+            announce: None,
             conntrack: Some(crate::api::ConntrackView {
                 entries: 5,
                 capacity: 1024,

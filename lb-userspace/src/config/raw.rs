@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::announce::RawAnnounce;
 use super::check::RawCheck;
 use super::farm::RawFarm;
 use super::rules::{self, InConfig, InService, Naming};
@@ -38,6 +39,7 @@ pub(super) struct RawConfig {
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
     farm: Option<Spanned<RawFarm>>,
+    announce: Option<Spanned<RawAnnounce>>,
 }
 
 #[derive(Deserialize)]
@@ -259,6 +261,9 @@ impl Ctx<'_> {
             .map(|(i, rs)| self.service(i, rs))
             .collect::<Result<Vec<_>, _>>()?;
         let farm = raw.farm.as_ref().map(|f| self.farm(f)).transpose()?;
+        let announce = (raw.announce.as_ref())
+            .map(|a| self.announce(a, farm.is_some()))
+            .transpose()?;
         rules::check_services(&services, farm.as_ref(), self.naming).map_err(|(at, e)| {
             let service = |i: usize| raw.services[i].get_ref();
             let span = match at {
@@ -290,6 +295,7 @@ impl Ctx<'_> {
             state_file,
             services,
             farm,
+            announce,
         })
     }
 

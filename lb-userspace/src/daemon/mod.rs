@@ -136,6 +136,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
         supervisor: Supervisor::new(probe_tx),
         live,
         farm,
+        announce: None,
         conntrack: None,
         reload: api::ReloadView::started(),
         state: state::RuntimeState {
@@ -166,6 +167,11 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
                 "XDP program attached"
             );
             owner.started();
+            // Announce only once the program forwards: a router must never send flows to a
+            // director that cannot serve them yet.
+            owner.announce = (owner.cfg.announce.as_ref())
+                .map(|a| crate::announce::Announcer::start(a, &owner.cfg.interface));
+            owner.announce();
             notify::ready();
             let mut inbox = Inbox {
                 api: api_rx,
@@ -185,6 +191,10 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     // peers take our share at once), run `on_stop`; then detach if `farmlb stop --detach`
     // asked for it, else leave the pinned data plane forwarding for the next daemon.
     notify::stopping();
+    // Withdraw first, so the routers move the flows away while this node still forwards.
+    if let Some(a) = &mut owner.announce {
+        a.withdraw_all(Duration::from_secs(3)).await;
+    }
     owner.supervisor.shutdown();
     count_task.abort();
     api_task.abort();
@@ -422,5 +432,8 @@ async fn serve(owner: &mut Owner, inbox: &mut Inbox) -> Result<Exit> {
                 }
             }
         }
+        // Whatever changed (health, reload, API, membership, node check), the announced
+        // set follows; cheap when nothing did.
+        owner.announce();
     }
 }

@@ -58,6 +58,8 @@ pub(super) struct Owner {
     pub supervisor: Supervisor,
     pub live: LiveMetrics,
     pub farm: Option<FarmRole>,
+    /// `[announce]`: the writer of the VIP routes.
+    pub announce: Option<crate::announce::Announcer>,
     /// The last conntrack count.
     pub conntrack: Option<crate::dataplane::conntrack::Count>,
     /// How the last reload (SIGHUP, `farmlb reload`) ended; the start counts as one.
@@ -290,6 +292,15 @@ impl Owner {
             if let Err(e) = f.on_view(view, &self.cfg, &mut self.director, &mut self.dp) {
                 tracing::error!("installing the ownership tables failed: {e:#}");
             }
+        }
+    }
+
+    /// Hand the announcer the VIPs that should be announced now (a no-op when nothing
+    /// changed; the writer task does the rest).
+    pub fn announce(&self) {
+        if let Some(a) = &self.announce {
+            let node_ok = self.farm.as_ref().is_none_or(|f| f.node_ok());
+            a.set(crate::announce::wanted(&self.cfg, &self.director, node_ok));
         }
     }
 

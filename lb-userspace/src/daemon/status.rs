@@ -141,6 +141,7 @@ impl Owner {
             farm: self.farm.as_ref().map(|f| f.status(&self.director)),
             conntrack,
             reload: Some(self.reload.clone()),
+            announce: self.announce.as_ref().map(|a| a.view()),
         }
     }
 }

@@ -157,6 +157,11 @@ impl FarmRole {
         Ok((role, view_rx))
     }
 
+    /// Whether this node takes flows: its own check passes and its power is not 0.
+    pub fn node_ok(&self) -> bool {
+        self.power > 0
+    }
+
     pub fn node_id(&self) -> u32 {
         self.farm.node_id
     }

@@ -32,6 +32,7 @@ pub mod maps {
         BACKEND_STATS,
         FARM,
         FLOOD,
+        CT_SYNC,
     );
 }
 
@@ -206,7 +207,7 @@ pub const MEMBER_OWNER: u32 = u32::MAX;
 /// Version of the maps' layout and meaning. A control plane adopts a pinned data plane only
 /// if the version matches (and every map's key, value and size does); bump it whenever a map
 /// type or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Conntrack key: the client-to-VIP direction of a flow.
 #[repr(C)]
@@ -262,7 +263,28 @@ pub struct GlobalConfig {
     /// flows); 0 = no guard.
     pub flood_rate: u32,
     pub _pad: u32,
+    /// Conntrack sync (`[announce] sync`): nonzero = publish every entry the program makes
+    /// to `CT_SYNC`, for the daemon to send to the other directors. Zero costs the insert
+    /// path one branch.
+    pub sync: u32,
+    pub _pad2: u32,
 }
+
+/// A conntrack entry the program made (a new flow, or a SYN rewriting its tuple's entry),
+/// as written to the `CT_SYNC` ring buffer when `GlobalConfig::sync` is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtSyncEvent {
+    pub flow: FlowKey,
+    /// This director's backend id (peers are told the backend's address instead).
+    pub backend: u32,
+    pub _pad: u32,
+}
+
+/// Bytes of the `CT_SYNC` ring buffer: 16 Ki events of 48 bytes plus headers, about 100 ms
+/// of new flows at 100 k/s between two reads of the daemon (every 10 ms). When it is full
+/// the event is dropped and counted (`ct_sync_drop`); the flow is forwarded all the same.
+pub const CT_SYNC_BYTES: u32 = 1 << 20;
 
 /// Default `GlobalConfig::flood_rate` (Katran's default cap on new flows per CPU).
 pub const DEFAULT_FLOOD_RATE: u32 = 125_000;
@@ -371,6 +393,9 @@ stats! {
     /// Farm: a new flow (TCP SYN, UDP) while this node's lease has run out (no daemon
     /// renews it): the other members own its share by now; live connections stay.
     FarmDropLease = "farm_drop_lease",
+    /// Conntrack sync: the `CT_SYNC` ring buffer was full, the new entry is not published
+    /// (a peer that takes the flow over hashes it on its ring).
+    CtSyncDrop = "ct_sync_drop",
 }
 
 const _: () = {
@@ -379,7 +404,8 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 28);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<CtEntry>() == 16);
-    assert!(core::mem::size_of::<GlobalConfig>() == 24);
+    assert!(core::mem::size_of::<GlobalConfig>() == 32);
+    assert!(core::mem::size_of::<CtSyncEvent>() == 48);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<FarmConfig>() == 16);
@@ -404,6 +430,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FarmConfig {}
     unsafe impl aya::Pod for super::FloodWindow {}
+    unsafe impl aya::Pod for super::CtSyncEvent {}
 }
 
 /// v4-mapped form of an IPv4 address given as its 4 wire bytes.

@@ -5,13 +5,13 @@
 use aya_ebpf::{
     helpers::generated::bpf_xdp_get_buff_len,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
     Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, DEFAULT_RING_SLOTS,
-    MAX_SERVICES, MAX_VIP_ADDRS,
+    ServiceKey, Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, CT_SYNC_BYTES,
+    DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
@@ -53,6 +53,9 @@ maps! {
     /// Flood guard: per CPU, the new conntrack entries of the current second (consulted
     /// only when a flow is about to be inserted).
     FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
+    /// Conntrack sync: the entries the program makes (`CtSyncEvent`), written only while
+    /// `GlobalConfig::sync` is set; the daemon reads them and sends them to its peers.
+    CT_SYNC: RingBuf = RingBuf::with_byte_size(CT_SYNC_BYTES, 0);
 }
 
 /// Bump a `STATS` counter.

@@ -621,6 +621,18 @@ pub fn render_status(s: &StatusView) -> String {
     if let Some(a) = &s.announce {
         farm += &a.render();
     }
+    if let Some(y) = &s.sync {
+        farm += &format!(
+            "conntrack sync: sent {} received {} dropped {} rejected {} ring drops {}, lag {:.1} ms (max {:.1})\n",
+            y.sent,
+            y.received,
+            y.dropped,
+            y.rejected,
+            s.stats.get("ct_sync_drop").copied().unwrap_or(0),
+            y.lag_ms_last,
+            y.lag_ms_max
+        );
+    }
     if s.services.is_empty() {
         return format!("{farm}no services configured\n");
     }

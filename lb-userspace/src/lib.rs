@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod neigh;
 pub mod packet;
 pub mod simulate;
+pub mod sync;
 pub mod top;
 
 /// The XDP object built by `build.rs`.

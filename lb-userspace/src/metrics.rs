@@ -650,6 +650,7 @@ mod tests {
             }),
             farm: None,
             announce: None,
+            sync: None,
             conntrack: Some(crate::api::ConntrackView {
                 entries: 5,
                 capacity: 1024,

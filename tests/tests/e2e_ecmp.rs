@@ -210,18 +210,9 @@ fn ecmp_spreads_over_directors_and_backends_and_survives_a_director_death() -> R
 
     // --- long-lived connections, then kill director 1 ---
     let sources = s.rig.client_sources();
-    let mut conns: Vec<LongConn> = (0..60)
-        .map(|i| {
-            LongConn::open(
-                &s.rig.ns_client(),
-                sources[i % sources.len()],
-                IpAddr::V4(VIP),
-                WEB,
-            )
-        })
-        .collect::<Result<_>>()?;
+    let (mut conns, via) = open_tracked(&s, 60)?;
     ping_all(&mut conns, "before the kill")?;
-    let on_dead = flows_on(&s, 0, &conns)?;
+    let on_dead = via.iter().filter(|&&d| d == 0).count();
     println!(
         "long-lived connections through d1: {on_dead} of {}",
         conns.len()
@@ -284,25 +275,6 @@ fn ecmp_spreads_over_directors_and_backends_and_survives_a_director_death() -> R
         "recovery took {recovery:?}"
     );
     Ok(())
-}
-
-/// How many of `conns` director `i` has a conntrack entry for.
-fn flows_on(s: &Scale, i: usize, conns: &[LongConn]) -> Result<usize> {
-    let out = std::process::Command::new(lb_tests::farmlb_bin())
-        .arg("--socket")
-        .arg(s.rig.api_socket(i))
-        .args(["conns", "--json", "--limit", "100000"])
-        .output()?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("farmlb conns --json")?;
-    let clients: Vec<&str> = v["flows"]
-        .as_array()
-        .map(|f| f.iter().filter_map(|f| f["client"].as_str()).collect())
-        .unwrap_or_default();
-    Ok(conns
-        .iter()
-        .filter(|c| clients.contains(&c.local_addr().to_string().as_str()))
-        .count())
 }
 
 #[test]
@@ -400,4 +372,182 @@ fn contrib_bird_conf_parses() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// (long-lived connections broken after the kill, those through the dead director, those of
+/// them the survivors' tables alone would send to another backend).
+struct MoveResult {
+    broken: usize,
+    /// Of `broken`, those that went through the dead director.
+    broken_dead: usize,
+    on_dead: usize,
+    needed_sync: usize,
+}
+
+/// Long-lived connections open; then a backend is added and another drained on every
+/// director (so the Maglev tables no longer match the flows' backends); then director 1
+/// dies. Its flows reach the survivors, which keep them on their backends only if they
+/// learned the flows' entries (conntrack sync).
+fn add_drain_then_kill(prefix: &str, sync: bool) -> Result<MoveResult> {
+    let extra = if sync { "sync = true\n" } else { "" };
+    let mut s = Scale::up(prefix, extra)?;
+    let (mut conns, via) = open_tracked(&s, 90)?;
+    let dead_flows: Vec<usize> = (0..conns.len()).filter(|&i| via[i] == 0).collect();
+    // b4 joins, b1 drains, on every director.
+    let b4 = s.rig.add_backend()?;
+    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), WEB);
+    s._servers
+        .push(IdentityServer::start(&s.rig.ns("b4"), any, "b4")?);
+    let key = s.rig.write_key()?;
+    let b1 = s.rig.backend_addr(0).to_string();
+    let b4addr = s.rig.backend_addr(b4).to_string();
+    for i in 0..DIRECTORS {
+        let conf = s
+            .rig
+            .director_config(i, &key, extra, &services(&s.rig, BACKENDS + 1));
+        let conf = conf.replacen(
+            &format!("address = \"{b1}\"\n"),
+            &format!("address = \"{b1}\"\n  state = \"drain\"\n"),
+            1,
+        );
+        s.farmlb[i].reload(&conf)?;
+    }
+    for i in 0..DIRECTORS {
+        let sock = s.rig.api_socket(i);
+        wait_until(Duration::from_secs(10), "b4 usable and b1 drained", || {
+            let st = status_json(&sock)?;
+            let web = &st["services"][0];
+            let b = |a: &str| {
+                web["backends"]
+                    .as_array()
+                    .and_then(|v| v.iter().find(|b| b["address"] == a).cloned())
+                    .unwrap_or_default()
+            };
+            Ok(b(&b4addr)["effective_weight"] == 1 && b(&b1)["state"] == "drain")
+        })?;
+    }
+    ping_all(&mut conns, "after the backend changes")?;
+    // Which of d1's flows d2's table alone would send elsewhere (`simulate --syn`: the ring,
+    // conntrack ignored).
+    let mut needed_sync = 0;
+    for &i in &dead_flows {
+        let out = std::process::Command::new(lb_tests::farmlb_bin())
+            .arg("--socket")
+            .arg(s.rig.api_socket(1))
+            .args(["simulate", "--syn", "--json", "--src"])
+            .arg(conns[i].local_addr().to_string())
+            .args(["--dst", &format!("{VIP}:{WEB}")])
+            .output()?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("simulate --json")?;
+        let backend = v["backend"].as_str().unwrap_or_default().to_string();
+        let id = format!(
+            "b{}",
+            backend
+                .rsplit('.')
+                .next()
+                .unwrap_or("0")
+                .parse::<u32>()
+                .unwrap_or(0)
+                - 10
+        );
+        if id != conns[i].identity() {
+            needed_sync += 1;
+        }
+    }
+    if sync {
+        let st = status_json(&s.rig.api_socket(1))?;
+        println!("d2 sync counters before the kill: {}", st["sync"]);
+        let n = |k: &str| st["sync"][k].as_u64().unwrap_or(0);
+        ensure!(n("received") > 0 && n("sent") > 0, "{}", st["sync"]);
+        ensure!(n("rejected") == 0 && n("dropped") == 0, "{}", st["sync"]);
+        let text = lb_tests::ctl::cli_ok(&s.rig.api_socket(1), &["status"])?;
+        ensure!(text.contains("conntrack sync: sent"), "{text}");
+    }
+    s.rig.set_director_link(0, false)?;
+    s.farmlb[0].kill9()?;
+    let b = s.birds[0];
+    s.rig.bird(b).kill9()?;
+    wait_until(Duration::from_secs(10), "the router to drop d1", || {
+        Ok(s.rig.router_next_hops(VIP)?.len() == DIRECTORS - 1)
+    })?;
+    let (mut broken, mut broken_dead) = (0, 0);
+    for (i, c) in conns.iter_mut().enumerate() {
+        if c.ping().is_err() {
+            broken += 1;
+            broken_dead += usize::from(via[i] == 0);
+        }
+    }
+    Ok(MoveResult {
+        broken,
+        broken_dead,
+        on_dead: dead_flows.len(),
+        needed_sync,
+    })
+}
+
+#[test]
+fn with_conntrack_sync_flows_of_a_dead_director_keep_their_backend_after_add_and_drain(
+) -> Result<()> {
+    let r = add_drain_then_kill("scsync", true)?;
+    println!(
+        "sync on: {} of 90 long-lived connections broken ({} of the {} through the dead \
+         director, {} of which its survivors' tables hash elsewhere; {} of the survivors' own, \
+         moved between them when the router's ECMP set shrank)",
+        r.broken,
+        r.broken_dead,
+        r.on_dead,
+        r.needed_sync,
+        r.broken - r.broken_dead
+    );
+    ensure!(
+        r.needed_sync > 0,
+        "the backend changes moved none of d1's flows: nothing proven"
+    );
+    ensure!(r.broken == 0, "{} connections broke", r.broken);
+    Ok(())
+}
+
+/// The control: the same changes without sync break the moved flows whose slot changed.
+#[test]
+fn without_sync_the_same_flows_break() -> Result<()> {
+    let r = add_drain_then_kill("scnosync", false)?;
+    println!(
+        "sync off: {} of 90 long-lived connections broken ({} of the {} through the dead \
+         director, {} of which its survivors' tables hash elsewhere; {} of the survivors' own, \
+         moved between them when the router's ECMP set shrank)",
+        r.broken,
+        r.broken_dead,
+        r.on_dead,
+        r.needed_sync,
+        r.broken - r.broken_dead
+    );
+    ensure!(
+        r.needed_sync > 0 && r.broken >= r.needed_sync,
+        "expected the moved flows to break"
+    );
+    Ok(())
+}
+
+/// `n` long-lived connections from the client's sources, one at a time, each with the
+/// director that forwarded its SYN (the one whose `ct_miss_syn` moved).
+fn open_tracked(s: &Scale, n: usize) -> Result<(Vec<LongConn>, Vec<usize>)> {
+    let sources = s.rig.client_sources();
+    let (mut conns, mut via) = (Vec::new(), Vec::new());
+    let mut before = s.syns()?;
+    for i in 0..n {
+        conns.push(LongConn::open(
+            &s.rig.ns_client(),
+            sources[i % sources.len()],
+            IpAddr::V4(VIP),
+            WEB,
+        )?);
+        let after = s.syns()?;
+        let d = (0..DIRECTORS)
+            .find(|&d| after[d] > before[d])
+            .context("no director counted the SYN")?;
+        via.push(d);
+        before = after;
+    }
+    Ok((conns, via))
 }

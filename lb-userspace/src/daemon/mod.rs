@@ -137,6 +137,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
         live,
         farm,
         announce: None,
+        sync: None,
         conntrack: None,
         reload: api::ReloadView::started(),
         state: state::RuntimeState {
@@ -171,6 +172,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
             // director that cannot serve them yet.
             owner.announce = (owner.cfg.announce.as_ref())
                 .map(|a| crate::announce::Announcer::start(a, &owner.cfg.interface));
+            start_sync(&mut owner);
             owner.announce();
             notify::ready();
             let mut inbox = Inbox {
@@ -226,6 +228,31 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// `[announce] sync`: read the program's new conntrack entries and exchange them with the
+/// farm's peers. A failure to start is logged, never fatal: without sync a moved flow falls
+/// back to the ring.
+fn start_sync(owner: &mut Owner) {
+    let Some(a) = owner.cfg.announce.as_ref().filter(|a| a.sync) else {
+        return;
+    };
+    let rate = a.sync_rate;
+    let Some((out, inbox)) = owner.farm.as_mut().and_then(|f| f.take_sync()) else {
+        tracing::error!("conntrack sync: no farm membership to send on");
+        return;
+    };
+    let started = owner
+        .dp
+        .take_sync_ring()
+        .and_then(|ring| crate::sync::Sync::start(ring, &owner.cfg.pin_path, rate, out, inbox));
+    match started {
+        Ok(s) => {
+            tracing::info!(rate, "conntrack sync with the farm's peers started");
+            owner.sync = Some(s);
+        }
+        Err(e) => tracing::error!("conntrack sync not started: {e:#}"),
     }
 }
 

@@ -60,6 +60,8 @@ pub(super) struct Owner {
     pub farm: Option<FarmRole>,
     /// `[announce]`: the writer of the VIP routes.
     pub announce: Option<crate::announce::Announcer>,
+    /// `[announce] sync`: the conntrack sync task.
+    pub sync: Option<crate::sync::Sync>,
     /// The last conntrack count.
     pub conntrack: Option<crate::dataplane::conntrack::Count>,
     /// How the last reload (SIGHUP, `farmlb reload`) ended; the start counts as one.
@@ -301,6 +303,9 @@ impl Owner {
         if let Some(a) = &self.announce {
             let node_ok = self.farm.as_ref().is_none_or(|f| f.node_ok());
             a.set(crate::announce::wanted(&self.cfg, &self.director, node_ok));
+        }
+        if let Some(s) = &self.sync {
+            s.set_table(crate::sync::Table::of(&self.director));
         }
     }
 

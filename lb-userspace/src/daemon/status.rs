@@ -142,6 +142,7 @@ impl Owner {
             conntrack,
             reload: Some(self.reload.clone()),
             announce: self.announce.as_ref().map(|a| a.view()),
+            sync: self.sync.as_ref().map(|s| s.view.borrow().clone()),
         }
     }
 }

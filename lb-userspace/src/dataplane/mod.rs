@@ -334,6 +334,18 @@ impl Dataplane {
             }))
     }
 
+    /// The conntrack sync ring buffer (`CT_SYNC`), for its one reader; taken once. It is
+    /// not pinned: the program it belongs to is replaced at every start, and so is the ring.
+    pub fn take_sync_ring(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        take(&mut self.ebpf, names::CT_SYNC)
+    }
+
+    /// Write a conntrack entry (a peer's, through conntrack sync).
+    pub fn conntrack_set(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<()> {
+        self.maps.conntrack.insert(key, entry, 0)?;
+        Ok(())
+    }
+
     pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<CtEntry>> {
         match self.maps.conntrack.get(key, 0) {
             Ok(v) => Ok(Some(v)),

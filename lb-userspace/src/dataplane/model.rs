@@ -85,6 +85,9 @@ pub struct Model {
     /// Farm mode: connections that have a local (non-listener) TCP socket, standing in for
     /// the kernel's socket lookup.
     pub sockets: HashSet<FlowKey>,
+    /// Conntrack sync: the entries the program would publish to `CT_SYNC` (made or rewritten
+    /// while `config.sync` is set), in order. The model's ring never fills.
+    pub synced: Vec<lb_common::CtSyncEvent>,
 }
 
 impl Maps for Model {
@@ -410,6 +413,13 @@ impl Model {
                 skipped = true;
             } else {
                 self.conntrack.insert(*flow, entry);
+            }
+            if !skipped && self.config.sync != 0 {
+                self.synced.push(lb_common::CtSyncEvent {
+                    flow: *flow,
+                    backend,
+                    _pad: 0,
+                });
             }
         }
         (backend, ct_stat, skipped)

@@ -72,6 +72,11 @@ pub struct BackendState {
 }
 
 impl BackendState {
+    /// Whether the program may send established flows to it (`BACKEND_F_VALID`).
+    pub fn is_valid(&self) -> bool {
+        self.valid
+    }
+
     pub fn state(&self) -> AdminState {
         self.state_override.unwrap_or(self.cfg.state)
     }
@@ -378,6 +383,8 @@ impl Director {
             layout_version: lb_common::LAYOUT_VERSION as u16,
             flood_rate: cfg.flood_guard_rate,
             _pad: 0,
+            sync: u32::from(cfg.announce.as_ref().is_some_and(|a| a.sync)),
+            _pad2: 0,
         })?;
         self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
         self.write_farm(maps)?;

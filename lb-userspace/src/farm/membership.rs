@@ -8,7 +8,8 @@
 //!
 //! Wire format of one datagram:
 //! `"FLB1" | sender node id (u16 BE) | counter (u64 BE) | foca payload | HMAC-SHA256 (32 B)`,
-//! the tag covering everything before it.
+//! the tag covering everything before it. Conntrack sync batches (`crate::sync`) travel the
+//! same way, sealed by the same key and counter, with the magic `"FLS1"`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -28,6 +29,11 @@ use tokio::time::Instant;
 use crate::config::FarmCfg;
 
 const MAGIC: &[u8; 4] = b"FLB1";
+/// Magic of a conntrack sync batch.
+const MAGIC_SYNC: &[u8; 4] = b"FLS1";
+/// Sync batches waiting to be sent, and received ones waiting for the sync task: a burst
+/// beyond drops batches (counted by the sync task), never grows memory.
+pub const SYNC_QUEUE: usize = 256;
 const HEADER_LEN: usize = 4 + 2 + 8;
 const TAG_LEN: usize = 32;
 /// Accepted reordering: a counter up to this far behind the highest seen is accepted once.
@@ -110,9 +116,18 @@ impl Auth {
     }
 
     pub fn seal(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.seal_as(MAGIC, payload)
+    }
+
+    /// Seal a conntrack sync batch.
+    pub fn seal_sync(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.seal_as(MAGIC_SYNC, payload)
+    }
+
+    fn seal_as(&mut self, magic: &[u8; 4], payload: &[u8]) -> Vec<u8> {
         self.counter += 1;
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
-        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(magic);
         out.extend_from_slice(&self.node.to_be_bytes());
         out.extend_from_slice(&self.counter.to_be_bytes());
         out.extend_from_slice(payload);
@@ -124,9 +139,18 @@ impl Auth {
 
     /// Verify `pkt` and return its payload; the counter is recorded only for authentic packets.
     pub fn open<'a>(&mut self, pkt: &'a [u8]) -> Result<&'a [u8], Reject> {
-        if pkt.len() < HEADER_LEN + TAG_LEN || &pkt[..4] != MAGIC {
+        match self.open_any(pkt)? {
+            (false, p) => Ok(p),
+            (true, _) => Err(Reject::Auth),
+        }
+    }
+
+    /// [`Auth::open`] for either kind: (whether it is a sync batch, payload).
+    pub fn open_any<'a>(&mut self, pkt: &'a [u8]) -> Result<(bool, &'a [u8]), Reject> {
+        if pkt.len() < HEADER_LEN + TAG_LEN || (&pkt[..4] != MAGIC && &pkt[..4] != MAGIC_SYNC) {
             return Err(Reject::Auth);
         }
+        let sync = &pkt[..4] == MAGIC_SYNC;
         let (body, tag) = pkt.split_at(pkt.len() - TAG_LEN);
         let mut m = self.mac();
         m.update(body);
@@ -149,7 +173,7 @@ impl Auth {
             }
             *bits |= 1 << (back - 1);
         }
-        Ok(&body[HEADER_LEN..])
+        Ok((sync, &body[HEADER_LEN..]))
     }
 }
 
@@ -185,6 +209,10 @@ enum Cmd {
 pub struct Membership {
     cmd: mpsc::UnboundedSender<Cmd>,
     pub view: watch::Receiver<View>,
+    /// Conntrack sync: batches to send to every other member, and those received (both
+    /// bounded; taken by the sync task).
+    pub sync_out: Option<mpsc::Sender<Vec<u8>>>,
+    pub sync_in: Option<mpsc::Receiver<Vec<u8>>>,
 }
 
 impl Membership {
@@ -215,7 +243,10 @@ impl Membership {
             ..Default::default()
         });
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
+        let (sync_out, sync_out_rx) = mpsc::channel(SYNC_QUEUE);
+        let (sync_in_tx, sync_in) = mpsc::channel(SYNC_QUEUE);
         let task = Task {
+            sync_in: sync_in_tx,
             foca,
             sock,
             auth: Auth::new(key, cfg.node_id),
@@ -225,8 +256,13 @@ impl Membership {
             view: View::default(),
             unknown_budget: (Instant::now(), 0),
         };
-        tokio::spawn(task.run(cmd_rx));
-        Ok(Membership { cmd, view })
+        tokio::spawn(task.run(cmd_rx, sync_out_rx));
+        Ok(Membership {
+            cmd,
+            view,
+            sync_out: Some(sync_out),
+            sync_in: Some(sync_in),
+        })
     }
 
     /// Change this node's power (0 = withdraw); disseminated as an identity change.
@@ -273,6 +309,8 @@ fn info(id: &NodeIdentity, state: State) -> MemberInfo {
 type Swim = Foca<NodeIdentity, PostcardCodec, rand::rngs::StdRng, foca::NoCustomBroadcast>;
 
 struct Task {
+    /// Received sync batches, for the sync task (full: dropped; it counts the gap as lost).
+    sync_in: mpsc::Sender<Vec<u8>>,
     foca: Swim,
     sock: UdpSocket,
     auth: Auth,
@@ -314,8 +352,12 @@ impl Task {
         if !self.admit(from) {
             return false;
         }
-        match self.auth.open(pkt) {
-            Ok(payload) => {
+        match self.auth.open_any(pkt) {
+            Ok((true, payload)) => {
+                let _ = self.sync_in.try_send(payload.to_vec());
+                false
+            }
+            Ok((false, payload)) => {
                 if let Err(e) = self.foca.handle_data(payload, &mut *rt) {
                     tracing::debug!("membership datagram ignored: {e}");
                 }
@@ -346,7 +388,11 @@ impl Task {
         }
     }
 
-    async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
+    async fn run(
+        mut self,
+        mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+        mut sync_rx: mpsc::Receiver<Vec<u8>>,
+    ) {
         let mut rt = AccumulatingRuntime::new();
         let mut buf = vec![0u8; 65536];
         let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
@@ -384,6 +430,16 @@ impl Task {
                             let _ = self.foca.announce(dst, &mut rt);
                         }
                     }
+                }
+                Some(batch) = sync_rx.recv() => {
+                    // Every other member, alive or suspect: a suspect may still serve flows.
+                    let pkt = self.auth.seal_sync(&batch);
+                    let dsts: Vec<SocketAddr> =
+                        self.foca.iter_members().map(|m| m.id().addr).collect();
+                    for d in dsts {
+                        let _ = self.sock.try_send_to(&pkt, d);
+                    }
+                    continue;
                 }
                 r = self.sock.readable() => {
                     if r.is_err() {

@@ -157,6 +157,14 @@ impl FarmRole {
         Ok((role, view_rx))
     }
 
+    /// The membership's conntrack sync channels (batches out, batches in), once.
+    pub fn take_sync(&mut self) -> Option<crate::sync::Channels> {
+        Some((
+            self.membership.sync_out.take()?,
+            self.membership.sync_in.take()?,
+        ))
+    }
+
     /// Whether this node takes flows: its own check passes and its power is not 0.
     pub fn node_ok(&self) -> bool {
         self.power > 0

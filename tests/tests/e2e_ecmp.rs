@@ -89,7 +89,7 @@ impl Scale {
         let mut farmlb = Vec::new();
         let svcs = services(&rig, BACKENDS);
         for i in 0..DIRECTORS {
-            let conf = rig.director_config(i, &key, announce_extra, &svcs);
+            let conf = config_for(&rig, i, &key, announce_extra, &svcs);
             farmlb.push(rig.start_farmlb(i, &conf)?);
         }
         let s = Scale {
@@ -148,6 +148,28 @@ impl Scale {
             })
             .collect()
     }
+}
+
+/// Director `i`'s config: the rig's, with the node's own check on [`down_flag`].
+fn config_for(
+    rig: &EcmpRig,
+    i: usize,
+    key: &std::path::Path,
+    announce_extra: &str,
+    svcs: &[(&str, Ipv4Addr, u16, Vec<Ipv4Addr>, &str)],
+) -> String {
+    let conf = rig.director_config(i, key, announce_extra, svcs);
+    let check = format!(
+        "[farm]\ncheck = {{ type = \"exec\", command = \"test ! -e {}\", \
+         interval = \"200ms\", timeout = \"150ms\", fall = 1, rise = 1 }}\n",
+        down_flag(rig, i).display()
+    );
+    conf.replacen("[farm]\n", &check, 1)
+}
+
+/// While this file exists, director `i`'s own check fails.
+fn down_flag(rig: &EcmpRig, i: usize) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("farmlb-{}-d{}.down", rig.prefix(), i + 1))
 }
 
 /// `n` connections from the client's sources (ephemeral ports), tallied by backend.
@@ -338,6 +360,39 @@ fn a_vip_without_usable_backends_is_withdrawn_and_returns() -> Result<()> {
         failures.is_empty() && counts.keys().all(|k| k == "b1"),
         "{counts:?} {failures:?}"
     );
+    // d2's own check fails: it withdraws every VIP, the others keep them.
+    let flag = down_flag(&s.rig, 1);
+    let t2 = Instant::now();
+    std::fs::write(&flag, "")?;
+    let without_d2 = vec![all[0], all[2]];
+    wait_until(
+        Duration::from_secs(10),
+        "d2 withdrawn on its node check",
+        || {
+            Ok(s.rig.router_next_hops(VIP)? == without_d2
+                && s.rig.router_next_hops(VIP2)? == without_d2)
+        },
+    )
+    .with_context(|| s.debug())?;
+    println!(
+        "d2 withdrawn {:.2} s after its own check began to fail",
+        t2.elapsed().as_secs_f64()
+    );
+    let st = status_json(&s.rig.api_socket(1))?;
+    ensure!(
+        st["announce"]["vips"].as_array().is_some_and(|v| v
+            .iter()
+            .all(|v| v["reason"] == "node_down" && v["installed"] == false)),
+        "{}",
+        st["announce"]
+    );
+    std::fs::remove_file(&flag)?;
+    wait_until(
+        Duration::from_secs(10),
+        "d2 back after its check passes",
+        || Ok(s.rig.router_next_hops(VIP)? == all),
+    )
+    .with_context(|| s.debug())?;
     // `farmlb stop` withdraws everything this director announced before it exits.
     s.farmlb[2].stop()?;
     let rest = all[..2].to_vec();
@@ -402,9 +457,7 @@ fn add_drain_then_kill(prefix: &str, sync: bool) -> Result<MoveResult> {
     let b1 = s.rig.backend_addr(0).to_string();
     let b4addr = s.rig.backend_addr(b4).to_string();
     for i in 0..DIRECTORS {
-        let conf = s
-            .rig
-            .director_config(i, &key, extra, &services(&s.rig, BACKENDS + 1));
+        let conf = config_for(&s.rig, i, &key, extra, &services(&s.rig, BACKENDS + 1));
         let conf = conf.replacen(
             &format!("address = \"{b1}\"\n"),
             &format!("address = \"{b1}\"\n  state = \"drain\"\n"),

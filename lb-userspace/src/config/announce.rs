@@ -104,6 +104,20 @@ mod tests {
     }
 
     #[test]
+    fn changing_the_section_needs_a_restart() {
+        let running = Config::from_toml_str(BASE).unwrap();
+        for (to, field) in [
+            (BASE.replace("100", "101"), "announce.table"),
+            (BASE.to_string() + "sync_rate = 5\n", "announce.sync_rate"),
+            ("interface = \"eth0\"\n".to_string(), "announce"),
+        ] {
+            let new = Config::from_toml_str(&to).unwrap();
+            let e = crate::config::restart_needed(&running, &new).unwrap_err();
+            assert_eq!(e.field, field);
+        }
+    }
+
+    #[test]
     fn rejects_reserved_tables_missing_table_and_sync_without_farm() {
         for (src, want) in [
             (

@@ -99,6 +99,40 @@ pub fn decode(b: &[u8]) -> Option<(u64, Vec<WireEntry>)> {
     Some((sent, entries))
 }
 
+/// Token bucket of entries that may be sent: refilled at `rate` a second, holding at most a
+/// tenth of a second's worth (at least one batch), so a burst is sent at once and a flood is
+/// cut to the rate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bucket {
+    rate: f64,
+    cap: f64,
+    tokens: f64,
+}
+
+impl Bucket {
+    pub fn new(rate: u32) -> Bucket {
+        let cap = (f64::from(rate) / 10.0).max(BATCH as f64);
+        Bucket {
+            rate: f64::from(rate),
+            cap,
+            tokens: cap,
+        }
+    }
+
+    pub fn refill(&mut self, dt: Duration) {
+        self.tokens = (self.tokens + self.rate * dt.as_secs_f64()).min(self.cap);
+    }
+
+    /// Take one token, if there is one.
+    pub fn take(&mut self) -> bool {
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
 /// What the sync task needs of the director, rebuilt by the owner loop when it changes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Table {
@@ -207,12 +241,11 @@ impl Sync {
         let task = Task {
             ring,
             ct,
-            rate,
             out,
             table: table_rx,
             view: SyncView::default(),
             view_tx,
-            budget: rate as f64 / 10.0,
+            budget: Bucket::new(rate),
         };
         tokio::spawn(task.run(inbox));
         Ok(Sync { table, view })
@@ -233,14 +266,11 @@ impl Sync {
 struct Task {
     ring: RingBuf<MapData>,
     ct: BpfHashMap<MapData, FlowKey, CtEntry>,
-    rate: u32,
     out: mpsc::Sender<Vec<u8>>,
     table: watch::Receiver<Arc<Table>>,
     view: SyncView,
     view_tx: watch::Sender<SyncView>,
-    /// Token bucket of entries that may still be sent (refilled at `rate`, holding at most
-    /// a tenth of a second's worth).
-    budget: f64,
+    budget: Bucket,
 }
 
 impl Task {
@@ -265,8 +295,7 @@ impl Task {
 
     /// Read the ring and send what the rate allows.
     fn publish(&mut self) {
-        let cap = (self.rate as f64 / 10.0).max(BATCH as f64);
-        self.budget = (self.budget + self.rate as f64 * READ_EVERY.as_secs_f64()).min(cap);
+        self.budget.refill(READ_EVERY);
         let table = self.table.borrow().clone();
         let mut batch = Vec::with_capacity(BATCH);
         let mut read = 0;
@@ -280,15 +309,14 @@ impl Task {
             // SAFETY: the program writes whole `CtSyncEvent`s (repr(C), integers only).
             let ev: CtSyncEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            if self.budget < 1.0 {
-                self.view.dropped += 1;
-                continue;
-            }
             let Some(e) = table.outgoing(&ev) else {
                 self.view.dropped += 1;
                 continue;
             };
-            self.budget -= 1.0;
+            if !self.budget.take() {
+                self.view.dropped += 1;
+                continue;
+            }
             batch.push(e);
             if batch.len() == BATCH {
                 self.send(&mut batch);
@@ -372,6 +400,23 @@ mod tests {
 
     fn flow(dst: &str, dport: u16) -> FlowKey {
         FlowKey::new(a("10.98.0.2"), a(dst), 40000, dport, lb_common::PROTO_TCP)
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let mut b = Bucket::new(1000);
+        let burst = (0..1000).filter(|_| b.take()).count();
+        assert_eq!(burst, 100, "a tenth of a second's worth at once");
+        // One second of 10 ms refills: the rate, not more.
+        let mut sent = 0;
+        for _ in 0..100 {
+            b.refill(READ_EVERY);
+            sent += (0..1000).filter(|_| b.take()).count();
+        }
+        assert!((990..=1000).contains(&sent), "{sent}");
+        // A low rate still lets one batch through.
+        let mut low = Bucket::new(5);
+        assert_eq!((0..100).filter(|_| low.take()).count(), BATCH);
     }
 
     #[test]

@@ -516,6 +516,21 @@ fn add_drain_then_kill(prefix: &str, sync: bool) -> Result<MoveResult> {
         ensure!(n("rejected") == 0 && n("dropped") == 0, "{}", st["sync"]);
         let text = lb_tests::ctl::cli_ok(&s.rig.api_socket(1), &["status"])?;
         ensure!(text.contains("conntrack sync: sent"), "{text}");
+        // The same on /metrics, which promtool accepts.
+        let scrape = lb_tests::ctl::scrape_text(&s.rig.ns("d2"), "127.0.0.1:9740".parse()?)?;
+        for want in [
+            format!("farmlb_vip_announced{{vip=\"{VIP}\"}} 1"),
+            format!(
+                "farmlb_conntrack_sync_entries_total{{event=\"received\"}} {}",
+                n("received")
+            ),
+        ] {
+            ensure!(
+                scrape.lines().any(|l| l == want),
+                "missing {want:?}:\n{scrape}"
+            );
+        }
+        promtool_check(&scrape)?;
     }
     s.rig.set_director_link(0, false)?;
     s.farmlb[0].kill9()?;
@@ -603,4 +618,29 @@ fn open_tracked(s: &Scale, n: usize) -> Result<(Vec<LongConn>, Vec<usize>)> {
         before = after;
     }
     Ok((conns, via))
+}
+
+/// `promtool check metrics` on a scrape.
+fn promtool_check(scrape: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running promtool (`cargo xtask setup` installs it)")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(scrape.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }

@@ -18,7 +18,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Deref,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -37,6 +37,10 @@ use crate::{
 /// First VIP (the identity service) and a second one (for withdraw tests).
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
 pub const VIP2: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 2);
+/// An IPv6 VIP on every backend's `lo` (announced into the table; the rig's BGP is IPv4).
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x100, 0, 0, 0, 0, 0, 1);
+/// `[[service]]` of a director config: name, VIP, port, backends, `check = …` line.
+pub type ServiceSpec<'a> = (&'a str, IpAddr, u16, Vec<IpAddr>, &'a str);
 /// The routing table farmlb writes and BIRD imports on every director.
 pub const TABLE: u32 = 100;
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -185,6 +189,11 @@ impl EcmpRig {
         Ipv4Addr::new(10, 99, 0, 11 + i as u8)
     }
 
+    /// Backend `i`'s IPv6 address (fd99::11, …).
+    pub fn backend_addr6(&self, i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 0x11 + i as u16)
+    }
+
     /// Director `i` (0-based) lives in `{p}-d{i+1}`.
     pub fn director_tag(i: usize) -> String {
         format!("d{}", i + 1)
@@ -230,8 +239,10 @@ impl EcmpRig {
             &ns,
             &format!(
                 "addr add {}/24 dev eth0\naddr add {VIP}/32 dev lo\naddr add {VIP2}/32 dev lo\n\
+                 addr add {}/64 dev eth0 nodad\naddr add {VIP6}/128 dev lo nodad\n\
                  route add default via {ROUTER}\n",
-                self.backend_addr(i)
+                self.backend_addr(i),
+                self.backend_addr6(i)
             ),
         )?;
         self.backends += 1;
@@ -245,7 +256,11 @@ impl EcmpRig {
         self.add_host(&ns, &tag, self.director_addr(i).octets()[3], &[])?;
         ip_batch(
             &ns,
-            &format!("addr add {}/24 dev eth0\n", self.director_addr(i)),
+            &format!(
+                "addr add {}/24 dev eth0\naddr add fd99::{:x}/64 dev eth0 nodad\n",
+                self.director_addr(i),
+                3 + i
+            ),
         )?;
         // No unknown-unicast flooding to directors: once a dead director's port is gone
         // from the bridge's table, frames still routed to its MAC must not be flooded to
@@ -395,7 +410,7 @@ impl EcmpRig {
         i: usize,
         key: &std::path::Path,
         announce_extra: &str,
-        services: &[(&str, Ipv4Addr, u16, Vec<Ipv4Addr>, &str)],
+        services: &[ServiceSpec],
     ) -> String {
         let tag = Self::director_tag(i);
         let mut s = String::from("interface = \"eth0\"\nxdp_mode = \"native\"\n");
@@ -416,7 +431,7 @@ impl EcmpRig {
             self.temp(&tag, "status.json").display()
         );
         for (name, vip, port, backends, check) in services {
-            service_table(&mut s, name, IpAddr::V4(*vip), *port, "5-tuple", 16381);
+            service_table(&mut s, name, *vip, *port, "5-tuple", 16381);
             if !check.is_empty() {
                 let _ = writeln!(s, "{check}");
             }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     thread,
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use lb_tests::{
     client::Traffic,
     ctl::status_json,
-    ecmp_rig::{EcmpRig, VIP, VIP2},
+    ecmp_rig::{EcmpRig, ServiceSpec, VIP, VIP2, VIP6},
     format_distribution, ping_all, wait_until, IdentityServer, LongConn,
 };
 
@@ -33,27 +33,17 @@ struct Scale {
     alt: Vec<Option<IdentityServer>>,
 }
 
-fn services(
-    rig: &EcmpRig,
-    backends: usize,
-) -> Vec<(&'static str, Ipv4Addr, u16, Vec<Ipv4Addr>, &'static str)> {
-    let all: Vec<Ipv4Addr> = (0..backends).map(|i| rig.backend_addr(i)).collect();
+fn services(rig: &EcmpRig, backends: usize) -> Vec<ServiceSpec<'static>> {
+    let check =
+        "check = { type = \"tcp\", interval = \"200ms\", timeout = \"150ms\", fall = 2, rise = 1 }";
+    let all: Vec<IpAddr> = (0..backends).map(|i| rig.backend_addr(i).into()).collect();
+    let all6: Vec<IpAddr> = (0..backends).map(|i| rig.backend_addr6(i).into()).collect();
     vec![
-        (
-            "web",
-            VIP,
-            WEB,
-            all.clone(),
-            "check = { type = \"tcp\", interval = \"200ms\", timeout = \"150ms\", fall = 2, rise = 1 }",
-        ),
+        ("web", VIP.into(), WEB, all.clone(), check),
         // VIP2 has its own backends' servers, so a test can fail all of them.
-        (
-            "alt",
-            VIP2,
-            ALT,
-            all[..2].to_vec(),
-            "check = { type = \"tcp\", interval = \"200ms\", timeout = \"150ms\", fall = 2, rise = 1 }",
-        ),
+        ("alt", VIP2.into(), ALT, all[..2].to_vec(), check),
+        // IPv6: announced into the table like the others (the rig's BGP carries IPv4 only).
+        ("web6", VIP6.into(), WEB, all6, check),
     ]
 }
 
@@ -66,7 +56,8 @@ impl Scale {
             .map(|i| {
                 IdentityServer::start(
                     &rig.ns(&EcmpRig::backend_tag(i)),
-                    any(WEB),
+                    // Dual-stack: the IPv6 service's checks reach it too.
+                    SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), WEB),
                     &EcmpRig::backend_tag(i),
                 )
             })
@@ -156,7 +147,7 @@ fn config_for(
     i: usize,
     key: &std::path::Path,
     announce_extra: &str,
-    svcs: &[(&str, Ipv4Addr, u16, Vec<Ipv4Addr>, &str)],
+    svcs: &[ServiceSpec],
 ) -> String {
     let conf = rig.director_config(i, key, announce_extra, svcs);
     let check = format!(
@@ -326,6 +317,16 @@ fn a_vip_without_usable_backends_is_withdrawn_and_returns() -> Result<()> {
         "VIP must stay: {}",
         s.debug()
     );
+    // The IPv6 VIP is in every director's table too (a /128, proto 250).
+    for i in 0..DIRECTORS {
+        let ns = s.rig.ns(&EcmpRig::director_tag(i));
+        let v6 = lb_tests::netns::run(&["ip", "-n", &ns, "-6", "route", "show", "table", "100"])?;
+        ensure!(
+            v6.contains(&format!("{VIP6} dev eth0 proto 250")),
+            "d{}: {v6}",
+            i + 1
+        );
+    }
     let st = status_json(&s.rig.api_socket(1))?;
     let vip2 = st["announce"]["vips"]
         .as_array()
@@ -450,7 +451,7 @@ fn add_drain_then_kill(prefix: &str, sync: bool) -> Result<MoveResult> {
     let dead_flows: Vec<usize> = (0..conns.len()).filter(|&i| via[i] == 0).collect();
     // b4 joins, b1 drains, on every director.
     let b4 = s.rig.add_backend()?;
-    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), WEB);
+    let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), WEB);
     s._servers
         .push(IdentityServer::start(&s.rig.ns("b4"), any, "b4")?);
     let key = s.rig.write_key()?;

@@ -262,12 +262,11 @@ pub struct GlobalConfig {
     /// are forwarded by the ring without an entry (a SYN flood must not evict established
     /// flows); 0 = no guard.
     pub flood_rate: u32,
-    pub _pad: u32,
     /// Conntrack sync (`[announce] sync`): nonzero = publish every entry the program makes
     /// to `CT_SYNC`, for the daemon to send to the other directors. Zero costs the insert
-    /// path one branch.
+    /// path one branch. (It took the place of the struct's trailing padding, so the map's
+    /// value keeps its size and older programs, which ignore it, can still be programmed.)
     pub sync: u32,
-    pub _pad2: u32,
 }
 
 /// A conntrack entry the program made (a new flow, or a SYN rewriting its tuple's entry),
@@ -404,7 +403,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 28);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<CtEntry>() == 16);
-    assert!(core::mem::size_of::<GlobalConfig>() == 32);
+    assert!(core::mem::size_of::<GlobalConfig>() == 24);
     assert!(core::mem::size_of::<CtSyncEvent>() == 48);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);

@@ -382,9 +382,7 @@ impl Director {
             own_mac: self.own_mac,
             layout_version: lb_common::LAYOUT_VERSION as u16,
             flood_rate: cfg.flood_guard_rate,
-            _pad: 0,
             sync: u32::from(cfg.announce.as_ref().is_some_and(|a| a.sync)),
-            _pad2: 0,
         })?;
         self.own_node = cfg.farm.as_ref().map(|f| f.node_id);
         self.write_farm(maps)?;

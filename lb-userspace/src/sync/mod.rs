@@ -309,6 +309,11 @@ impl Task {
             // SAFETY: the program writes whole `CtSyncEvent`s (repr(C), integers only).
             let ev: CtSyncEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
+            // Farm services' UDP entries name member slots: their owner follows the
+            // membership, nothing to share.
+            if ev.backend >= lb_common::MEMBER_BASE {
+                continue;
+            }
             let Some(e) = table.outgoing(&ev) else {
                 self.view.dropped += 1;
                 continue;

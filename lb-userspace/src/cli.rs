@@ -623,12 +623,14 @@ pub fn render_status(s: &StatusView) -> String {
     }
     if let Some(y) = &s.sync {
         farm += &format!(
-            "conntrack sync: sent {} received {} dropped {} rejected {} ring drops {}, lag {:.1} ms (max {:.1})\n",
+            "conntrack sync: sent {} received {} dropped {} rejected {} ring drops {} \
+             batches dropped in {}, lag {:.1} ms (max {:.1})\n",
             y.sent,
             y.received,
             y.dropped,
             y.rejected,
             s.stats.get("ct_sync_drop").copied().unwrap_or(0),
+            y.dropped_batches_in,
             y.lag_ms_last,
             y.lag_ms_max
         );

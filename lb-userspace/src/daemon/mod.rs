@@ -239,14 +239,14 @@ fn start_sync(owner: &mut Owner) {
         return;
     };
     let rate = a.sync_rate;
-    let Some((out, inbox)) = owner.farm.as_mut().and_then(|f| f.take_sync()) else {
+    let Some(ch) = owner.farm.as_mut().and_then(|f| f.take_sync()) else {
         tracing::error!("conntrack sync: no farm membership to send on");
         return;
     };
     let started = owner
         .dp
         .take_sync_ring()
-        .and_then(|ring| crate::sync::Sync::start(ring, &owner.cfg.pin_path, rate, out, inbox));
+        .and_then(|ring| crate::sync::Sync::start(ring, &owner.cfg.pin_path, rate, ch));
     match started {
         Ok(s) => {
             tracing::info!(rate, "conntrack sync with the farm's peers started");

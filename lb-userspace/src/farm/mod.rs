@@ -162,6 +162,7 @@ impl FarmRole {
         Some((
             self.membership.sync_out.take()?,
             self.membership.sync_in.take()?,
+            std::sync::Arc::clone(&self.membership.sync_in_dropped),
         ))
     }
 

@@ -30,8 +30,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::director::Director;
 
-/// The membership's sync channels: batches to send, batches received.
-pub type Channels = (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>);
+/// The membership's sync channels: batches to send, batches received, and the count of
+/// received batches it dropped because the second was full.
+pub type Channels = (
+    mpsc::Sender<Vec<u8>>,
+    mpsc::Receiver<Vec<u8>>,
+    Arc<std::sync::atomic::AtomicU64>,
+);
 
 /// How often the ring buffer is read (the program does not wake us per event).
 pub const READ_EVERY: Duration = Duration::from_millis(10);
@@ -204,6 +209,9 @@ pub struct SyncView {
     /// Entries received but refused: unknown service, flow not for it, backend not one of
     /// its usable backends, or a malformed batch.
     pub rejected: u64,
+    /// Received batches dropped unread because this task lagged behind (a full queue).
+    #[serde(default)]
+    pub dropped_batches_in: u64,
     /// Time from a batch's sending to its insertion here, in milliseconds: the last one and
     /// the highest seen (the clocks of the directors are assumed in sync, e.g. by NTP).
     pub lag_ms_last: f64,
@@ -226,13 +234,8 @@ fn unix_ns() -> u64 {
 impl Sync {
     /// Start the task: `ring` is the program's `CT_SYNC`, `pin_dir` where its conntrack
     /// table is pinned, `out`/`inbox` the membership's sync channels.
-    pub fn start(
-        ring: RingBuf<MapData>,
-        pin_dir: &Path,
-        rate: u32,
-        out: mpsc::Sender<Vec<u8>>,
-        inbox: mpsc::Receiver<Vec<u8>>,
-    ) -> Result<Sync> {
+    pub fn start(ring: RingBuf<MapData>, pin_dir: &Path, rate: u32, ch: Channels) -> Result<Sync> {
+        let (out, inbox, dropped_in) = ch;
         let ct = MapData::from_pin(pin_dir.join(names::CONNTRACK))
             .with_context(|| format!("opening the pinned {}", names::CONNTRACK))?;
         let ct: BpfHashMap<MapData, FlowKey, CtEntry> = BpfHashMap::try_from(Map::LruHashMap(ct))?;
@@ -246,6 +249,7 @@ impl Sync {
             view: SyncView::default(),
             view_tx,
             budget: Bucket::new(rate),
+            dropped_in,
         };
         tokio::spawn(task.run(inbox));
         Ok(Sync { table, view })
@@ -271,6 +275,7 @@ struct Task {
     view: SyncView,
     view_tx: watch::Sender<SyncView>,
     budget: Bucket,
+    dropped_in: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Task {
@@ -279,7 +284,11 @@ impl Task {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.publish(),
+                _ = tick.tick() => {
+                    self.publish();
+                    self.view.dropped_batches_in =
+                        self.dropped_in.load(std::sync::atomic::Ordering::Relaxed);
+                }
                 b = inbox.recv() => match b {
                     Some(b) => self.insert(&b),
                     None => return,

@@ -394,6 +394,71 @@ fn a_vip_without_usable_backends_is_withdrawn_and_returns() -> Result<()> {
         || Ok(s.rig.router_next_hops(VIP)? == all),
     )
     .with_context(|| s.debug())?;
+    // A daemon killed with SIGKILL leaves its routes (its data plane keeps forwarding), and
+    // the next one keeps them: the router never loses d3 across the restart.
+    s.farmlb[2].kill9()?;
+    let watch = {
+        let (rig_rt, want) = (s.rig.ns_router(), all.clone());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let t = thread::spawn(move || {
+            let mut seen_other = 0;
+            let mut polls = 0;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let out = lb_tests::netns::run(&[
+                    "ip",
+                    "-n",
+                    &rig_rt,
+                    "route",
+                    "show",
+                    &format!("{VIP}/32"),
+                ])
+                .unwrap_or_default();
+                let hops = want
+                    .iter()
+                    .filter(|h| out.contains(&format!("via {h} ")))
+                    .count();
+                if hops != want.len() {
+                    seen_other += 1;
+                }
+                polls += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+            (seen_other, polls)
+        });
+        (stop, t)
+    };
+    let left =
+        lb_tests::netns::run(&["ip", "-n", &s.rig.ns("d3"), "route", "show", "table", "100"])?;
+    ensure!(
+        left.contains(&VIP.to_string()),
+        "d3's routes after kill -9: {left}"
+    );
+    let key = s.rig.write_key()?;
+    let conf = config_for(&s.rig, 2, &key, "", &services(&s.rig, BACKENDS));
+    s.farmlb[2] = s.rig.start_farmlb(2, &conf)?;
+    wait_until(
+        Duration::from_secs(10),
+        "d3's daemon announcing again",
+        || {
+            // The pinned program is still attached: the new daemon may not serve yet.
+            let Ok(st) = status_json(&s.rig.api_socket(2)) else {
+                return Ok(false);
+            };
+            Ok(st["announce"]["vips"].as_array().is_some_and(|v| {
+                v.iter()
+                    .any(|v| v["vip"] == VIP.to_string() && v["installed"] == true)
+            }))
+        },
+    )?;
+    thread::sleep(Duration::from_millis(500));
+    watch.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (missing, polls) = watch.1.join().expect("watcher");
+    println!("d3 restarted after kill -9: the router lacked it in {missing} of {polls} polls");
+    ensure!(
+        missing == 0,
+        "the router lost d3 during the restart ({missing} of {polls} polls)"
+    );
     // `farmlb stop` withdraws everything this director announced before it exits.
     s.farmlb[2].stop()?;
     let rest = all[..2].to_vec();

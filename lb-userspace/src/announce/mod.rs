@@ -147,10 +147,16 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Start the writer for `interface`: it first removes whatever a previous daemon left in
-    /// the table (only routes of [`ROUTE_PROTO`]), then follows [`Announcer::set`].
-    pub fn start(cfg: &AnnounceCfg, interface: &str) -> Announcer {
-        let (want, want_rx) = watch::channel(BTreeMap::new());
+    /// Start the writer for `interface`, wanting `initial` at once. It reads what the table
+    /// holds (routes of [`ROUTE_PROTO`] only) and changes just the difference: the routes of
+    /// a daemon that was killed or crashed and that are still wanted stay in place, so a
+    /// restart does not make the routers withdraw and re-learn them.
+    pub fn start(
+        cfg: &AnnounceCfg,
+        interface: &str,
+        initial: BTreeMap<IpAddr, Reason>,
+    ) -> Announcer {
+        let (want, want_rx) = watch::channel(initial);
         let (applied_tx, applied) = watch::channel(Applied::default());
         let w = Writer {
             table: cfg.table,
@@ -233,20 +239,16 @@ impl Writer {
         applied: watch::Sender<Applied>,
     ) {
         let mut state = Applied::default();
-        // Leftovers of a previous daemon (crashed, killed): the wanted set decides anew.
-        let flush = format!(
-            "-4 route flush table {t} proto {p}\n-6 route flush table {t} proto {p}\n",
-            t = self.table,
-            p = ROUTE_PROTO
-        );
-        for line in flush.lines() {
-            let args: Vec<&str> = line.split(' ').collect();
-            match ip(&args, None).await {
-                Err(e) if !no_table(&e) => {
-                    tracing::warn!(table = self.table, "announce: flushing the table: {e:#}")
+        // What a previous daemon (killed, crashed) left: kept where still wanted, removed
+        // otherwise by the first apply. Unreadable: the first resync reads it again.
+        match self.read().await {
+            Ok(now) => {
+                if !now.is_empty() {
+                    tracing::info!(table = self.table, routes = ?now, "announce: routes found in the table");
                 }
-                _ => {}
+                state.installed = now;
             }
+            Err(e) => tracing::warn!(table = self.table, "announce: reading the table: {e:#}"),
         }
         let mut resync = tokio::time::interval(RESYNC_EVERY);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -170,8 +170,9 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
             owner.started();
             // Announce only once the program forwards: a router must never send flows to a
             // director that cannot serve them yet.
+            let initial = owner.wanted_vips();
             owner.announce = (owner.cfg.announce.as_ref())
-                .map(|a| crate::announce::Announcer::start(a, &owner.cfg.interface));
+                .map(|a| crate::announce::Announcer::start(a, &owner.cfg.interface, initial));
             start_sync(&mut owner);
             owner.announce();
             notify::ready();

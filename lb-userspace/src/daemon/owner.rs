@@ -301,12 +301,19 @@ impl Owner {
     /// changed; the writer task does the rest).
     pub fn announce(&self) {
         if let Some(a) = &self.announce {
-            let node_ok = self.farm.as_ref().is_none_or(|f| f.node_ok());
-            a.set(crate::announce::wanted(&self.cfg, &self.director, node_ok));
+            a.set(self.wanted_vips());
         }
         if let Some(s) = &self.sync {
             s.set_table(crate::sync::Table::of(&self.director));
         }
+    }
+
+    /// Every VIP and whether it should be announced now.
+    pub fn wanted_vips(
+        &self,
+    ) -> std::collections::BTreeMap<std::net::IpAddr, crate::announce::Reason> {
+        let node_ok = self.farm.as_ref().is_none_or(|f| f.node_ok());
+        crate::announce::wanted(&self.cfg, &self.director, node_ok)
     }
 
     /// Farm role: take new flows for another lease.

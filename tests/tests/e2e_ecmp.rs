@@ -710,3 +710,36 @@ fn promtool_check(scrape: &str) -> Result<()> {
     );
     Ok(())
 }
+
+/// `sync_rate` bounds what a director publishes: beyond the burst (a tenth of a second's
+/// worth, at least one batch) and the rate, entries are dropped and counted, and the
+/// connections are served all the same.
+#[test]
+fn sync_rate_bounds_what_each_director_sends() -> Result<()> {
+    let s = Scale::up("scrate", "sync = true\nsync_rate = 2\n")?;
+    let t0 = Instant::now();
+    let (_, failures) = connect(&s.rig, VIP, WEB, 300);
+    ensure!(failures.is_empty(), "{failures:?}");
+    thread::sleep(Duration::from_millis(100));
+    let secs = t0.elapsed().as_secs_f64();
+    for i in 0..DIRECTORS {
+        let st = status_json(&s.rig.api_socket(i))?;
+        let y = &st["sync"];
+        let n = |k: &str| y[k].as_u64().unwrap_or(0);
+        println!("d{}: {y} after {secs:.1} s", i + 1);
+        let bound = 24.0 + 2.0 * secs + 1.0;
+        ensure!(
+            n("sent") as f64 <= bound,
+            "d{} sent {} > {bound:.0}",
+            i + 1,
+            n("sent")
+        );
+        ensure!(n("dropped") > 0, "d{}: nothing dropped: {y}", i + 1);
+        ensure!(
+            st["stats"]["ct_sync_drop"] == 0,
+            "ring drops: {}",
+            st["stats"]
+        );
+    }
+    Ok(())
+}

@@ -436,7 +436,9 @@ fn a_vip_without_usable_backends_is_withdrawn_and_returns() -> Result<()> {
     );
     let key = s.rig.write_key()?;
     let conf = config_for(&s.rig, 2, &key, "", &services(&s.rig, BACKENDS));
-    s.farmlb[2] = s.rig.start_farmlb(2, &conf)?;
+    let old = std::mem::replace(&mut s.farmlb[2], s.rig.start_farmlb(2, &conf)?);
+    // Dropping the killed daemon's handle would remove the pins the new one adopts.
+    std::mem::forget(old);
     wait_until(
         Duration::from_secs(10),
         "d3's daemon announcing again",

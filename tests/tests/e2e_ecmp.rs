@@ -745,3 +745,113 @@ fn sync_rate_bounds_what_each_director_sends() -> Result<()> {
     }
     Ok(())
 }
+
+/// A director that joins (added, or restarted without its data plane) is sent the others'
+/// whole tables: flows that the router moves to it when it announces keep their backends
+/// even though the backend set changed while it was away.
+#[test]
+fn a_joining_director_is_sent_the_table_and_takes_moved_flows_over() -> Result<()> {
+    let mut s = Scale::up("scjoin", "sync = true\n")?;
+    let (d1, d2) = (s.rig.director_addr(0), s.rig.director_addr(1));
+    s.farmlb[2].stop()?;
+    wait_until(Duration::from_secs(10), "d3 withdrawn", || {
+        Ok(s.rig.router_next_hops(VIP)? == vec![d1, d2])
+    })?;
+    let (mut conns, _) = open_tracked(&s, 90)?;
+    // b4 joins and b1 drains while d3 is away.
+    s.rig.add_backend()?;
+    let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), WEB);
+    s._servers
+        .push(IdentityServer::start(&s.rig.ns("b4"), any, "b4")?);
+    let key = s.rig.write_key()?;
+    let b1 = s.rig.backend_addr(0).to_string();
+    let conf = |i| {
+        config_for(
+            &s.rig,
+            i,
+            &key,
+            "sync = true\n",
+            &services(&s.rig, BACKENDS + 1),
+        )
+        .replacen(
+            &format!("address = \"{b1}\"\n"),
+            &format!("address = \"{b1}\"\n  state = \"drain\"\n"),
+            1,
+        )
+    };
+    let confs: Vec<String> = (0..DIRECTORS).map(conf).collect();
+    for (p, c) in s.farmlb.iter_mut().zip(&confs).take(2) {
+        p.reload(c)?;
+    }
+    thread::sleep(Duration::from_secs(1));
+    ping_all(&mut conns, "after the backend changes")?;
+    // d3 comes back with an empty table and the new backend set.
+    let t0 = Instant::now();
+    let old = std::mem::replace(&mut s.farmlb[2], s.rig.start_farmlb(2, &confs[2])?);
+    // Dropping the stopped daemon's handle would remove the new one's pins.
+    std::mem::forget(old);
+    let all: Vec<Ipv4Addr> = (0..DIRECTORS).map(|i| s.rig.director_addr(i)).collect();
+    wait_until(Duration::from_secs(15), "d3 announced again", || {
+        Ok(s.rig.router_next_hops(VIP)? == all)
+    })?;
+    println!(
+        "d3 back in the ECMP set {:.2} s after its start",
+        t0.elapsed().as_secs_f64()
+    );
+    let sock3 = s.rig.api_socket(2);
+    wait_until(Duration::from_secs(10), "d3 to learn the flows", || {
+        let Ok(st) = status_json(&sock3) else {
+            return Ok(false);
+        };
+        Ok(st["sync"]["received"].as_u64().unwrap_or(0) >= conns.len() as u64)
+    })?;
+    // Of the flows, those d3's ring alone would send elsewhere.
+    let mut needed = 0;
+    for c in &conns {
+        let out = std::process::Command::new(lb_tests::farmlb_bin())
+            .arg("--socket")
+            .arg(&sock3)
+            .args(["simulate", "--syn", "--json", "--src"])
+            .arg(c.local_addr().to_string())
+            .args(["--dst", &format!("{VIP}:{WEB}")])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("simulate")?;
+        let last: u32 = v["backend"]
+            .as_str()
+            .and_then(|b| b.rsplit('.').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if format!("b{}", last.saturating_sub(10)) != c.identity() {
+            needed += 1;
+        }
+    }
+    let hits = |st: &serde_json::Value| st["stats"]["ct_hit"].as_u64().unwrap_or(0);
+    let before = hits(&status_json(&sock3)?);
+    let mut broken = 0;
+    for c in &mut conns {
+        if c.ping().is_err() {
+            broken += 1;
+        }
+    }
+    let st3 = status_json(&sock3)?;
+    let bulk: u64 = (0..2)
+        .map(|i| {
+            status_json(&s.rig.api_socket(i))
+                .map(|v| v["sync"]["bulk_sent"].as_u64().unwrap_or(0))
+                .unwrap_or(0)
+        })
+        .sum();
+    println!(
+        "d3 joined: d1+d2 sent it {bulk} entries of their tables; {} packets of the pings hit \
+         d3's learned entries; {needed} of 90 flows hash elsewhere on d3's ring; {broken} broken",
+        hits(&st3) - before
+    );
+    ensure!(bulk >= conns.len() as u64, "bulk sent {bulk}");
+    ensure!(hits(&st3) > before, "no flow moved to d3: nothing proven");
+    ensure!(
+        needed > 0,
+        "the backend changes moved no flow: nothing proven"
+    );
+    ensure!(broken == 0, "{broken} connections broke");
+    Ok(())
+}

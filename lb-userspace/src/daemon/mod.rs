@@ -244,10 +244,10 @@ fn start_sync(owner: &mut Owner) {
         tracing::error!("conntrack sync: no farm membership to send on");
         return;
     };
-    let started = owner
-        .dp
-        .take_sync_ring()
-        .and_then(|ring| crate::sync::Sync::start(ring, &owner.cfg.pin_path, rate, ch));
+    let started = owner.dp.take_sync_ring().and_then(|ring| {
+        let table = crate::sync::Table::of(&owner.director);
+        crate::sync::Sync::start(ring, &owner.cfg.pin_path, rate, ch, table)
+    });
     match started {
         Ok(s) => {
             tracing::info!(rate, "conntrack sync with the farm's peers started");

@@ -211,7 +211,8 @@ pub struct Membership {
     pub view: watch::Receiver<View>,
     /// Conntrack sync: batches to send to every other member, and those received (both
     /// bounded; taken by the sync task).
-    pub sync_out: Option<mpsc::Sender<Vec<u8>>>,
+    /// A batch and its destination (`None`: every other member).
+    pub sync_out: Option<mpsc::Sender<(Option<SocketAddr>, Vec<u8>)>>,
     pub sync_in: Option<mpsc::Receiver<Vec<u8>>>,
     /// Received batches dropped because `sync_in` was full.
     pub sync_in_dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -400,7 +401,7 @@ impl Task {
     async fn run(
         mut self,
         mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
-        mut sync_rx: mpsc::Receiver<Vec<u8>>,
+        mut sync_rx: mpsc::Receiver<(Option<SocketAddr>, Vec<u8>)>,
     ) {
         let mut rt = AccumulatingRuntime::new();
         let mut buf = vec![0u8; 65536];
@@ -440,11 +441,14 @@ impl Task {
                         }
                     }
                 }
-                Some(batch) = sync_rx.recv() => {
-                    // Every other member, alive or suspect: a suspect may still serve flows.
+                Some((to, batch)) = sync_rx.recv() => {
+                    // Every other member, alive or suspect (a suspect may still serve
+                    // flows), or the one a table is sent to.
                     let pkt = self.auth.seal_sync(&batch);
-                    let dsts: Vec<SocketAddr> =
-                        self.foca.iter_members().map(|m| m.id().addr).collect();
+                    let dsts: Vec<SocketAddr> = match to {
+                        Some(a) => vec![a],
+                        None => self.foca.iter_members().map(|m| m.id().addr).collect(),
+                    };
                     for d in dsts {
                         let _ = self.sock.try_send_to(&pkt, d);
                     }

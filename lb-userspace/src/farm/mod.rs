@@ -159,11 +159,13 @@ impl FarmRole {
 
     /// The membership's conntrack sync channels (batches out, batches in), once.
     pub fn take_sync(&mut self) -> Option<crate::sync::Channels> {
-        Some((
-            self.membership.sync_out.take()?,
-            self.membership.sync_in.take()?,
-            std::sync::Arc::clone(&self.membership.sync_in_dropped),
-        ))
+        Some(crate::sync::Channels {
+            out: self.membership.sync_out.take()?,
+            inbox: self.membership.sync_in.take()?,
+            dropped_in: std::sync::Arc::clone(&self.membership.sync_in_dropped),
+            members: self.membership.view.clone(),
+            me: self.farm.address,
+        })
     }
 
     /// Whether this node takes flows: its own check passes and its power is not 0.

@@ -16,8 +16,8 @@
 //! rejected and counted, so a late or lost entry only ever leaves the flow to our ring,
 //! never to a backend of another service.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,13 +30,22 @@ use tokio::sync::{mpsc, watch};
 
 use crate::director::Director;
 
-/// The membership's sync channels: batches to send, batches received, and the count of
-/// received batches it dropped because the second was full.
-pub type Channels = (
-    mpsc::Sender<Vec<u8>>,
-    mpsc::Receiver<Vec<u8>>,
-    Arc<std::sync::atomic::AtomicU64>,
-);
+/// What the sync task gets of the membership.
+pub struct Channels {
+    /// Batches to send: to one member, or to every other (`None`).
+    pub out: mpsc::Sender<(Option<SocketAddr>, Vec<u8>)>,
+    /// Batches received.
+    pub inbox: mpsc::Receiver<Vec<u8>>,
+    /// Received batches the membership dropped because `inbox` was full.
+    pub dropped_in: Arc<std::sync::atomic::AtomicU64>,
+    /// The membership view: a member that appears is sent this director's whole table.
+    pub members: watch::Receiver<crate::farm::membership::View>,
+    /// This node's membership address (not a peer).
+    pub me: SocketAddr,
+}
+
+/// At most this many entries of the table go to a member that joins.
+const BULK_MAX: usize = 1 << 20;
 
 /// How often the ring buffer is read (the program does not wake us per event).
 pub const READ_EVERY: Duration = Duration::from_millis(10);
@@ -130,10 +139,16 @@ impl Bucket {
 
     /// Take one token, if there is one.
     pub fn take(&mut self) -> bool {
-        if self.tokens < 1.0 {
+        self.take_n(1)
+    }
+
+    /// Take `n` tokens if there are that many (nothing otherwise). `n` up to a batch always
+    /// fits the bucket's capacity, so a waiting sender eventually gets it.
+    pub fn take_n(&mut self, n: usize) -> bool {
+        if self.tokens < n as f64 {
             return false;
         }
-        self.tokens -= 1.0;
+        self.tokens -= n as f64;
         true
     }
 }
@@ -212,6 +227,12 @@ pub struct SyncView {
     /// Received batches dropped unread because this task lagged behind (a full queue).
     #[serde(default)]
     pub dropped_batches_in: u64,
+    /// Entries of the whole table sent to members that joined (one walk per join, paced at
+    /// `sync_rate`), and the number of such joins.
+    #[serde(default)]
+    pub bulk_sent: u64,
+    #[serde(default)]
+    pub bulk_joins: u64,
     /// Time from a batch's sending to its insertion here, in milliseconds: the last one and
     /// the highest seen (the clocks of the directors are assumed in sync, e.g. by NTP).
     pub lag_ms_last: f64,
@@ -234,12 +255,28 @@ fn unix_ns() -> u64 {
 impl Sync {
     /// Start the task: `ring` is the program's `CT_SYNC`, `pin_dir` where its conntrack
     /// table is pinned, `out`/`inbox` the membership's sync channels.
-    pub fn start(ring: RingBuf<MapData>, pin_dir: &Path, rate: u32, ch: Channels) -> Result<Sync> {
-        let (out, inbox, dropped_in) = ch;
+    /// `table` is the director's now, so batches that queued while the daemon started are
+    /// judged against it.
+    pub fn start(
+        ring: RingBuf<MapData>,
+        pin_dir: &Path,
+        rate: u32,
+        ch: Channels,
+        table: Table,
+    ) -> Result<Sync> {
+        let Channels {
+            out,
+            inbox,
+            dropped_in,
+            members,
+            me,
+        } = ch;
         let ct = MapData::from_pin(pin_dir.join(names::CONNTRACK))
             .with_context(|| format!("opening the pinned {}", names::CONNTRACK))?;
         let ct: BpfHashMap<MapData, FlowKey, CtEntry> = BpfHashMap::try_from(Map::LruHashMap(ct))?;
-        let (table, table_rx) = watch::channel(Arc::new(Table::default()));
+        let (table, table_rx) = watch::channel(Arc::new(table));
+        // Members already there when we start have had our entries as they were made.
+        let known: HashSet<SocketAddr> = members.borrow().members.iter().map(|m| m.addr).collect();
         let (view_tx, view) = watch::channel(SyncView::default());
         let task = Task {
             ring,
@@ -250,6 +287,12 @@ impl Sync {
             view_tx,
             budget: Bucket::new(rate),
             dropped_in,
+            rate,
+            pin_dir: pin_dir.to_path_buf(),
+            members,
+            known,
+            me,
+            bulk_sent: Arc::default(),
         };
         tokio::spawn(task.run(inbox));
         Ok(Sync { table, view })
@@ -270,12 +313,18 @@ impl Sync {
 struct Task {
     ring: RingBuf<MapData>,
     ct: BpfHashMap<MapData, FlowKey, CtEntry>,
-    out: mpsc::Sender<Vec<u8>>,
+    out: mpsc::Sender<(Option<SocketAddr>, Vec<u8>)>,
     table: watch::Receiver<Arc<Table>>,
     view: SyncView,
     view_tx: watch::Sender<SyncView>,
     budget: Bucket,
     dropped_in: Arc<std::sync::atomic::AtomicU64>,
+    rate: u32,
+    pin_dir: std::path::PathBuf,
+    members: watch::Receiver<crate::farm::membership::View>,
+    known: HashSet<SocketAddr>,
+    me: SocketAddr,
+    bulk_sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Task {
@@ -288,6 +337,14 @@ impl Task {
                     self.publish();
                     self.view.dropped_batches_in =
                         self.dropped_in.load(std::sync::atomic::Ordering::Relaxed);
+                    self.view.bulk_sent =
+                        self.bulk_sent.load(std::sync::atomic::Ordering::Relaxed);
+                }
+                r = self.members.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    self.on_members();
                 }
                 b = inbox.recv() => match b {
                     Some(b) => self.insert(&b),
@@ -341,9 +398,35 @@ impl Task {
         }
     }
 
+    /// New members get the whole table (a restarted or added director knows no flow yet);
+    /// members that left are forgotten, so they get it again when they come back.
+    fn on_members(&mut self) {
+        let now: HashSet<SocketAddr> = self
+            .members
+            .borrow_and_update()
+            .members
+            .iter()
+            .map(|m| m.addr)
+            .filter(|a| *a != self.me)
+            .collect();
+        for &addr in now.difference(&self.known) {
+            self.view.bulk_joins += 1;
+            tracing::info!(member = %addr, "conntrack sync: sending the table to a new member");
+            tokio::spawn(bulk(
+                addr,
+                self.pin_dir.clone(),
+                self.table.borrow().clone(),
+                self.out.clone(),
+                self.rate,
+                self.bulk_sent.clone(),
+            ));
+        }
+        self.known = now;
+    }
+
     fn send(&mut self, batch: &mut Vec<WireEntry>) {
         let n = batch.len() as u64;
-        match self.out.try_send(encode(unix_ns(), batch)) {
+        match self.out.try_send((None, encode(unix_ns(), batch))) {
             Ok(()) => self.view.sent += n,
             Err(_) => self.view.dropped += n,
         }
@@ -380,6 +463,53 @@ impl Task {
         self.view.lag_ms_last = lag;
         self.view.lag_ms_max = self.view.lag_ms_max.max(lag);
     }
+}
+
+/// Send the live entries of the conntrack table pinned under `pin_dir` to `to`, paced at
+/// `rate` entries a second (the walk runs on a blocking thread).
+async fn bulk(
+    to: SocketAddr,
+    pin_dir: std::path::PathBuf,
+    table: Arc<Table>,
+    out: mpsc::Sender<(Option<SocketAddr>, Vec<u8>)>,
+    rate: u32,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let walk = tokio::task::spawn_blocking(move || {
+        crate::dataplane::conntrack::list(&pin_dir, BULK_MAX, |_| true)
+    });
+    let flows = match walk.await {
+        Ok(Ok((flows, _))) => flows,
+        Ok(Err(e)) => return tracing::warn!("conntrack sync: reading the table: {e:#}"),
+        Err(e) => return tracing::warn!("conntrack sync: reading the table: {e}"),
+    };
+    let entries: Vec<WireEntry> = flows
+        .iter()
+        .filter(|f| !f.expired)
+        .filter_map(|f| {
+            table.outgoing(&CtSyncEvent {
+                flow: f.key,
+                backend: f.entry.backend,
+                _pad: 0,
+            })
+        })
+        .collect();
+    let mut bucket = Bucket::new(rate);
+    for chunk in entries.chunks(BATCH) {
+        while !bucket.take_n(chunk.len()) {
+            tokio::time::sleep(READ_EVERY).await;
+            bucket.refill(READ_EVERY);
+        }
+        if out
+            .send((Some(to), encode(unix_ns(), chunk)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        sent.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    tracing::info!(member = %to, entries = entries.len(), "conntrack sync: table sent");
 }
 
 #[cfg(test)]
@@ -428,9 +558,18 @@ mod tests {
             sent += (0..1000).filter(|_| b.take()).count();
         }
         assert!((990..=1000).contains(&sent), "{sent}");
-        // A low rate still lets one batch through.
+        // A low rate still lets one batch through, and a whole batch again once refilled.
         let mut low = Bucket::new(5);
         assert_eq!((0..100).filter(|_| low.take()).count(), BATCH);
+        assert!(!low.take_n(BATCH));
+        for _ in 0..470 {
+            assert!(!low.take_n(BATCH));
+            low.refill(READ_EVERY);
+        }
+        for _ in 0..20 {
+            low.refill(READ_EVERY);
+        }
+        assert!(low.take_n(BATCH), "4.9 s at 5/s refills a batch of 24");
     }
 
     #[test]

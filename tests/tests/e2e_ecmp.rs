@@ -152,7 +152,7 @@ fn config_for(
     let conf = rig.director_config(i, key, announce_extra, svcs);
     let check = format!(
         "[farm]\ncheck = {{ type = \"exec\", command = \"test ! -e {}\", \
-         interval = \"200ms\", timeout = \"150ms\", fall = 1, rise = 1 }}\n",
+         interval = \"250ms\", timeout = \"250ms\", fall = 2, rise = 1 }}\n",
         down_flag(rig, i).display()
     );
     conf.replacen("[farm]\n", &check, 1)
@@ -398,7 +398,8 @@ fn a_vip_without_usable_backends_is_withdrawn_and_returns() -> Result<()> {
     // the next one keeps them: the router never loses d3 across the restart.
     s.farmlb[2].kill9()?;
     let watch = {
-        let (rig_rt, want) = (s.rig.ns_router(), all.clone());
+        // Only d3's next hop matters here (the others' own checks may flap under load).
+        let (rig_rt, want) = (s.rig.ns_router(), vec![all[2]]);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let t = thread::spawn(move || {

@@ -340,12 +340,6 @@ impl Dataplane {
         take(&mut self.ebpf, names::CT_SYNC)
     }
 
-    /// Write a conntrack entry (a peer's, through conntrack sync).
-    pub fn conntrack_set(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<()> {
-        self.maps.conntrack.insert(key, entry, 0)?;
-        Ok(())
-    }
-
     pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<CtEntry>> {
         match self.maps.conntrack.get(key, 0) {
             Ok(v) => Ok(Some(v)),

@@ -21,7 +21,8 @@ pub mod maps {
     /// The test rigs' pass-everything program (`lb-ebpf/src/bin/pass.rs`).
     pub const PASS_PROGRAM: &str = "farmlb_pass";
     names!(
-        SERVICES,
+        SERVICE_INDEX,
+        SERVICE_ENTRIES,
         VIP_ADDRS,
         RING,
         BACKENDS,
@@ -33,6 +34,7 @@ pub mod maps {
         FARM,
         FLOOD,
         CT_SYNC,
+        SVC_DROPS,
     );
 }
 
@@ -125,7 +127,7 @@ pub const fn member_slot(node_id: u32) -> u32 {
     MEMBER_BASE + node_id
 }
 
-/// Key of the `SERVICES` map. `port == 0` is a port-wildcard service.
+/// A service's identity: VIP, port (0 = a port-wildcard service) and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
@@ -147,9 +149,58 @@ impl ServiceKey {
             _pad: 0,
         }
     }
+
+    /// The key as the words `SERVICE_ENTRIES` stores and the program compares: the address
+    /// in four words, then port and protocol.
+    #[inline(always)]
+    pub const fn words(&self) -> [u32; 5] {
+        [
+            word(&self.addr, 0),
+            word(&self.addr, 4),
+            word(&self.addr, 8),
+            word(&self.addr, 12),
+            self.port as u32 | (self.proto as u32) << 16,
+        ]
+    }
+
+    /// The key whose [`ServiceKey::words`] are `w`.
+    pub fn from_words(w: &[u32; 5]) -> Self {
+        let mut addr = [0u8; 16];
+        for (i, x) in w[..4].iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&x.to_le_bytes());
+        }
+        Self::new(addr, w[4] as u16, (w[4] >> 16) as u8)
+    }
 }
 
-/// Value of the `SERVICES` map.
+/// Slots of `SERVICE_INDEX`, an open-addressing table (linear probing) that finds a
+/// service in one or two array reads where a hash map lookup cost ~40 ns a packet. Eight
+/// slots per service keep probe runs short; a power of two so the slot is a shift.
+pub const SERVICE_SLOTS: u32 = 8 * MAX_SERVICES;
+/// Longest probe run the program walks (the control plane places every key within it).
+pub const SERVICE_PROBES: u32 = 16;
+const _: () = assert!(SERVICE_SLOTS.is_power_of_two());
+/// `SERVICE_ENTRIES` holds two entries per service id (`2 * id`, `2 * id + 1`): a change
+/// is written to the one not in use, then the index slot is pointed at it (a 4-byte
+/// write), so the program never reads a half-written entry.
+pub const SERVICE_ENTRY_SLOTS: u32 = 2 * MAX_SERVICES;
+
+/// Home slot of a key in `SERVICE_INDEX` (from its [`ServiceKey::words`]).
+#[inline(always)]
+pub const fn service_slot(w: &[u32; 5]) -> u32 {
+    let h = (w[0] ^ w[1] ^ w[2] ^ w[3]).wrapping_mul(0x9e37_79b1) ^ w[4];
+    h.wrapping_mul(0x85eb_ca6b) >> (32 - SERVICE_SLOTS.trailing_zeros())
+}
+
+/// Value of `SERVICE_ENTRIES`: a service's key (as words) and what the program needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceEntry {
+    pub key: [u32; 5],
+    pub info: ServiceInfo,
+}
+
+/// What the program needs of a service (in its `SERVICE_ENTRIES` entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceInfo {
@@ -207,7 +258,7 @@ pub const MEMBER_OWNER: u32 = u32::MAX;
 /// Version of the maps' layout and meaning. A control plane adopts a pinned data plane only
 /// if the version matches (and every map's key, value and size does); bump it whenever a map
 /// type or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Conntrack key: the client-to-VIP direction of a flow.
 #[repr(C)]
@@ -319,6 +370,35 @@ pub struct FarmConfig {
 /// connection; a request sock (handshake in progress) is.
 pub const TCP_STATE_LISTEN: u32 = 10;
 
+/// The drop reasons that are also counted per service (`SVC_DROPS`), in index order: the
+/// exits taken after the packet's service is known.
+pub const SERVICE_DROP_REASONS: [Stat; 4] = [
+    Stat::DropNoBackend,
+    Stat::FarmDropNotOwner,
+    Stat::FarmDropNoSocket,
+    Stat::FarmDropLease,
+];
+
+/// `SVC_DROPS` index of service `svc`'s count of `SERVICE_DROP_REASONS[reason]`.
+#[inline(always)]
+pub const fn svc_drop_index(svc: u32, reason: u32) -> u32 {
+    svc * SERVICE_DROP_REASONS.len() as u32 + reason
+}
+
+impl Stat {
+    /// This reason's index in [`SERVICE_DROP_REASONS`], if it is counted per service.
+    #[inline(always)]
+    pub const fn service_drop(self) -> Option<u32> {
+        match self {
+            Stat::DropNoBackend => Some(0),
+            Stat::FarmDropNotOwner => Some(1),
+            Stat::FarmDropNoSocket => Some(2),
+            Stat::FarmDropLease => Some(3),
+            _ => None,
+        }
+    }
+}
+
 /// Packets/bytes pair for per-service and per-backend per-CPU counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -400,6 +480,7 @@ stats! {
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceInfo>() == 16);
+    assert!(core::mem::size_of::<ServiceEntry>() == 36);
     assert!(core::mem::size_of::<Backend>() == 28);
     assert!(core::mem::size_of::<FlowKey>() == 40);
     assert!(core::mem::size_of::<CtEntry>() == 16);
@@ -422,6 +503,7 @@ mod pod {
     // padding fields, so every bit pattern is valid and there are no uninitialised bytes.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceInfo {}
+    unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtEntry {}

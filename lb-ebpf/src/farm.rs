@@ -22,7 +22,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{account, verdict, FARM},
+    maps::{account, drop_for, verdict, FARM},
     parse::Packet,
     select,
 };
@@ -37,12 +37,12 @@ pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalC
         return if has_socket(ctx, &pkt.flow, pkt.v6) {
             deliver(ctx, pkt, svc, cfg, own, Stat::FarmPassSocket)
         } else {
-            verdict(Stat::FarmDropNoSocket, xdp_action::XDP_DROP)
+            drop_for(svc.id, Stat::FarmDropNoSocket)
         };
     }
     // SAFETY: helper without side effects.
     if unsafe { bpf_ktime_get_ns() } > lease {
-        return verdict(Stat::FarmDropLease, xdp_action::XDP_DROP);
+        return drop_for(svc.id, Stat::FarmDropLease);
     }
     let owner = if pkt.flow.proto == PROTO_TCP {
         select::ring_owner(svc, &pkt.flow)
@@ -50,10 +50,10 @@ pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalC
         select::backend(svc, &pkt.flow, false, cfg)
     };
     let Some(owner) = owner else {
-        return verdict(Stat::DropNoBackend, xdp_action::XDP_DROP);
+        return drop_for(svc.id, Stat::DropNoBackend);
     };
     if owner.id != own {
-        return verdict(Stat::FarmDropNotOwner, xdp_action::XDP_DROP);
+        return drop_for(svc.id, Stat::FarmDropNotOwner);
     }
     deliver(ctx, pkt, svc, cfg, own, Stat::FarmPassOwner)
 }

@@ -28,7 +28,7 @@ mod prog {
 
     use crate::{
         farm, forward,
-        maps::{verdict, CONFIG, VIP_ADDRS},
+        maps::{drop_for, verdict, CONFIG, VIP_ADDRS},
         parse::{self, Unparsed},
         select,
     };
@@ -54,7 +54,7 @@ mod prog {
         }
         match select::backend(&svc, &pkt.flow, pkt.is_syn, cfg) {
             Some(dst) => forward::direct(&ctx, &mut pkt, &svc, cfg, &dst),
-            None => verdict(Stat::DropNoBackend, xdp_action::XDP_DROP),
+            None => drop_for(svc.id, Stat::DropNoBackend),
         }
     }
     lb_ebpf::check_name!(farmlb_xdp, lb_common::maps::PROGRAM);

@@ -3,15 +3,17 @@
 //! is declared through `maps!`, which checks its name against that constant at compile time.
 
 use aya_ebpf::{
+    bindings::xdp_action,
     helpers::generated::bpf_xdp_get_buff_len,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, CT_SYNC_BYTES,
-    DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS,
+    svc_drop_index, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey,
+    GlobalConfig, ServiceEntry, Stat, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES,
+    CT_SYNC_BYTES, DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS, SERVICE_DROP_REASONS,
+    SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
@@ -26,8 +28,13 @@ macro_rules! maps {
 }
 
 maps! {
-    /// Services by VIP, port (0 = any port) and protocol: the first lookup of every IP packet.
-    SERVICES: HashMap<ServiceKey, ServiceInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
+    /// Services by VIP, port (0 = any port) and protocol, read for every IP packet: an
+    /// open-addressing table of `SERVICE_ENTRIES` indices + 1 (0 = empty) that the program
+    /// probes from `service_slot` until a match or an empty slot.
+    SERVICE_INDEX: Array<u32> = Array::with_max_entries(SERVICE_SLOTS, 0);
+    /// The services' keys and `ServiceInfo`, two entries per service id (see
+    /// `SERVICE_ENTRY_SLOTS`).
+    SERVICE_ENTRIES: Array<ServiceEntry> = Array::with_max_entries(SERVICE_ENTRY_SLOTS, 0);
     /// VIP addresses, consulted only on rare paths (fragments, options, truncated L4) to
     /// decide between "drop, it was for us" and "pass, not ours".
     VIP_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
@@ -46,6 +53,10 @@ maps! {
     STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
     /// Per-CPU packets/bytes forwarded or delivered, by `ServiceInfo::id`.
     SVC_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+    /// Per-CPU drops of the reasons in `SERVICE_DROP_REASONS`, by service id
+    /// (`svc_drop_index`): consulted only on those drop paths.
+    SVC_DROPS: PerCpuArray<u64> =
+        PerCpuArray::with_max_entries(MAX_SERVICES * SERVICE_DROP_REASONS.len() as u32, 0);
     /// Per-CPU packets/bytes forwarded or delivered, by backend id (farm: member slot).
     BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_SLOTS, 0);
     /// Farm mode: this node's member slot (consulted only on the farm branch).
@@ -72,6 +83,19 @@ pub fn count(s: Stat) {
 pub fn verdict(reason: Stat, action: u32) -> u32 {
     count(reason);
     action
+}
+
+/// Drop a packet of service `svc` for `reason`, counted globally and, for the reasons in
+/// `SERVICE_DROP_REASONS`, per service.
+#[inline(always)]
+pub fn drop_for(svc: u32, reason: Stat) -> u32 {
+    if let Some(r) = reason.service_drop() {
+        if let Some(p) = SVC_DROPS.get_ptr_mut(svc_drop_index(svc, r)) {
+            // SAFETY: per-CPU slot.
+            unsafe { *p += 1 };
+        }
+    }
+    verdict(reason, xdp_action::XDP_DROP)
 }
 
 /// Count the frame, as it leaves for `backend`, in its service's and backend's counters.

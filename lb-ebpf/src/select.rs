@@ -2,12 +2,13 @@
 //! valid looks its entry up, once, and hands it on in a [`Dst`] (as Katran's `get_packet_dst`).
 
 use lb_common::{
-    Backend, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, NO_BACKEND,
+    service_slot, Backend, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID,
+    NO_BACKEND, SERVICE_PROBES, SERVICE_SLOTS,
 };
 
 use crate::{
     conntrack,
-    maps::{count, BACKENDS, RING, SERVICES},
+    maps::{count, BACKENDS, RING, SERVICE_ENTRIES, SERVICE_INDEX},
 };
 
 /// A valid backend: its id (`BACKENDS` index; farm: member slot) and its entry.
@@ -19,13 +20,31 @@ pub struct Dst {
 /// The service `flow` is addressed to: the exact port's, else the port-wildcard one.
 #[inline(always)]
 pub fn service(flow: &FlowKey) -> Option<ServiceInfo> {
-    let mut key = ServiceKey::new(flow.dst, flow.dport, flow.proto);
-    // SAFETY: read-only lookups; the value is copied out immediately.
-    if let Some(s) = unsafe { SERVICES.get(key) } {
-        return Some(*s);
+    let mut key = ServiceKey::new(flow.dst, flow.dport, flow.proto).words();
+    if let Some(s) = find_service(&key) {
+        return Some(s);
     }
-    key.port = 0;
-    unsafe { SERVICES.get(key) }.copied()
+    key[4] &= !0xffff;
+    find_service(&key)
+}
+
+/// Walk `SERVICE_INDEX` from the key's home slot to its entry or the first empty slot.
+#[inline(always)]
+fn find_service(key: &[u32; 5]) -> Option<ServiceInfo> {
+    let home = service_slot(key);
+    for i in 0..SERVICE_PROBES {
+        let at = *SERVICE_INDEX.get((home + i) & (SERVICE_SLOTS - 1))?;
+        if at == 0 {
+            return None;
+        }
+        let e = SERVICE_ENTRIES.get(at - 1)?;
+        // Word by word: an array `==` may become a `bcmp` call, which BPF does not have.
+        let k = &e.key;
+        if k[0] == key[0] && k[1] == key[1] && k[2] == key[2] && k[3] == key[3] && k[4] == key[4] {
+            return Some(e.info);
+        }
+    }
+    None
 }
 
 /// Conntrack first (except for SYNs, which always re-hash so a reused tuple follows the current

@@ -683,6 +683,7 @@ pub fn render_status(s: &StatusView) -> String {
                     weight_str(b),
                     b.effective_weight.to_string(),
                     b.slots.to_string(),
+                    flows_str(b),
                     human(b.packets),
                     human(b.bytes),
                     last,
@@ -698,6 +699,7 @@ pub fn render_status(s: &StatusView) -> String {
                 "WEIGHT",
                 "EFFECTIVE",
                 "SLOTS",
+                "FLOWS",
                 "PACKETS",
                 "BYTES",
                 "LAST CHECK",
@@ -709,6 +711,11 @@ pub fn render_status(s: &StatusView) -> String {
         out += "* set at runtime: kept across reloads until the config file changes that field\n";
     }
     out
+}
+
+/// Conntrack entries naming the backend at the daemon's last count, `-` before the first.
+fn flows_str(b: &BackendView) -> String {
+    b.flows.map_or("-".into(), human)
 }
 
 /// Counters; with the previous snapshot and the seconds since, per-second rates too.
@@ -755,7 +762,12 @@ pub fn render_stats(s: &StatusView, prev: Option<(&StatusView, f64)>) -> String 
             let pb = p.and_then(|x| x.backends.iter().find(|y| y.address == b.address));
             rows.push(row(
                 format!("  -> {}", b.address),
-                format!("{} w{}", b.health, b.effective_weight),
+                format!(
+                    "{} w{} flows {}",
+                    b.health,
+                    b.effective_weight,
+                    flows_str(b)
+                ),
                 (b.packets, b.bytes),
                 pb.map(|x| (x.packets, x.bytes)),
             ));

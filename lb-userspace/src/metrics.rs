@@ -18,7 +18,8 @@
 //! | `farmlb_check_duration_seconds` (histogram) | service, backend |
 //! | `farmlb_checks_total` | service, backend, result (`up`/`down`/`error`: a local fault, counted neither way) |
 //! | `farmlb_conntrack_lookups_total` | result (`hit`, `miss_syn`, `miss_other`) |
-//! | `farmlb_drops_total` | reason (`no_backend`, `malformed`, `fragment`, `ip_options`, `farm_not_owner`, ...); the kernel counts drops globally: a `service` label joins when it counts them per service |
+//! | `farmlb_drops_total` | reason (`no_backend`, `malformed`, `fragment`, `ip_options`, `farm_not_owner`, ...): every drop, also those before a service is known |
+//! | `farmlb_service_drops_total` | service, reason (`no_backend`; farm services also `farm_not_owner`, `farm_no_socket`, `farm_lease`) |
 //! | `farmlb_passed_total` | reason (`not_ip`, `not_vip`, `malformed`, ...) |
 //! | `farmlb_forwarded_packets_total` | |
 //! | `farmlb_datapath_events_total` (any other data-plane counter) | event |
@@ -132,6 +133,16 @@ struct Snapshot(StatusView);
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
+/// The `reason` label of a drop counter (`drop_no_backend` -> `no_backend`,
+/// `farm_drop_not_owner` -> `farm_not_owner`); `None` for counters that are not drops.
+fn drop_reason(stat: &str) -> Option<String> {
+    if let Some(r) = stat.strip_prefix("drop_") {
+        Some(r.to_string())
+    } else {
+        stat.strip_prefix("farm_drop_").map(|r| format!("farm_{r}"))
+    }
+}
+
 fn family<'a, M: EncodeMetric>(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -173,6 +184,24 @@ impl Collector for Snapshot {
             "Bytes forwarded for the service",
             MetricType::Counter,
             v.services.iter().map(|s| (svc(&s.name), counter(s.bytes))),
+        )?;
+        let svc_drops: Vec<(&str, String, u64)> = v
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.drops
+                    .iter()
+                    .filter_map(|(k, n)| Some((s.name.as_str(), drop_reason(k)?, *n)))
+            })
+            .collect();
+        family(
+            &mut enc,
+            "farmlb_service_drops",
+            "Packets of the service dropped, by reason",
+            MetricType::Counter,
+            svc_drops
+                .iter()
+                .map(|(s, r, n)| (vec![("service", *s), ("reason", r.as_str())], counter(*n))),
         )?;
         family(
             &mut enc,
@@ -301,10 +330,8 @@ impl Collector for Snapshot {
                 } else {
                     conntrack.push((r, n));
                 }
-            } else if let Some(r) = k.strip_prefix("drop_") {
-                drops.push((r.to_string(), n));
-            } else if let Some(r) = k.strip_prefix("farm_drop_") {
-                drops.push((format!("farm_{r}"), n));
+            } else if let Some(r) = drop_reason(k) {
+                drops.push((r, n));
             } else if let Some(r) = k.strip_prefix("pass_") {
                 passes.push((r, n));
             } else if k != "tx" {
@@ -716,6 +743,7 @@ mod tests {
                 backends_usable: 1,
                 packets: 12,
                 bytes: 720,
+                drops: [("drop_no_backend".to_string(), 3)].into(),
                 backends: vec![
                     b("10.0.0.11", "up", "ready", 2, 10),
                     b("10.0.0.12", "down", "drain", 0, 2),
@@ -829,6 +857,7 @@ mod tests {
             "farmlb_backend_state{service=\"web\",backend=\"10.0.0.12\",state=\"ready\"} 0",
             "farmlb_conntrack_lookups_total{result=\"hit\"} 7",
             "farmlb_drops_total{reason=\"no_backend\"} 3",
+            "farmlb_service_drops_total{service=\"web\",reason=\"no_backend\"} 3",
             "farmlb_forwarded_packets_total 12",
             "farmlb_conntrack_entries 5",
             "farmlb_conntrack_capacity 1024",

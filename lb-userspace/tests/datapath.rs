@@ -194,6 +194,83 @@ fn non_vip_traffic_passes_untouched() {
     assert_eq!(f.k.dp.stats().unwrap()[Stat::PassNotVip as usize], 5);
 }
 
+/// Services whose keys share a home slot of the service table (three runs of ten, one of
+/// them wrapping past the last slot), port-wildcard services beside exact ones on the same
+/// VIP, and both families: each is found by the kernel as by the model, also after every
+/// other one was removed (the removals shift the runs back) and re-added.
+#[test]
+fn colliding_services_are_found_through_adds_and_removes() {
+    use lb_common::{service_slot, v4_mapped, ServiceKey, SERVICE_SLOTS};
+    let mut keys: Vec<(String, u16, &str)> = Vec::new();
+    for home in [100, 2000, SERVICE_SLOTS - 1] {
+        let mut n = 0;
+        for i in 0..u32::MAX {
+            let ip = [10, 96, (i >> 8) as u8, i as u8];
+            if service_slot(&ServiceKey::new(v4_mapped(ip), 80, PROTO_TCP).words()) == home {
+                keys.push((std::net::Ipv4Addr::from(ip).to_string(), 80, "tcp"));
+                n += 1;
+                if n == 10 {
+                    break;
+                }
+            }
+        }
+    }
+    for i in 0..20u16 {
+        keys.push((format!("10.95.0.{}", i + 1), 0, "tcp"));
+        keys.push((format!("10.95.0.{}", i + 1), 443, "tcp"));
+        keys.push((format!("fd95::{:x}", i + 1), 53, "udp"));
+    }
+    let toml = |keep: &dyn Fn(usize) -> bool| {
+        let services: String = keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(i, (vip, port, proto))| {
+                let b: &[&str] = if vip.contains(':') {
+                    &["fd99::11", "fd99::12"]
+                } else {
+                    &["10.99.0.11", "10.99.0.12"]
+                };
+                service_toml(&format!("s{i}"), vip, *port, proto, Some(7), b)
+            })
+            .collect();
+        Config::from_toml_str(&format!("interface = \"eth0\"\n{services}")).unwrap()
+    };
+    let probe = |f: &mut Fixture, live: &dyn Fn(usize) -> bool| {
+        for (i, (vip, port, proto)) in keys.iter().enumerate() {
+            let dst = SocketAddr::new(vip.parse().unwrap(), if *port == 0 { 8080 } else { *port });
+            let src = if dst.is_ipv6() {
+                sa("[2001:db8::7]:4000")
+            } else {
+                sa("198.51.0.7:4000")
+            };
+            let pkt = if *proto == "udp" {
+                PacketBuilder::udp(src, dst).build()
+            } else {
+                PacketBuilder::tcp(src, dst).syn().build()
+            };
+            let (action, _, _) = f.run(&pkt);
+            // A removed exact-port service of a VIP that keeps its wildcard one still lands
+            // on the wildcard.
+            let wildcard_left = *port == 443 && live(i - 1);
+            let want = if live(i) || wildcard_left {
+                Action::Tx
+            } else {
+                Action::Pass
+            };
+            assert_eq!(action, want, "service s{i} {vip}:{port}/{proto}");
+        }
+    };
+    let all = |_: usize| true;
+    let even = |i: usize| i.is_multiple_of(2);
+    let mut f = Fixture::new(&toml(&all));
+    probe(&mut f, &all);
+    f.apply(&toml(&even));
+    probe(&mut f, &even);
+    f.apply(&toml(&all));
+    probe(&mut f, &all);
+}
+
 #[test]
 fn arp_passes() {
     let mut f = Fixture::new(&base_config("30s"));
@@ -565,6 +642,80 @@ fn flood_guard_keeps_new_flows_out_of_conntrack_above_its_rate() {
 }
 
 /// One IPv6 extension-header row: the packet, the verdict and the reason counter expected.
+/// The flood: 100 established flows, then 100,000 SYNs from distinct clients on one
+/// CPU, then a backend added. With the guard engaged (200 new flows/s) the flood leaves every
+/// established entry in place and none of the flows moves; without it (rate 0) the flood
+/// evicts them and the new table moves about a quarter.
+#[test]
+fn syn_flood_above_the_guard_rate_evicts_no_established_flow() {
+    pin_to_cpu0();
+    let vip = sa("10.99.100.1:80");
+    let toml = |rate: u32, backends: &[&str]| {
+        let svc = service_toml("web4", "10.99.100.1", 80, "tcp", Some(1009), backends);
+        Config::from_toml_str(&format!(
+            "interface = \"eth0\"\nflood_guard_rate = {rate}\n{svc}"
+        ))
+        .unwrap()
+    };
+    let three = ["10.99.0.11", "10.99.0.12", "10.99.0.13"];
+    let four = ["10.99.0.11", "10.99.0.12", "10.99.0.13", "10.99.0.14"];
+    let mut figures = Vec::new();
+    for rate in [200, 0] {
+        let mut f = Fixture::new(&toml(rate, &three));
+        let flows: Vec<SocketAddr> = (0..100).map(|i| client(i, 30_000, false)).collect();
+        let mut first = HashMap::new();
+        for &src in &flows {
+            let (a, _, id) = f.run(&PacketBuilder::tcp(src, vip).syn().build());
+            assert_eq!(a, Action::Tx);
+            first.insert(src, f.backend_ip(id));
+        }
+        // The flood goes to the kernel alone: the model would keep what the kernel evicts.
+        for i in 0..100_000u32 {
+            let src = SocketAddr::new(
+                std::net::Ipv4Addr::from(0xc612_0000 | (i >> 4)).into(),
+                1024 + (i & 15) as u16,
+            );
+            let (action, _) =
+                f.k.dp
+                    .test_run(&PacketBuilder::tcp(src, vip).syn().build())
+                    .unwrap();
+            assert_eq!(action, 3, "flood SYN {i} forwarded (XDP_TX)");
+        }
+        let kept = flows
+            .iter()
+            .filter(|&&src| {
+                f.k.dp
+                    .conntrack_get(&flow_key(src, vip, PROTO_TCP))
+                    .unwrap()
+                    .is_some()
+            })
+            .count();
+        f.apply(&toml(rate, &four));
+        let moved = flows
+            .iter()
+            .filter(|&&src| {
+                let (_, out) =
+                    f.k.dp
+                        .test_run(&PacketBuilder::tcp(src, vip).flags(TCP_ACK).build())
+                        .unwrap();
+                out[0..6] != fixture_mac(first[&src])
+            })
+            .count();
+        eprintln!("flood_guard_rate {rate}: {kept} of 100 established entries kept, {moved} moved");
+        figures.push((kept, moved));
+    }
+    assert_eq!(
+        figures[0],
+        (100, 0),
+        "guarded: every established flow kept and in place"
+    );
+    assert!(
+        figures[1].0 < 50 && figures[1].1 > 5,
+        "unguarded, the flood should evict and the new table move flows: {:?}",
+        figures[1]
+    );
+}
+
 fn ext_row(f: &mut Fixture, what: &str, pkt: &[u8], action: Action, reason: Stat) -> Vec<u8> {
     let (d, out) =
         f.k.run(pkt)

@@ -316,7 +316,7 @@ fn negative_numbers_reach_the_range_checks() -> Result<()> {
     );
     let watch = err(&["stats", "--watch", "-1"])?;
     ensure!(
-        watch == "farmlb: error: --watch: the interval must be at least 0.1 seconds",
+        watch == "farmlb: error: --watch: the interval must be between 0.1 and 3600 seconds",
         "{watch}"
     );
     // Nothing was half-applied.

@@ -253,6 +253,28 @@ fn metrics_rules_and_dashboard_agree_with_a_live_daemon() -> Result<()> {
             "{b}: farmlb_backend_flows {got}, {n} connections made"
         );
     }
+    // `farmlb status` shows the same count in its FLOWS column (cells are left-aligned under
+    // their header).
+    let status = cli_ok(&sock, &["status"])?;
+    let col = status
+        .lines()
+        .find_map(|l| {
+            l.trim_start()
+                .starts_with("BACKEND")
+                .then(|| l.find("FLOWS"))?
+        })
+        .with_context(|| format!("no FLOWS column:\n{status}"))?;
+    for (b, n) in &per_backend {
+        let row = status
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&b.to_string()))
+            .with_context(|| format!("no row for {b}:\n{status}"))?;
+        let shown = row.get(col..).and_then(|c| c.split_whitespace().next());
+        ensure!(
+            shown == Some(&n.to_string()),
+            "{b}: FLOWS {shown:?}, {n} connections made:\n{status}"
+        );
+    }
     ensure!(metric(&m, "farmlb_conntrack_entries")? >= 60.0);
     ensure!(metric(&m, "farmlb_config_last_reload_successful")? == 1.0);
     let ok_at = metric(&m, "farmlb_config_last_reload_success_timestamp_seconds")?;

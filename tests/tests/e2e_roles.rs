@@ -219,6 +219,16 @@ fn farm_node_serves_status_and_metrics() -> Result<()> {
 
 // --- (2) health checks of a dr service on failover directors --------------------------------
 
+/// The `dr` service `web` on the VIP, over every backend of the failover rig.
+fn web_dr(rig: &FarmRig) -> FarmService {
+    let backends = rig
+        .tags(lb_tests::farm_rig::Role::Backend)
+        .iter()
+        .map(|b| IpAddr::V4(rig.addr(b)))
+        .collect();
+    FarmService::dr("web", web_vip(), WEB, backends)
+}
+
 /// Two directors with `[farm]` in front of three backends checked with a fast tcp check:
 /// b2's server stops, both directors (active and standby) show it `down` in
 /// `status --json` within fall×interval + interval, and new connections avoid it; it
@@ -230,14 +240,9 @@ fn failover_directors_health_check_dr_backends() -> Result<()> {
         Ipv4Addr::UNSPECIFIED.into(),
         WEB,
         |rig| {
-            let backends = rig
-                .tags(lb_tests::farm_rig::Role::Backend)
-                .iter()
-                .map(|b| IpAddr::V4(rig.addr(b)))
-                .collect();
             vec![FarmService {
                 check: Some(FAST_CHECK.into()),
-                ..FarmService::dr("web", web_vip(), WEB, backends)
+                ..web_dr(rig)
             }]
         },
     )?;
@@ -361,6 +366,44 @@ const PHASE: Duration = Duration::from_secs(4);
 
 /// Write every director's config for `services` and SIGHUP them together; when (on the
 /// traffic's clock) the signals went out.
+/// docs/deploying.md's third way for one machine: a lone director with a one-node `[farm]`
+/// (no peers) answers ARP for the VIP itself, so on-link clients reach the backends through it
+/// with nothing else holding the VIP.
+#[test]
+fn a_lone_director_answers_arp_for_its_vip_as_a_one_node_farm() -> Result<()> {
+    let f = Failover::up(
+        FarmRig::failover("er5", 1, 2)?,
+        Ipv4Addr::UNSPECIFIED.into(),
+        WEB,
+        |rig| vec![web_dr(rig)],
+    )?;
+    let dst = SocketAddr::new(web_vip(), WEB);
+    let sources = f.rig.client_sources_v4();
+    let counts = f.connect_ok(dst, &sources, 60, "through the lone director")?;
+    println!("a one-node farm director: {}", format_distribution(&counts));
+    ensure!(counts.len() == 2, "both backends should serve: {counts:?}");
+    // The client resolved the VIP itself, to the director's MAC.
+    let neigh = lb_tests::netns::exec(
+        &f.rig.ns_client(),
+        &["ip", "neigh", "show", &web_vip().to_string()],
+    )?;
+    let link = lb_tests::netns::exec(
+        &f.rig.ns(&f.directors[0]),
+        &["ip", "-br", "link", "show", "eth0"],
+    )?;
+    let mac = link
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        !mac.is_empty() && neigh.contains(&mac),
+        "the client's neighbour entry for the VIP ({}) is not the director's MAC {mac}",
+        neigh.trim()
+    );
+    f.finish()
+}
+
 fn reload_all(f: &Failover, services: &[FarmService], traffic: &Traffic) -> Result<Duration> {
     for i in 0..f.nodes.len() {
         let cfg = f.config(i, services, "");

@@ -97,6 +97,10 @@ pub struct ServiceView {
     pub backends_usable: usize,
     pub packets: u64,
     pub bytes: u64,
+    /// Packets of this service dropped, by reason (`drop_no_backend`; farm services also
+    /// `farm_drop_not_owner`, `farm_drop_no_socket`, `farm_drop_lease`).
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
     pub backends: Vec<BackendView>,
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use lb_common::Stat;
+use lb_common::{Stat, SERVICE_DROP_REASONS};
 
 use super::owner::Owner;
 use crate::api::{ApiError, BackendView, CheckView, ConntrackView, ServiceView, StatusView};
@@ -29,6 +29,14 @@ impl Owner {
             .ok_or_else(|| ApiError::internal(format!("service {name:?} is not programmed")))?;
         let counter = |kind, id| self.dp.counter(kind, id).unwrap_or_default();
         let svc_counter = counter(CounterKind::Service, st.info.id);
+        let drops = self.dp.service_drops(st.info.id).unwrap_or_default();
+        let farm = cfg.forwarding == crate::config::Forwarding::Farm;
+        let drops = SERVICE_DROP_REASONS
+            .iter()
+            .zip(drops)
+            .filter(|(r, _)| farm || **r == Stat::DropNoBackend)
+            .map(|(r, n)| (r.name().to_string(), n))
+            .collect();
         let now = SystemTime::now();
         let counters: HashMap<u32, lb_common::Counter> = st
             .backends
@@ -90,6 +98,7 @@ impl Owner {
             backends_usable: backends.iter().filter(|b| b.effective_weight > 0).count(),
             packets: svc_counter.packets,
             bytes: svc_counter.bytes,
+            drops,
             backends,
         })
     }

@@ -16,14 +16,15 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey, GlobalConfig, ServiceInfo,
-    ServiceKey, Stat,
+    maps as names, svc_drop_index, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey,
+    GlobalConfig, ServiceEntry, ServiceInfo, ServiceKey, Stat, SERVICE_DROP_REASONS, SERVICE_SLOTS,
 };
 
 pub mod conntrack;
 mod maps;
 pub mod model;
 pub mod pin;
+pub mod services;
 
 pub use maps::{CounterKind, DryRun, Maps, Tee};
 
@@ -79,7 +80,8 @@ impl From<AttachMode> for XdpMode {
 
 /// Typed handles on every map, taken from the object once at load.
 struct KernelMaps {
-    services: HashMap<MapData, ServiceKey, ServiceInfo>,
+    service_index: Array<MapData, u32>,
+    service_entries: Array<MapData, ServiceEntry>,
     vip_addrs: HashMap<MapData, Addr, u32>,
     ring: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
@@ -88,6 +90,7 @@ struct KernelMaps {
     farm: Array<MapData, FarmConfig>,
     stats: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, Counter>,
+    svc_drops: PerCpuArray<MapData, u64>,
     backend_stats: PerCpuArray<MapData, Counter>,
 }
 
@@ -105,7 +108,8 @@ pub fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 impl KernelMaps {
     fn take(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(Self {
-            services: take(ebpf, names::SERVICES)?,
+            service_index: take(ebpf, names::SERVICE_INDEX)?,
+            service_entries: take(ebpf, names::SERVICE_ENTRIES)?,
             vip_addrs: take(ebpf, names::VIP_ADDRS)?,
             ring: take(ebpf, names::RING)?,
             backends: take(ebpf, names::BACKENDS)?,
@@ -114,6 +118,7 @@ impl KernelMaps {
             farm: take(ebpf, names::FARM)?,
             stats: take(ebpf, names::STATS)?,
             svc_stats: take(ebpf, names::SVC_STATS)?,
+            svc_drops: take(ebpf, names::SVC_DROPS)?,
             backend_stats: take(ebpf, names::BACKEND_STATS)?,
         })
     }
@@ -122,6 +127,8 @@ impl KernelMaps {
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: KernelMaps,
+    /// What `SERVICE_INDEX`/`SERVICE_ENTRIES` hold (read back from adopted maps).
+    services: services::ServiceTable,
     link: Option<XdpLinkId>,
     ring_slots: u32,
     pin_dir: Option<PathBuf>,
@@ -174,9 +181,19 @@ impl Dataplane {
                 .with_context(|| format!("pinning the program at {}", path.display()))?;
         }
         let maps = KernelMaps::take(&mut ebpf)?;
+        let services = if adopted {
+            let index = (0..SERVICE_SLOTS)
+                .map(|i| Ok(maps.service_index.get(&i, 0)?))
+                .collect::<Result<Vec<u32>>>()?;
+            services::ServiceTable::adopt(index, |i| Ok(maps.service_entries.get(&i, 0)?))
+                .context("reading the pinned service table")?
+        } else {
+            services::ServiceTable::default()
+        };
         Ok(Self {
             ebpf,
             maps,
+            services,
             link: None,
             ring_slots,
             pin_dir: opts.pin_dir,
@@ -262,8 +279,7 @@ impl Dataplane {
     /// services, every backend slot, and each service's ring.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let mut services = Vec::new();
-        for kv in self.maps.services.iter() {
-            let (key, info) = kv?;
+        for (key, info) in self.services.iter() {
             let table = (0..info.ring_size)
                 .map(|i| self.maps.ring.get(&(info.ring_offset + i), 0))
                 .collect::<Result<Vec<u32>, _>>()?;
@@ -285,10 +301,7 @@ impl Dataplane {
             farm: self.maps.farm.get(&0, 0)?,
             ..Default::default()
         };
-        for kv in self.maps.services.iter() {
-            let (key, info) = kv?;
-            m.services.insert(key, info);
-        }
+        m.services.extend(self.services.iter());
         if self.maps.vip_addrs.get(&flow.dst, 0).is_ok() {
             m.vip_addrs.insert(flow.dst);
         }
@@ -340,6 +353,20 @@ impl Dataplane {
         take(&mut self.ebpf, names::CT_SYNC)
     }
 
+    /// Drops of service `id`, summed over CPUs, by `SERVICE_DROP_REASONS` index.
+    pub fn service_drops(&self, id: u32) -> Result<[u64; SERVICE_DROP_REASONS.len()]> {
+        let mut out = [0u64; SERVICE_DROP_REASONS.len()];
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = self
+                .maps
+                .svc_drops
+                .get(&svc_drop_index(id, r as u32), 0)?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+
     pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<CtEntry>> {
         match self.maps.conntrack.get(key, 0) {
             Ok(v) => Ok(Some(v)),
@@ -368,6 +395,16 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    fn write_services(&mut self, writes: &[services::Write]) -> Result<()> {
+        services::apply(
+            writes,
+            &mut self.maps.service_index,
+            &mut self.maps.service_entries,
+        )
+    }
+}
+
 impl Maps for Dataplane {
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
         Ok(self.maps.config.set(0, cfg, 0)?)
@@ -378,11 +415,15 @@ impl Maps for Dataplane {
     }
 
     fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()> {
-        Ok(self.maps.services.insert(key, info, 0)?)
+        // The mirror is updated first; a failed write leaves it ahead of the map, which
+        // only a failing bpf syscall on an array can cause.
+        let writes = self.services.set(key, info)?;
+        self.write_services(&writes)
     }
 
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        Ok(self.maps.services.remove(key)?)
+        let writes = self.services.remove(key);
+        self.write_services(&writes)
     }
 
     fn set_vip_addr(&mut self, addr: &Addr) -> Result<()> {
@@ -413,7 +454,14 @@ impl Maps for Dataplane {
             CounterKind::Backend => &mut self.maps.backend_stats,
         };
         let zero = aya::maps::PerCpuValues::try_from(vec![Counter::default(); self.cpus])?;
-        Ok(a.set(id, zero, 0)?)
+        a.set(id, zero, 0)?;
+        if kind == CounterKind::Service {
+            for r in 0..SERVICE_DROP_REASONS.len() as u32 {
+                let zero = aya::maps::PerCpuValues::try_from(vec![0u64; self.cpus])?;
+                self.maps.svc_drops.set(svc_drop_index(id, r), zero, 0)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -47,8 +47,9 @@ pub struct Decision {
     pub ct: Option<Stat>,
     /// The flood guard kept the new flow out of conntrack (`ct_flood_skip` bumped).
     pub flood_skip: bool,
-    /// Service id whose counters (and `backend`'s) the packet is added to; meaningful only
-    /// when `bytes` is non-zero.
+    /// Service id whose counters (and `backend`'s) the packet is added to, meaningful when
+    /// `bytes` is non-zero; and whose per-service drop counter a drop of a reason in
+    /// `SERVICE_DROP_REASONS` bumps.
     pub service: u32,
     /// Bytes added to the service and backend counters: the whole frame (every fragment of a
     /// multi-buffer frame), or 0 for exits that count no traffic.
@@ -310,6 +311,7 @@ impl Model {
             return Decision {
                 ct: Some(ct),
                 flood_skip,
+                service: svc.id,
                 ..Decision::exit(Drop, Stat::DropNoBackend)
             };
         }
@@ -502,11 +504,19 @@ pub fn run_both(
             dp.counter(Backend, d.backend)?,
         )))
     };
+    let svc_drop = |dp: &crate::dataplane::Dataplane| -> anyhow::Result<Option<u64>> {
+        d.reason
+            .service_drop()
+            .map(|r| Ok(dp.service_drops(d.service)?[r as usize]))
+            .transpose()
+    };
     let before = dp.stats()?;
     let traffic_before = traffic(dp)?;
+    let drops_before = svc_drop(dp)?;
     let (action, out) = dp.test_run(pkt)?;
     let after = dp.stats()?;
     let traffic_after = traffic(dp)?;
+    let drops_after = svc_drop(dp)?;
     anyhow::ensure!(
         action == d.action.xdp(),
         "verdict {action} differs from model: {d:?}"
@@ -525,6 +535,15 @@ pub fn run_both(
         delta == expect,
         "counter deltas {delta:?}, model expects {expect:?} ({d:?})"
     );
+    if let (Some(a), Some(b)) = (drops_before, drops_after) {
+        anyhow::ensure!(
+            b - a == 1,
+            "service {}'s {:?} drops moved by {}, model expects 1",
+            d.service,
+            d.reason,
+            b - a
+        );
+    }
     if let (Some((s0, b0)), Some((s1, b1))) = (traffic_before, traffic_after) {
         let moved = [
             (s1.packets - s0.packets, s1.bytes - s0.bytes),

@@ -11,7 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
     maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig,
-    ServiceInfo, ServiceKey, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
+    ServiceEntry, Stat, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
+    SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
 };
 
 /// `statfs` magic of bpffs.
@@ -23,8 +24,9 @@ pub const LINK: &str = "link";
 pub const PROGRAM: &str = "program";
 
 /// Every map, pinned under its own name.
-pub const MAPS: [&str; 11] = [
-    names::SERVICES,
+pub const MAPS: [&str; 13] = [
+    names::SERVICE_INDEX,
+    names::SERVICE_ENTRIES,
     names::VIP_ADDRS,
     names::RING,
     names::BACKENDS,
@@ -35,6 +37,7 @@ pub const MAPS: [&str; 11] = [
     names::SVC_STATS,
     names::BACKEND_STATS,
     names::FLOOD,
+    names::SVC_DROPS,
 ];
 
 fn is_bpffs(p: &Path) -> bool {
@@ -91,7 +94,7 @@ struct Spec {
 
 /// The maps as this build lays them out, for a data plane of `ring_slots` and
 /// `conntrack_size`.
-fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 11] {
+fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 13] {
     use std::mem::size_of;
     let s = |name, key, value, max| Spec {
         name,
@@ -100,11 +103,12 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 11] {
         max,
     };
     [
+        s(names::SERVICE_INDEX, 4, 4, SERVICE_SLOTS),
         s(
-            names::SERVICES,
-            size_of::<ServiceKey>(),
-            size_of::<ServiceInfo>(),
-            MAX_SERVICES,
+            names::SERVICE_ENTRIES,
+            4,
+            size_of::<ServiceEntry>(),
+            SERVICE_ENTRY_SLOTS,
         ),
         s(names::VIP_ADDRS, size_of::<Addr>(), 4, MAX_VIP_ADDRS),
         s(names::RING, 4, 4, ring_slots),
@@ -121,6 +125,12 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 11] {
         s(names::SVC_STATS, 4, size_of::<Counter>(), MAX_SERVICES),
         s(names::BACKEND_STATS, 4, size_of::<Counter>(), BACKEND_SLOTS),
         s(names::FLOOD, 4, size_of::<FloodWindow>(), 1),
+        s(
+            names::SVC_DROPS,
+            4,
+            8,
+            MAX_SERVICES * SERVICE_DROP_REASONS.len() as u32,
+        ),
     ]
 }
 

@@ -12,8 +12,8 @@
 //! same way, sealed by the same key and counter, with the magic `"FLS1"`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +26,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::sockfilter;
 use crate::config::FarmCfg;
 
 const MAGIC: &[u8; 4] = b"FLB1";
@@ -225,6 +226,9 @@ impl Membership {
             .await
             .with_context(|| format!("binding the membership socket {}", cfg.address))?;
         set_rcvbuf(&sock);
+        let v6 = cfg.address.is_ipv6();
+        let filtered: BTreeSet<IpAddr> = cfg.peers.iter().map(|p| p.ip()).collect();
+        sockfilter::attach(&sock, v6, &filtered);
         let gen = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -260,6 +264,8 @@ impl Membership {
             view_tx,
             view: View::default(),
             unknown_budget: (Instant::now(), 0),
+            v6,
+            filtered,
         };
         tokio::spawn(task.run(cmd_rx, sync_out_rx));
         Ok(Membership {
@@ -327,6 +333,9 @@ struct Task {
     view: View,
     /// Budget of datagrams from unknown addresses in the current second.
     unknown_budget: (Instant, u32),
+    /// The socket's family and the addresses its kernel filter admits (peers and members).
+    v6: bool,
+    filtered: BTreeSet<IpAddr>,
 }
 
 impl Task {
@@ -496,6 +505,17 @@ impl Task {
         members.sort_by_key(|m| (m.node, m.addr));
         members.dedup_by_key(|m| m.addr);
         self.view.members = members;
+        let admit: BTreeSet<IpAddr> = self
+            .peers
+            .iter()
+            .copied()
+            .chain(self.view.members.iter().map(|m| m.addr))
+            .map(|a| a.ip())
+            .collect();
+        if admit != self.filtered {
+            sockfilter::attach(&self.sock, self.v6, &admit);
+            self.filtered = admit;
+        }
         if *self.view_tx.borrow() != self.view {
             let _ = self.view_tx.send(self.view.clone());
         }

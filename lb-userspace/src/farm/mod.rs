@@ -35,6 +35,7 @@ pub mod arp;
 mod check;
 mod hooks;
 pub mod membership;
+mod sockfilter;
 mod status;
 
 pub use crate::director::Member;

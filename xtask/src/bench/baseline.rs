@@ -17,11 +17,15 @@ use aya::{
 };
 use farmlb::{
     config::Config,
-    dataplane::{test_run_repeat, CounterKind, Maps},
+    dataplane::{
+        services::{self, ServiceTable},
+        test_run_repeat, CounterKind, Maps,
+    },
     director::Director,
 };
 use lb_common::{
-    maps as names, Addr, Backend, Counter, FarmConfig, GlobalConfig, ServiceInfo, ServiceKey,
+    maps as names, Addr, Backend, Counter, FarmConfig, GlobalConfig, ServiceEntry, ServiceInfo,
+    ServiceKey,
 };
 
 use crate::workspace_root;
@@ -141,13 +145,66 @@ fn build(tree: &Path, target_dir: &Path) -> Result<PathBuf> {
     Ok(obj)
 }
 
+/// A baseline's service maps: the hash map of layout 1, or today's table.
+enum OldServices {
+    Hash(BpfHashMap<MapData, ServiceKey, ServiceInfo>),
+    Table {
+        mirror: Box<ServiceTable>,
+        index: Array<MapData, u32>,
+        entries: Array<MapData, ServiceEntry>,
+    },
+}
+
+/// Layout 1's service map (a hash map by `ServiceKey`).
+const OLD_SERVICES: &str = "SERVICES";
+
+impl OldServices {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        if ebpf.map(OLD_SERVICES).is_some() {
+            return Ok(Self::Hash(take(ebpf, OLD_SERVICES)?));
+        }
+        Ok(Self::Table {
+            mirror: Box::default(),
+            index: take(ebpf, names::SERVICE_INDEX)?,
+            entries: take(ebpf, names::SERVICE_ENTRIES)?,
+        })
+    }
+}
+
+/// Size of `GlobalConfig` before the flood guard: today's fields up to `layout_version`.
+const SHORT_CONFIG: usize = 16;
+
+/// A baseline's `CONFIG`: today's `GlobalConfig`, or the prefix it had before the flood guard
+/// (the fields it kept sit at the same offsets).
+enum OldConfig {
+    Current(Array<MapData, GlobalConfig>),
+    Short(Array<MapData, [u8; SHORT_CONFIG]>),
+}
+
+impl OldConfig {
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let size = ebpf
+            .map(names::CONFIG)
+            .map(|m| match m {
+                aya::maps::Map::Array(d) => d.info().map(|i| i.value_size()).unwrap_or(0),
+                _ => 0,
+            })
+            .unwrap_or(0) as usize;
+        if size == SHORT_CONFIG {
+            Ok(Self::Short(take(ebpf, names::CONFIG)?))
+        } else {
+            Ok(Self::Current(take(ebpf, names::CONFIG)?))
+        }
+    }
+}
+
 /// The baseline's maps, written through today's `Maps` interface.
 struct OldMaps {
-    services: BpfHashMap<MapData, ServiceKey, ServiceInfo>,
+    services: OldServices,
     vip_addrs: BpfHashMap<MapData, Addr, u32>,
     ring: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    config: Array<MapData, GlobalConfig>,
+    config: OldConfig,
     farm: Array<MapData, FarmConfig>,
     svc_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
@@ -158,16 +215,38 @@ use farmlb::dataplane::take;
 
 impl Maps for OldMaps {
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
-        Ok(self.config.set(0, cfg, 0)?)
+        match &mut self.config {
+            OldConfig::Current(a) => Ok(a.set(0, cfg, 0)?),
+            OldConfig::Short(a) => {
+                // SAFETY: `GlobalConfig` is plain `repr(C)` data at least `SHORT_CONFIG` long.
+                let bytes: [u8; SHORT_CONFIG] =
+                    unsafe { std::ptr::read_unaligned((cfg as *const GlobalConfig).cast()) };
+                Ok(a.set(0, bytes, 0)?)
+            }
+        }
     }
     fn set_farm(&mut self, cfg: &FarmConfig) -> Result<()> {
         Ok(self.farm.set(0, cfg, 0)?)
     }
     fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()> {
-        Ok(self.services.insert(key, info, 0)?)
+        match &mut self.services {
+            OldServices::Hash(m) => Ok(m.insert(key, info, 0)?),
+            OldServices::Table {
+                mirror,
+                index,
+                entries,
+            } => services::apply(&mirror.set(key, info)?, index, entries),
+        }
     }
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        Ok(self.services.remove(key)?)
+        match &mut self.services {
+            OldServices::Hash(m) => Ok(m.remove(key)?),
+            OldServices::Table {
+                mirror,
+                index,
+                entries,
+            } => services::apply(&mirror.remove(key), index, entries),
+        }
     }
     fn set_vip_addr(&mut self, addr: &Addr) -> Result<()> {
         Ok(self.vip_addrs.insert(addr, 1, 0)?)
@@ -223,11 +302,11 @@ impl OldDataplane {
         prog.load()
             .map_err(|e| anyhow!("the verifier rejected the baseline: {e}"))?;
         let mut maps = OldMaps {
-            services: take(&mut ebpf, names::SERVICES)?,
+            services: OldServices::take(&mut ebpf)?,
             vip_addrs: take(&mut ebpf, names::VIP_ADDRS)?,
             ring: take(&mut ebpf, names::RING)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
-            config: take(&mut ebpf, names::CONFIG)?,
+            config: OldConfig::take(&mut ebpf)?,
             farm: take(&mut ebpf, names::FARM)?,
             svc_stats: take(&mut ebpf, names::SVC_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,

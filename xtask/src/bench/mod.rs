@@ -23,6 +23,7 @@ mod baseline;
 mod conns;
 mod env;
 mod failure;
+mod flood;
 mod forward;
 mod maglev;
 mod pkt;

@@ -514,6 +514,8 @@ fn measure(
         });
     }
 
+    s.metrics.extend(super::flood::metrics());
+
     let mut details = String::from(
         "| probe | farmlb ns/pkt (median [min–max]) | reference ns/pkt | floor ns/pkt | \
          previous version ns/pkt |\n",

@@ -116,6 +116,14 @@ impl Goal {
         }
     }
 
+    pub fn value_at_least(limit: f64) -> Goal {
+        Goal {
+            cmp: Cmp::AtLeast,
+            limit,
+            on: On::Value,
+        }
+    }
+
     pub fn holds(&self, x: f64) -> bool {
         match self.cmp {
             Cmp::AtMost => x <= self.limit,

@@ -38,6 +38,7 @@ pub mod maps {
         BACKEND_STATS,
         FARM,
         FLOOD,
+        CT_SYNC,
         SVC_DROPS,
         TUNNELS,
     );
@@ -487,6 +488,21 @@ pub struct GlobalConfig {
     /// are forwarded by the ring without an entry (a SYN flood must not evict established
     /// flows); 0 = no guard.
     pub flood_rate: u32,
+    /// Conntrack sync (`[announce] sync`): nonzero = publish every entry the program makes
+    /// to `CT_SYNC`, for the daemon to send to the other directors. Zero costs the insert
+    /// path one branch. (It took the place of the struct's trailing padding, so the map's
+    /// value keeps its size and older programs, which ignore it, can still be programmed.)
+    pub sync: u32,
+}
+
+/// A conntrack entry the program made (a new flow, or a SYN rewriting its tuple's entry),
+/// as written to the `CT_SYNC` ring buffer when `GlobalConfig::sync` is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtSyncEvent {
+    pub flow: FlowKey,
+    /// This director's backend id (peers are told the backend's address instead).
+    pub backend: u32,
     pub _pad: u32,
 }
 
@@ -507,6 +523,10 @@ pub struct TunnelInfo {
     /// Destination UDP port of the service's GUE packets.
     pub gue_port: u16,
 }
+/// Bytes of the `CT_SYNC` ring buffer: 16 Ki events of 48 bytes plus headers, about 100 ms
+/// of new flows at 100 k/s between two reads of the daemon (every 10 ms). When it is full
+/// the event is dropped and counted (`ct_sync_drop`); the flow is forwarded all the same.
+pub const CT_SYNC_BYTES: u32 = 1 << 20;
 
 /// Default `GlobalConfig::flood_rate` (Katran's default cap on new flows per CPU).
 pub const DEFAULT_FLOOD_RATE: u32 = 125_000;
@@ -661,6 +681,9 @@ stats! {
     IcmpTooBigSent = "icmp_too_big_sent",
     /// Tunnel modes: the frame could not be grown for the outer headers.
     DropEncap = "drop_encap",
+    /// Conntrack sync: the `CT_SYNC` ring buffer was full, the new entry is not published
+    /// (a peer that takes the flow over hashes it on its ring).
+    CtSyncDrop = "ct_sync_drop",
 }
 
 /// Single entry of `DECAP_CONFIG`.
@@ -729,6 +752,7 @@ const _: () = {
     assert!(core::mem::size_of::<CtEntry>() == 16);
     assert!(core::mem::size_of::<GlobalConfig>() == 24);
     assert!(core::mem::size_of::<TunnelInfo>() == 32);
+    assert!(core::mem::size_of::<CtSyncEvent>() == 48);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<FarmConfig>() == 16);
@@ -756,6 +780,7 @@ mod pod {
     unsafe impl aya::Pod for super::FloodWindow {}
     unsafe impl aya::Pod for super::DecapConfig {}
     unsafe impl aya::Pod for super::TunnelInfo {}
+    unsafe impl aya::Pod for super::CtSyncEvent {}
 }
 
 /// v4-mapped form of an IPv4 address given as its 4 wire bytes.

@@ -3,9 +3,12 @@
 //! expire once idle for `udp_timeout_ns`.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{CtEntry, FlowKey, Stat, FLOOD_CLOCK_EVERY, PROTO_UDP};
+use lb_common::{CtEntry, CtSyncEvent, FlowKey, GlobalConfig, Stat, FLOOD_CLOCK_EVERY, PROTO_UDP};
 
-use crate::maps::{count, CONNTRACK, FLOOD};
+use crate::maps::{count, CONNTRACK, CT_SYNC, FLOOD};
+
+/// `BPF_RB_NO_WAKEUP`: the daemon reads the ring on a timer, so no event pays for a wakeup.
+const BPF_RB_NO_WAKEUP: u64 = 1;
 
 /// Timestamp for the flow's entry. Only UDP entries expire, so TCP skips the helper call and
 /// stores 0.
@@ -41,17 +44,18 @@ pub fn touch(ct: &mut CtEntry, flow: &FlowKey, now: u64) {
 /// tuple, an expired or orphaned entry) is rewritten in place: an LRU update would take a
 /// fresh node and could evict another flow. Above `flood_rate` new entries per second on
 /// this CPU the flow is not remembered (counted): a flood of new flows must not evict the
-/// established ones.
+/// established ones. With sync on, every entry made or rewritten is published (`CT_SYNC`).
 #[inline(always)]
-pub fn insert(flow: &FlowKey, backend: u32, now: u64, flood_rate: u32) {
+pub fn insert(flow: &FlowKey, backend: u32, now: u64, cfg: &GlobalConfig) {
     if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
         // SAFETY: the LRU value stays valid for the duration of this program run.
         let ct = unsafe { &mut *ct };
         ct.backend = backend;
         ct.last_seen_ns = now;
+        publish(cfg, flow, backend);
         return;
     }
-    if flooded(flood_rate) {
+    if flooded(cfg.flood_rate) {
         count(Stat::CtFloodSkip);
         return;
     }
@@ -62,6 +66,28 @@ pub fn insert(flow: &FlowKey, backend: u32, now: u64, flood_rate: u32) {
     };
     if CONNTRACK.insert(flow, entry, 0).is_err() {
         count(Stat::CtInsertFail);
+        return;
+    }
+    publish(cfg, flow, backend);
+}
+
+/// Conntrack sync: hand the entry to the daemon; a full ring drops it (counted), and a peer
+/// that takes the flow over then hashes it on its ring.
+#[inline(always)]
+fn publish(cfg: &GlobalConfig, flow: &FlowKey, backend: u32) {
+    if cfg.sync == 0 {
+        return;
+    }
+    let ev = CtSyncEvent {
+        flow: *flow,
+        backend,
+        _pad: 0,
+    };
+    if CT_SYNC
+        .output::<CtSyncEvent>(&ev, BPF_RB_NO_WAKEUP)
+        .is_err()
+    {
+        count(Stat::CtSyncDrop);
     }
 }
 

@@ -6,14 +6,14 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::bpf_xdp_get_buff_len,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
     svc_drop_index, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey,
     GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU,
-    CT_MAX_ENTRIES, DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS, SERVICE_DROP_REASONS,
-    SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
+    CT_MAX_ENTRIES, CT_SYNC_BYTES, DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS,
+    SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
@@ -67,6 +67,9 @@ maps! {
     /// Tunnel services' outer-header parameters by `ServiceInfo::id` (consulted only on the
     /// tunnel branch of `forward`).
     TUNNELS: Array<TunnelInfo> = Array::with_max_entries(MAX_SERVICES, 0);
+    /// Conntrack sync: the entries the program makes (`CtSyncEvent`), written only while
+    /// `GlobalConfig::sync` is set; the daemon reads them and sends them to its peers.
+    CT_SYNC: RingBuf = RingBuf::with_byte_size(CT_SYNC_BYTES, 0);
 }
 
 /// Bump a `STATS` counter.

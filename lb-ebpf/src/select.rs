@@ -69,7 +69,7 @@ pub fn backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, cfg: &GlobalConf
     let id = ring_slot(svc, flow);
     // Recorded even if the backend turns out invalid (the model does the same).
     if id != NO_BACKEND {
-        conntrack::insert(flow, id, now, cfg.flood_rate);
+        conntrack::insert(flow, id, now, cfg);
     }
     valid(id)
 }

@@ -650,7 +650,24 @@ pub(crate) fn health_str(b: &BackendView) -> String {
 }
 
 pub fn render_status(s: &StatusView) -> String {
-    let farm = s.farm.as_ref().map(|f| f.render()).unwrap_or_default();
+    let mut farm = s.farm.as_ref().map(|f| f.render()).unwrap_or_default();
+    if let Some(a) = &s.announce {
+        farm += &a.render();
+    }
+    if let Some(y) = &s.sync {
+        farm += &format!(
+            "conntrack sync: sent {} received {} dropped {} rejected {} ring drops {} \
+             batches dropped in {}, lag {:.1} ms (max {:.1})\n",
+            y.sent,
+            y.received,
+            y.dropped,
+            y.rejected,
+            s.stats.get("ct_sync_drop").copied().unwrap_or(0),
+            y.dropped_batches_in,
+            y.lag_ms_last,
+            y.lag_ms_max
+        );
+    }
     if s.services.is_empty() {
         return format!("{farm}no services configured\n");
     }

@@ -1,5 +1,6 @@
 //! farmlb control plane library: the daemon and CLI in `main.rs` are thin wrappers over it.
 
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod neigh;
 pub mod packet;
 pub mod simulate;
+pub mod sync;
 pub mod top;
 pub mod tunnel;
 

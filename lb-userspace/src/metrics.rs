@@ -30,6 +30,9 @@
 //! | `farmlb_farm_member_up`, `farmlb_farm_member_power` (farm role) | node |
 //! | `farmlb_farm_members`, `farmlb_farm_share`, `farmlb_farm_active` (farm role) | |
 //! | `farmlb_farm_membership_rejected_total` (farm role) | reason (`auth`, `replay`, `unknown_source`) |
+//! | `farmlb_vip_announced` (`[announce]`: 1 while the VIP's route is in the table) | vip |
+//! | `farmlb_conntrack_sync_entries_total` (`[announce] sync`) | event (`sent`, `received`, `dropped`, `rejected`) |
+//! | `farmlb_conntrack_sync_lag_seconds` (`[announce] sync`: the last batch's) | |
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -381,6 +384,7 @@ impl Collector for Snapshot {
         if let Some(f) = &v.farm {
             encode_farm(&mut enc, f)?;
         }
+        encode_scale_out(&mut enc, v)?;
         let layout = lb_common::LAYOUT_VERSION.to_string();
         family(
             &mut enc,
@@ -453,6 +457,49 @@ fn scalar(
     m: impl EncodeMetric,
 ) -> std::fmt::Result {
     m.encode(enc.encode_descriptor(name, help, None, kind)?)
+}
+
+/// `[announce]` and its conntrack sync.
+fn encode_scale_out(enc: &mut DescriptorEncoder, v: &StatusView) -> std::fmt::Result {
+    if let Some(a) = &v.announce {
+        let vips: Vec<String> = a.vips.iter().map(|x| x.vip.to_string()).collect();
+        family(
+            enc,
+            "farmlb_vip_announced",
+            "1 while the VIP's route is in the announce table (exported by the BGP daemon)",
+            MetricType::Gauge,
+            a.vips.iter().zip(&vips).map(|(x, ip)| {
+                (
+                    vec![("vip", ip.as_str())],
+                    ConstGauge::new(x.installed as i64),
+                )
+            }),
+        )?;
+    }
+    if let Some(y) = &v.sync {
+        family(
+            enc,
+            "farmlb_conntrack_sync_entries",
+            "Conntrack entries sent to and received from the other directors, dropped before \
+             sending (rate, queue) and refused on receipt",
+            MetricType::Counter,
+            [
+                ("sent", y.sent),
+                ("received", y.received),
+                ("dropped", y.dropped),
+                ("rejected", y.rejected),
+            ]
+            .map(|(e, n)| (vec![("event", e)], ConstCounter::new(n))),
+        )?;
+        scalar(
+            enc,
+            "farmlb_conntrack_sync_lag_seconds",
+            "Time from the last received batch's sending to its insertion here",
+            MetricType::Gauge,
+            ConstGauge::new(y.lag_ms_last / 1000.0),
+        )?;
+    }
+    Ok(())
 }
 
 /// The farm role's families: membership as this node sees it, and its own share.
@@ -676,6 +723,8 @@ mod tests {
                 error: Some("bad".into()),
             }),
             farm: None,
+            announce: None,
+            sync: None,
             conntrack: Some(crate::api::ConntrackView {
                 entries: 5,
                 capacity: 1024,
@@ -756,6 +805,41 @@ mod tests {
         assert!(
             !render(view(), &LiveMetrics::default(), Format::OpenMetrics).contains("farmlb_farm_")
         );
+    }
+
+    #[test]
+    fn announce_and_sync_are_exported() {
+        let mut v = view();
+        assert!(!render(v.clone(), &LiveMetrics::default(), Format::Text).contains("sync"));
+        v.announce = Some(crate::announce::AnnounceView {
+            table: 100,
+            vips: vec![crate::announce::VipAnnounceView {
+                vip: "10.0.100.1".parse().unwrap(),
+                announced: true,
+                installed: true,
+                reason: crate::announce::Reason::Usable,
+            }],
+            changes: 1,
+            error: None,
+        });
+        v.sync = Some(crate::sync::SyncView {
+            sent: 7,
+            received: 5,
+            lag_ms_last: 2.5,
+            ..Default::default()
+        });
+        let text = render(v, &LiveMetrics::default(), Format::Text);
+        for line in [
+            "farmlb_vip_announced{vip=\"10.0.100.1\"} 1",
+            "farmlb_conntrack_sync_entries_total{event=\"sent\"} 7",
+            "farmlb_conntrack_sync_entries_total{event=\"received\"} 5",
+            "farmlb_conntrack_sync_lag_seconds 0.0025",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 
     #[test]

@@ -930,3 +930,75 @@ fn frames_larger_than_a_page() {
     assert_eq!(svc.packets, 4);
     assert!(svc.bytes > 4 * 4096 && rows == 8);
 }
+
+/// Every event waiting in the sync ring buffer.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<lb_common::CtSyncEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), std::mem::size_of::<lb_common::CtSyncEvent>());
+        // SAFETY: the program writes whole `CtSyncEvent`s (repr(C), plain integers).
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+    }
+    out
+}
+
+/// Conntrack sync: with `GlobalConfig::sync` off the ring stays empty; with it on, every entry
+/// the program makes (a SYN, a non-SYN packet without an entry, a SYN rewriting its tuple) is
+/// published, exactly as the model lists them, and conntrack hits publish nothing.
+#[test]
+fn conntrack_sync_publishes_every_new_entry_only_when_enabled() {
+    use farmlb::dataplane::Maps;
+    let cfg = base_config("30s");
+    let mut f = Fixture::new(&cfg);
+    let mut ring = f.k.dp.take_sync_ring().unwrap();
+    let vip = sa("10.99.100.1:80");
+    let dns = sa("10.99.100.1:53");
+    // Off (the default): nothing published.
+    f.run(
+        &PacketBuilder::tcp(client(0, 30_000, false), vip)
+            .syn()
+            .build(),
+    );
+    assert!(drain(&mut ring).is_empty());
+    assert!(f.k.model.synced.is_empty());
+    let mut gc = f.k.model.config;
+    gc.sync = 1;
+    f.k.maps().set_config(&gc).unwrap();
+    for i in 0..20u16 {
+        let src = client(u32::from(i), 31_000 + i, false);
+        // New flow, then an established packet (a hit: nothing), then a SYN reusing it.
+        f.run(&PacketBuilder::tcp(src, vip).syn().build());
+        f.run(
+            &PacketBuilder::tcp(src, vip)
+                .flags(TCP_ACK)
+                .payload(5)
+                .build(),
+        );
+        f.run(&PacketBuilder::tcp(src, vip).syn().build());
+    }
+    // A flow met mid-stream (no entry here: another director had it) and UDP.
+    f.run(
+        &PacketBuilder::tcp(client(3, 40_000, false), vip)
+            .flags(TCP_ACK)
+            .payload(5)
+            .build(),
+    );
+    f.run(
+        &PacketBuilder::udp(client(4, 40_001, false), dns)
+            .payload(8)
+            .build(),
+    );
+    let got = drain(&mut ring);
+    assert_eq!(got.len(), 42);
+    assert_eq!(
+        got, f.k.model.synced,
+        "kernel and model published different entries"
+    );
+    for e in &got {
+        assert_eq!(
+            f.k.dp.conntrack_get(&e.flow).unwrap().map(|c| c.backend),
+            Some(e.backend)
+        );
+    }
+    assert_eq!(f.k.dp.stats().unwrap()[Stat::CtSyncDrop as usize], 0);
+}

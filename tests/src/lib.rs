@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;
+pub mod ecmp_rig;
 pub mod farm_rig;
 pub mod icmp;
 pub mod netns;

@@ -234,7 +234,8 @@ fn setup() -> Result<()> {
         missing.push("llvm-22-dev");
     }
     // systemd (systemd-analyze), man-db and groff-base (man -l), dpkg-dev (cargo-deb's
-    // dpkg-shlibdeps): the packaging tests.
+    // dpkg-shlibdeps): the packaging tests. bird2: the ECMP scale-out rig's routers and
+    // directors announce VIPs with it.
     for pkg in [
         "iproute2",
         "ethtool",
@@ -244,6 +245,7 @@ fn setup() -> Result<()> {
         "man-db",
         "groff-base",
         "dpkg-dev",
+        "bird2",
     ] {
         if !dpkg_installed(pkg) {
             missing.push(pkg);

@@ -19,6 +19,12 @@ pub struct StatusView {
     /// How the last reload ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<ReloadView>,
+    /// `[announce]`: each VIP's route in the announce table (absent without the section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<crate::announce::AnnounceView>,
+    /// `[announce] sync`: conntrack sync counters (absent when sync is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::sync::SyncView>,
 }
 
 /// How the last reload (SIGHUP, `farmlb reload`) ended; the daemon's start counts as a

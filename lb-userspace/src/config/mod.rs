@@ -46,6 +46,7 @@ macro_rules! entries {
     (@key $field:ident $key:literal) => { $key };
 }
 
+mod announce;
 mod check;
 mod edit;
 mod farm;
@@ -54,6 +55,7 @@ mod raw;
 mod reload;
 mod rules;
 
+pub use announce::{AnnounceCfg, DEFAULT_SYNC_RATE};
 pub use check::{CheckCfg, CheckSpec, CheckType, ExecCommand, Probe};
 pub use edit::EditError;
 pub use farm::{
@@ -251,6 +253,8 @@ pub struct Config {
     pub services: Vec<ServiceCfg>,
     /// `[farm]`: farm mode / director failover (see `farm.rs`).
     pub farm: Option<FarmCfg>,
+    /// `[announce]`: VIP routes for a BGP daemon, conntrack sync (see `announce.rs`).
+    pub announce: Option<AnnounceCfg>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -614,9 +618,8 @@ impl Config {
     fn globals(&self) -> Entries {
         entries!(self => Config {
             interface, xdp_mode, udp_timeout, conntrack_size, flood_guard_rate, api_socket,
-            metrics_address,
-            pin_path, state_file, gue_port, tunnel_source
-        } skip { services, farm })
+            metrics_address, pin_path, state_file, gue_port, tunnel_source
+        } skip { services, farm, announce })
     }
 
     /// The configuration as a TOML document that [`Config::from_toml_str`] reads back as an
@@ -641,6 +644,9 @@ impl Config {
         }
         if let Some(f) = &self.farm {
             s += &f.to_toml();
+        }
+        if let Some(a) = &self.announce {
+            s += &a.to_toml();
         }
         s
     }

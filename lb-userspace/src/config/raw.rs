@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::announce::RawAnnounce;
 use super::check::RawCheck;
 use super::farm::RawFarm;
 use super::rules::{self, InConfig, InService, Naming};
@@ -40,6 +41,7 @@ pub(super) struct RawConfig {
     #[serde(default, rename = "service")]
     services: Vec<Spanned<RawService>>,
     farm: Option<Spanned<RawFarm>>,
+    announce: Option<Spanned<RawAnnounce>>,
 }
 
 /// A string or an array of strings.
@@ -297,6 +299,9 @@ impl Ctx<'_> {
             .map(|(i, rs)| self.service(i, rs))
             .collect::<Result<Vec<_>, _>>()?;
         let farm = raw.farm.as_ref().map(|f| self.farm(f)).transpose()?;
+        let announce = (raw.announce.as_ref())
+            .map(|a| self.announce(a, farm.is_some()))
+            .transpose()?;
         rules::check_services(&services, farm.as_ref(), self.naming).map_err(|(at, e)| {
             let service = |i: usize| raw.services[i].get_ref();
             let span = match at {
@@ -330,6 +335,7 @@ impl Ctx<'_> {
             tunnel_source: tunnel_source.unwrap_or_default(),
             services,
             farm,
+            announce,
         })
     }
 

@@ -30,6 +30,7 @@ pub fn restart_needed(running: &Config, new: &Config) -> Result<(), RestartNeede
     let fields = |c: &Config| {
         let mut f = restart_only("", c.globals());
         f.extend(farm_fields(c.farm.as_ref()));
+        f.extend(announce_fields(c.announce.as_ref()));
         f
     };
     first_change(fields(running), fields(new))
@@ -59,6 +60,17 @@ fn farm_fields(farm: Option<&FarmCfg>) -> Fields {
     if let Some(f) = farm {
         fields.extend(restart_only("farm.", f.entries()));
         fields.extend(restart_only("farm.hooks.", f.hooks.entries()));
+    }
+    fields
+}
+
+/// `announce`, present or absent, then the section's fields: the routes and the sync
+/// channel are set up once at start.
+fn announce_fields(a: Option<&super::AnnounceCfg>) -> Fields {
+    let present = if a.is_some() { "present" } else { "absent" };
+    let mut fields = vec![("announce".to_string(), Some(present.to_string()))];
+    if let Some(a) = a {
+        fields.extend(restart_only("announce.", a.entries()));
     }
     fields
 }

@@ -141,6 +141,8 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
         supervisor: Supervisor::new(probe_tx),
         live,
         farm,
+        announce: None,
+        sync: None,
         conntrack: None,
         reload: api::ReloadView::started(),
         state: state::RuntimeState {
@@ -171,6 +173,13 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
                 "XDP program attached"
             );
             owner.started();
+            // Announce only once the program forwards: a router must never send flows to a
+            // director that cannot serve them yet.
+            let initial = owner.wanted_vips();
+            owner.announce = (owner.cfg.announce.as_ref())
+                .map(|a| crate::announce::Announcer::start(a, &owner.cfg.interface, initial));
+            start_sync(&mut owner);
+            owner.announce();
             notify::ready();
             let mut inbox = Inbox {
                 api: api_rx,
@@ -190,6 +199,10 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
     // peers take our share at once), run `on_stop`; then detach if `farmlb stop --detach`
     // asked for it, else leave the pinned data plane forwarding for the next daemon.
     notify::stopping();
+    // Withdraw first, so the routers move the flows away while this node still forwards.
+    if let Some(a) = &mut owner.announce {
+        a.withdraw_all(Duration::from_secs(3)).await;
+    }
     owner.supervisor.shutdown();
     count_task.abort();
     api_task.abort();
@@ -221,6 +234,31 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// `[announce] sync`: read the program's new conntrack entries and exchange them with the
+/// farm's peers. A failure to start is logged, never fatal: without sync a moved flow falls
+/// back to the ring.
+fn start_sync(owner: &mut Owner) {
+    let Some(a) = owner.cfg.announce.as_ref().filter(|a| a.sync) else {
+        return;
+    };
+    let rate = a.sync_rate;
+    let Some(ch) = owner.farm.as_mut().and_then(|f| f.take_sync()) else {
+        tracing::error!("conntrack sync: no farm membership to send on");
+        return;
+    };
+    let started = owner.dp.take_sync_ring().and_then(|ring| {
+        let table = crate::sync::Table::of(&owner.director);
+        crate::sync::Sync::start(ring, &owner.cfg.pin_path, rate, ch, table)
+    });
+    match started {
+        Ok(s) => {
+            tracing::info!(rate, "conntrack sync with the farm's peers started");
+            owner.sync = Some(s);
+        }
+        Err(e) => tracing::error!("conntrack sync not started: {e:#}"),
     }
 }
 
@@ -427,5 +465,8 @@ async fn serve(owner: &mut Owner, inbox: &mut Inbox) -> Result<Exit> {
                 }
             }
         }
+        // Whatever changed (health, reload, API, membership, node check), the announced
+        // set follows; cheap when nothing did.
+        owner.announce();
     }
 }

@@ -58,6 +58,10 @@ pub(super) struct Owner {
     pub supervisor: Supervisor,
     pub live: LiveMetrics,
     pub farm: Option<FarmRole>,
+    /// `[announce]`: the writer of the VIP routes.
+    pub announce: Option<crate::announce::Announcer>,
+    /// `[announce] sync`: the conntrack sync task.
+    pub sync: Option<crate::sync::Sync>,
     /// The last conntrack count.
     pub conntrack: Option<crate::dataplane::conntrack::Count>,
     /// How the last reload (SIGHUP, `farmlb reload`) ended; the start counts as one.
@@ -291,6 +295,25 @@ impl Owner {
                 tracing::error!("installing the ownership tables failed: {e:#}");
             }
         }
+    }
+
+    /// Hand the announcer the VIPs that should be announced now (a no-op when nothing
+    /// changed; the writer task does the rest).
+    pub fn announce(&self) {
+        if let Some(a) = &self.announce {
+            a.set(self.wanted_vips());
+        }
+        if let Some(s) = &self.sync {
+            s.set_table(crate::sync::Table::of(&self.director));
+        }
+    }
+
+    /// Every VIP and whether it should be announced now.
+    pub fn wanted_vips(
+        &self,
+    ) -> std::collections::BTreeMap<std::net::IpAddr, crate::announce::Reason> {
+        let node_ok = self.farm.as_ref().is_none_or(|f| f.node_ok());
+        crate::announce::wanted(&self.cfg, &self.director, node_ok)
     }
 
     /// Farm role: take new flows for another lease.

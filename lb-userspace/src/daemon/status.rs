@@ -150,6 +150,8 @@ impl Owner {
             farm: self.farm.as_ref().map(|f| f.status(&self.director)),
             conntrack,
             reload: Some(self.reload.clone()),
+            announce: self.announce.as_ref().map(|a| a.view()),
+            sync: self.sync.as_ref().map(|s| s.view.borrow().clone()),
         }
     }
 }

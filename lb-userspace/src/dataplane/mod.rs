@@ -355,6 +355,12 @@ impl Dataplane {
             }))
     }
 
+    /// The conntrack sync ring buffer (`CT_SYNC`), for its one reader; taken once. It is
+    /// not pinned: the program it belongs to is replaced at every start, and so is the ring.
+    pub fn take_sync_ring(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        take(&mut self.ebpf, names::CT_SYNC)
+    }
+
     /// Drops of service `id`, summed over CPUs, by `SERVICE_DROP_REASONS` index.
     pub fn service_drops(&self, id: u32) -> Result<[u64; SERVICE_DROP_REASONS.len()]> {
         let mut out = [0u64; SERVICE_DROP_REASONS.len()];

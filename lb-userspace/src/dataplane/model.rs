@@ -97,6 +97,9 @@ pub struct Model {
     pub sockets: HashSet<FlowKey>,
     /// Tunnel services' outer-header parameters by service id.
     pub tunnels: HashMap<u32, TunnelInfo>,
+    /// Conntrack sync: the entries the program would publish to `CT_SYNC` (made or rewritten
+    /// while `config.sync` is set), in order. The model's ring never fills.
+    pub synced: Vec<lb_common::CtSyncEvent>,
 }
 
 impl Maps for Model {
@@ -632,6 +635,13 @@ impl Model {
                 skipped = true;
             } else {
                 self.conntrack.insert(*flow, entry);
+            }
+            if !skipped && self.config.sync != 0 {
+                self.synced.push(lb_common::CtSyncEvent {
+                    flow: *flow,
+                    backend,
+                    _pad: 0,
+                });
             }
         }
         (backend, ct_stat, skipped)

@@ -72,6 +72,11 @@ pub struct BackendState {
 }
 
 impl BackendState {
+    /// Whether the program may send established flows to it (`BACKEND_F_VALID`).
+    pub fn is_valid(&self) -> bool {
+        self.valid
+    }
+
     pub fn state(&self) -> AdminState {
         self.state_override.unwrap_or(self.cfg.state)
     }
@@ -389,7 +394,7 @@ impl Director {
             own_mac: self.own_mac,
             layout_version: lb_common::LAYOUT_VERSION as u16,
             flood_rate: cfg.flood_guard_rate,
-            _pad: 0,
+            sync: u32::from(cfg.announce.as_ref().is_some_and(|a| a.sync)),
         })?;
         self.tunnel_sources = cfg.tunnel_source.clone();
         self.gue_port = cfg.gue_port;

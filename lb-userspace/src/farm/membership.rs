@@ -8,7 +8,8 @@
 //!
 //! Wire format of one datagram:
 //! `"FLB1" | sender node id (u16 BE) | counter (u64 BE) | foca payload | HMAC-SHA256 (32 B)`,
-//! the tag covering everything before it.
+//! the tag covering everything before it. Conntrack sync batches (`crate::sync`) travel the
+//! same way, sealed by the same key and counter, with the magic `"FLS1"`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
@@ -29,6 +30,11 @@ use super::sockfilter;
 use crate::config::FarmCfg;
 
 const MAGIC: &[u8; 4] = b"FLB1";
+/// Magic of a conntrack sync batch.
+const MAGIC_SYNC: &[u8; 4] = b"FLS1";
+/// Sync batches waiting to be sent, and received ones waiting for the sync task: a burst
+/// beyond drops batches (counted by the sync task), never grows memory.
+pub const SYNC_QUEUE: usize = 256;
 const HEADER_LEN: usize = 4 + 2 + 8;
 const TAG_LEN: usize = 32;
 /// Accepted reordering: a counter up to this far behind the highest seen is accepted once.
@@ -111,9 +117,18 @@ impl Auth {
     }
 
     pub fn seal(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.seal_as(MAGIC, payload)
+    }
+
+    /// Seal a conntrack sync batch.
+    pub fn seal_sync(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.seal_as(MAGIC_SYNC, payload)
+    }
+
+    fn seal_as(&mut self, magic: &[u8; 4], payload: &[u8]) -> Vec<u8> {
         self.counter += 1;
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
-        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(magic);
         out.extend_from_slice(&self.node.to_be_bytes());
         out.extend_from_slice(&self.counter.to_be_bytes());
         out.extend_from_slice(payload);
@@ -125,9 +140,18 @@ impl Auth {
 
     /// Verify `pkt` and return its payload; the counter is recorded only for authentic packets.
     pub fn open<'a>(&mut self, pkt: &'a [u8]) -> Result<&'a [u8], Reject> {
-        if pkt.len() < HEADER_LEN + TAG_LEN || &pkt[..4] != MAGIC {
+        match self.open_any(pkt)? {
+            (false, p) => Ok(p),
+            (true, _) => Err(Reject::Auth),
+        }
+    }
+
+    /// [`Auth::open`] for either kind: (whether it is a sync batch, payload).
+    pub fn open_any<'a>(&mut self, pkt: &'a [u8]) -> Result<(bool, &'a [u8]), Reject> {
+        if pkt.len() < HEADER_LEN + TAG_LEN || (&pkt[..4] != MAGIC && &pkt[..4] != MAGIC_SYNC) {
             return Err(Reject::Auth);
         }
+        let sync = &pkt[..4] == MAGIC_SYNC;
         let (body, tag) = pkt.split_at(pkt.len() - TAG_LEN);
         let mut m = self.mac();
         m.update(body);
@@ -150,7 +174,7 @@ impl Auth {
             }
             *bits |= 1 << (back - 1);
         }
-        Ok(&body[HEADER_LEN..])
+        Ok((sync, &body[HEADER_LEN..]))
     }
 }
 
@@ -186,6 +210,13 @@ enum Cmd {
 pub struct Membership {
     cmd: mpsc::UnboundedSender<Cmd>,
     pub view: watch::Receiver<View>,
+    /// Conntrack sync: batches to send to every other member, and those received (both
+    /// bounded; taken by the sync task).
+    /// A batch and its destination (`None`: every other member).
+    pub sync_out: Option<mpsc::Sender<(Option<SocketAddr>, Vec<u8>)>>,
+    pub sync_in: Option<mpsc::Receiver<Vec<u8>>>,
+    /// Received batches dropped because `sync_in` was full.
+    pub sync_in_dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Membership {
@@ -219,7 +250,12 @@ impl Membership {
             ..Default::default()
         });
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
+        let (sync_out, sync_out_rx) = mpsc::channel(SYNC_QUEUE);
+        let (sync_in_tx, sync_in) = mpsc::channel(SYNC_QUEUE);
+        let sync_in_dropped = std::sync::Arc::default();
         let task = Task {
+            sync_in: sync_in_tx,
+            sync_in_dropped: std::sync::Arc::clone(&sync_in_dropped),
             foca,
             sock,
             auth: Auth::new(key, cfg.node_id),
@@ -231,8 +267,14 @@ impl Membership {
             v6,
             filtered,
         };
-        tokio::spawn(task.run(cmd_rx));
-        Ok(Membership { cmd, view })
+        tokio::spawn(task.run(cmd_rx, sync_out_rx));
+        Ok(Membership {
+            cmd,
+            view,
+            sync_out: Some(sync_out),
+            sync_in: Some(sync_in),
+            sync_in_dropped,
+        })
     }
 
     /// Change this node's power (0 = withdraw); disseminated as an identity change.
@@ -279,6 +321,9 @@ fn info(id: &NodeIdentity, state: State) -> MemberInfo {
 type Swim = Foca<NodeIdentity, PostcardCodec, rand::rngs::StdRng, foca::NoCustomBroadcast>;
 
 struct Task {
+    /// Received sync batches, for the sync task (full: dropped and counted).
+    sync_in: mpsc::Sender<Vec<u8>>,
+    sync_in_dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     foca: Swim,
     sock: UdpSocket,
     auth: Auth,
@@ -323,8 +368,15 @@ impl Task {
         if !self.admit(from) {
             return false;
         }
-        match self.auth.open(pkt) {
-            Ok(payload) => {
+        match self.auth.open_any(pkt) {
+            Ok((true, payload)) => {
+                if self.sync_in.try_send(payload.to_vec()).is_err() {
+                    self.sync_in_dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                false
+            }
+            Ok((false, payload)) => {
                 if let Err(e) = self.foca.handle_data(payload, &mut *rt) {
                     tracing::debug!("membership datagram ignored: {e}");
                 }
@@ -355,7 +407,11 @@ impl Task {
         }
     }
 
-    async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
+    async fn run(
+        mut self,
+        mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+        mut sync_rx: mpsc::Receiver<(Option<SocketAddr>, Vec<u8>)>,
+    ) {
         let mut rt = AccumulatingRuntime::new();
         let mut buf = vec![0u8; 65536];
         let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
@@ -393,6 +449,19 @@ impl Task {
                             let _ = self.foca.announce(dst, &mut rt);
                         }
                     }
+                }
+                Some((to, batch)) = sync_rx.recv() => {
+                    // Every other member, alive or suspect (a suspect may still serve
+                    // flows), or the one a table is sent to.
+                    let pkt = self.auth.seal_sync(&batch);
+                    let dsts: Vec<SocketAddr> = match to {
+                        Some(a) => vec![a],
+                        None => self.foca.iter_members().map(|m| m.id().addr).collect(),
+                    };
+                    for d in dsts {
+                        let _ = self.sock.try_send_to(&pkt, d);
+                    }
+                    continue;
                 }
                 r = self.sock.readable() => {
                     if r.is_err() {
@@ -500,6 +569,25 @@ mod tests {
         let mut wrong = Auth::new(b"another key of 16+ bytes".to_vec(), 3);
         assert_eq!(b.open(&wrong.seal(b"x")), Err(Reject::Auth));
         assert_eq!(b.open(b"FLB1"), Err(Reject::Auth));
+    }
+
+    #[test]
+    fn sync_batches_are_sealed_alike_but_kept_apart_from_swim() {
+        let key = b"0123456789abcdef".to_vec();
+        let mut a = Auth::new(key.clone(), 1);
+        let mut b = Auth::new(key, 2);
+        let s = a.seal_sync(b"batch");
+        let m = a.seal(b"swim");
+        assert_eq!(b.open_any(&s), Ok((true, &b"batch"[..])));
+        assert_eq!(b.open_any(&m), Ok((false, &b"swim"[..])));
+        // The same counter space: a replayed batch is a replay.
+        assert_eq!(b.open_any(&s), Err(Reject::Replay));
+        // SWIM never sees a batch; a batch with the SWIM magic fails its tag.
+        let s2 = a.seal_sync(b"batch");
+        assert_eq!(b.open(&s2), Err(Reject::Auth));
+        let mut forged = a.seal_sync(b"batch");
+        forged[..4].copy_from_slice(b"FLB1");
+        assert_eq!(b.open_any(&forged), Err(Reject::Auth));
     }
 
     #[test]

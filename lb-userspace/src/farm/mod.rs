@@ -158,6 +158,22 @@ impl FarmRole {
         Ok((role, view_rx))
     }
 
+    /// The membership's conntrack sync channels (batches out, batches in), once.
+    pub fn take_sync(&mut self) -> Option<crate::sync::Channels> {
+        Some(crate::sync::Channels {
+            out: self.membership.sync_out.take()?,
+            inbox: self.membership.sync_in.take()?,
+            dropped_in: std::sync::Arc::clone(&self.membership.sync_in_dropped),
+            members: self.membership.view.clone(),
+            me: self.farm.address,
+        })
+    }
+
+    /// Whether this node takes flows: its own check passes and its power is not 0.
+    pub fn node_ok(&self) -> bool {
+        self.power > 0
+    }
+
     pub fn node_id(&self) -> u32 {
         self.farm.node_id
     }

@@ -170,7 +170,8 @@ fn farm_section(rig: &Rig) -> Result<String> {
     ))
 }
 
-/// The config of the metrics test: globals, `[farm]`, then `web` with a fast check.
+/// The config of the metrics test: globals, `[farm]`, `[announce]`, then `web` with a fast
+/// check.
 fn metrics_config(rig: &Rig) -> String {
     let base = farmlb_config(rig, &[]);
     let farm = farm_section(rig).expect("writing the farm key");
@@ -180,7 +181,10 @@ fn metrics_config(rig: &Rig) -> String {
         &format!("protocol = \"tcp\"\n{FAST_CHECK}\n"),
         1,
     );
-    format!("metrics_address = \"{METRICS}\"\n{base}{farm}{svc}")
+    // `[announce]` with sync: the scale-out families (announced VIPs, sync counters) that the
+    // shipped rules and dashboard read.
+    let announce = "[announce]\ntable = 100\nsync = true\n";
+    format!("metrics_address = \"{METRICS}\"\n{base}{farm}{announce}{svc}")
 }
 
 /// `/metrics` of a running director, every family populated (checks, traffic, conntrack

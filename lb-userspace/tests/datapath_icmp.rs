@@ -9,7 +9,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use farmlb::config::Config;
 use farmlb::dataplane::model::{Action, Twin};
-use farmlb::dataplane::LoadOpts;
 use farmlb::director::Director;
 use farmlb::packet::{client, fixture_mac, flow_key, service_toml, PacketBuilder};
 use lb_common::{csum, Stat, PROTO_TCP, PROTO_UDP};
@@ -41,22 +40,7 @@ impl Fixture {
             .concat()
         );
         let cfg = Config::from_toml_str(&toml).expect("fixture config");
-        let mut k = Twin::load(LoadOpts {
-            ring_slots: Director::ring_slots_for(&cfg),
-            conntrack_size: 4096,
-            ..Default::default()
-        })
-        .expect("load XDP program (are we root?)");
-        let mut director = Director::new(k.dp.ring_slots(), OWN_MAC);
-        let mut macs: HashMap<IpAddr, [u8; 6]> = HashMap::new();
-        for s in &cfg.services {
-            for b in &s.backends {
-                macs.insert(b.address, fixture_mac(b.address));
-            }
-        }
-        director
-            .apply(&cfg, &mut k.maps(), &mut macs)
-            .expect("apply config");
+        let (k, director) = Twin::programmed(&cfg, OWN_MAC, |_| {});
         Fixture { k, director }
     }
 
@@ -70,13 +54,7 @@ impl Fixture {
     }
 
     fn backend_ip(&self, id: u32) -> IpAddr {
-        self.director
-            .services
-            .values()
-            .flat_map(|s| s.backends.values())
-            .find(|b| b.id == id)
-            .map(|b| b.address)
-            .expect("known backend id")
+        self.director.backend_address(id).expect("known backend id")
     }
 }
 

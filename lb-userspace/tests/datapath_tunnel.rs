@@ -55,28 +55,13 @@ impl Fixture {
             .concat()
         );
         let cfg = Config::from_toml_str(&toml).expect("fixture config");
-        let mut k = Twin::load(LoadOpts {
-            ring_slots: Director::ring_slots_for(&cfg),
-            conntrack_size: 4096,
-            ..Default::default()
-        })
-        .expect("load XDP program (are we root?)");
-        let mut director = Director::new(k.dp.ring_slots(), OWN_MAC);
-        director.tunnel = TunnelHost {
-            mtu: MTU,
-            addr4: Some(OWN4),
-            addr6: Some(OWN6),
-        };
-        // The next hop's MAC, resolved under the backend's address.
-        let mut macs: HashMap<IpAddr, [u8; 6]> = HashMap::new();
-        for s in &cfg.services {
-            for b in &s.backends {
-                macs.insert(b.address, fixture_mac(b.address));
+        let (k, director) = Twin::programmed(&cfg, OWN_MAC, |d| {
+            d.tunnel = TunnelHost {
+                mtu: MTU,
+                addr4: Some(OWN4),
+                addr6: Some(OWN6),
             }
-        }
-        director
-            .apply(&cfg, &mut k.maps(), &mut macs)
-            .expect("apply config");
+        });
         Fixture { k, director }
     }
 
@@ -89,13 +74,7 @@ impl Fixture {
     }
 
     fn backend_ip(&self, id: u32) -> IpAddr {
-        self.director
-            .services
-            .values()
-            .flat_map(|s| s.backends.values())
-            .find(|b| b.id == id)
-            .map(|b| b.address)
-            .expect("known backend id")
+        self.director.backend_address(id).expect("known backend id")
     }
 }
 

@@ -765,6 +765,34 @@ pub struct Twin {
 }
 
 impl Twin {
+    /// The datapath fixtures' start: the program loaded for `cfg` (4,096 conntrack entries)
+    /// and a director (`setup` adjusts it first) that programmed kernel and model alike from
+    /// `cfg`, every backend's MAC being `packet::fixture_mac` of its address.
+    pub fn programmed(
+        cfg: &crate::config::Config,
+        own_mac: [u8; 6],
+        setup: impl FnOnce(&mut crate::director::Director),
+    ) -> (Twin, crate::director::Director) {
+        let mut k = Twin::load(crate::dataplane::LoadOpts {
+            ring_slots: crate::director::Director::ring_slots_for(cfg),
+            conntrack_size: 4096,
+            ..Default::default()
+        })
+        .expect("load XDP program (are we root?)");
+        let mut director = crate::director::Director::new(k.dp.ring_slots(), own_mac);
+        setup(&mut director);
+        let mut macs: HashMap<std::net::IpAddr, [u8; 6]> = cfg
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .map(|b| (b.address, crate::packet::fixture_mac(b.address)))
+            .collect();
+        director
+            .apply(cfg, &mut k.maps(), &mut macs)
+            .expect("apply config");
+        (k, director)
+    }
+
     /// Load the program (verified, not attached) with an empty model beside it.
     pub fn load(opts: crate::dataplane::LoadOpts) -> anyhow::Result<Twin> {
         Ok(Twin {

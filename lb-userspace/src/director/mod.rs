@@ -275,6 +275,15 @@ impl Director {
         }
     }
 
+    /// The address of the backend with id `id`, in whichever service.
+    pub fn backend_address(&self, id: u32) -> Option<IpAddr> {
+        self.services
+            .values()
+            .flat_map(|s| s.backends.values())
+            .find(|b| b.id == id)
+            .map(|b| b.address)
+    }
+
     /// Ring slots a config needs, with headroom so services can be added at runtime.
     pub fn ring_slots_for(cfg: &Config) -> u32 {
         let need: u64 = cfg.services.iter().map(|s| s.table_size as u64).sum();

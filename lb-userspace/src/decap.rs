@@ -10,12 +10,12 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, ProgramError, TestRun, TestRunOptions, Xdp},
+    programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use lb_common::{maps as names, Addr, DecapConfig, DecapStat};
 
-use crate::dataplane::{take, AttachMode};
+use crate::dataplane::{attach_xdp, take, AttachMode};
 use crate::director::addr_of;
 
 /// How often the address table is brought up to date with the host's.
@@ -69,15 +69,7 @@ impl Decap {
     }
 
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
-        let id = self
-            .prog()
-            .attach(iface, mode.into())
-            .map_err(|e| match e {
-                ProgramError::UnknownInterface { name } => {
-                    anyhow!("interface {name:?} does not exist")
-                }
-                e => anyhow!("attaching the decapsulator to {iface} in {mode:?} mode: {e}"),
-            })?;
+        let id = attach_xdp(self.prog(), iface, mode, "the decapsulator")?;
         self.link = Some(id);
         Ok(())
     }

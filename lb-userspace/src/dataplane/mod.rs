@@ -244,15 +244,7 @@ impl Dataplane {
             self.link = Some(id);
             return Ok(());
         }
-        let id = self
-            .prog()
-            .attach(iface, mode.into())
-            .map_err(|e| match e {
-                ProgramError::UnknownInterface { name } => {
-                    anyhow!("interface {name:?} does not exist")
-                }
-                e => anyhow!("attaching XDP to {iface} in {mode:?} mode: {e}"),
-            })?;
+        let id = attach_xdp(self.prog(), iface, mode, "XDP")?;
         if let Some(path) = link_pin {
             // A pinned link holds the attachment when this process is gone.
             let link = self.prog().take_link(id)?;
@@ -475,6 +467,15 @@ impl Maps for Dataplane {
         }
         Ok(())
     }
+}
+
+/// Attach `prog` to `iface` (a link that lives as long as the program's owner), with a
+/// one-line error naming a missing interface; `what` names the program in other errors.
+pub fn attach_xdp(prog: &mut Xdp, iface: &str, mode: AttachMode, what: &str) -> Result<XdpLinkId> {
+    prog.attach(iface, mode.into()).map_err(|e| match e {
+        ProgramError::UnknownInterface { name } => anyhow!("interface {name:?} does not exist"),
+        e => anyhow!("attaching {what} to {iface} in {mode:?} mode: {e}"),
+    })
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp},
+    programs::{xdp::XdpLinkId, Xdp},
     Ebpf,
 };
 use lb_common::{maps as names, Addr, DecapConfig, DecapStat};
@@ -99,14 +99,7 @@ impl Decap {
     /// Run the program once on `packet` (BPF_PROG_TEST_RUN): the XDP action and the frame as
     /// the program left it.
     pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = self.prog().test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        crate::dataplane::test_run(self.prog(), packet)
     }
 }
 

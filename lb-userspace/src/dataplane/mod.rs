@@ -378,14 +378,7 @@ impl Dataplane {
     /// Run the program once on `packet` with BPF_PROG_TEST_RUN; returns the XDP action and
     /// the packet as the program left it.
     pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = self.prog().test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        test_run(self.prog(), packet)
     }
 
     /// Run the program `repeat` times on `packet` in one BPF_PROG_TEST_RUN call; returns the
@@ -496,6 +489,19 @@ pub struct Snapshot {
     pub services: Vec<(ServiceKey, ServiceInfo, Vec<u32>)>,
     /// Every `BACKENDS` slot by id.
     pub backends: Vec<(u32, Backend)>,
+}
+
+/// BPF_PROG_TEST_RUN of a loaded XDP program once on `packet`: the XDP action and the frame
+/// as the program left it (room for 256 bytes of added headers).
+pub fn test_run(prog: &Xdp, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let res = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out))
 }
 
 /// BPF_PROG_TEST_RUN of a loaded XDP program, `repeat` times in one call: returns the last

@@ -508,6 +508,22 @@ struct MoveResult {
     needed_sync: usize,
 }
 
+impl MoveResult {
+    /// The figures, as the test prints them after `what` ("sync on", "sync off").
+    fn summary(&self, what: &str) -> String {
+        format!(
+            "{what}: {} of 90 long-lived connections broken ({} of the {} through the dead \
+             director, {} of which its survivors' tables hash elsewhere; {} of the survivors' \
+             own, moved between them when the router's ECMP set shrank)",
+            self.broken,
+            self.broken_dead,
+            self.on_dead,
+            self.needed_sync,
+            self.broken - self.broken_dead
+        )
+    }
+}
+
 /// Long-lived connections open; then a backend is added and another drained on every
 /// director (so the Maglev tables no longer match the flows' backends); then director 1
 /// dies. Its flows reach the survivors, which keep them on their backends only if they
@@ -627,16 +643,7 @@ fn add_drain_then_kill(prefix: &str, sync: bool) -> Result<MoveResult> {
 fn with_conntrack_sync_flows_of_a_dead_director_keep_their_backend_after_add_and_drain(
 ) -> Result<()> {
     let r = add_drain_then_kill("scsync", true)?;
-    println!(
-        "sync on: {} of 90 long-lived connections broken ({} of the {} through the dead \
-         director, {} of which its survivors' tables hash elsewhere; {} of the survivors' own, \
-         moved between them when the router's ECMP set shrank)",
-        r.broken,
-        r.broken_dead,
-        r.on_dead,
-        r.needed_sync,
-        r.broken - r.broken_dead
-    );
+    println!("{}", r.summary("sync on"));
     ensure!(
         r.needed_sync > 0,
         "the backend changes moved none of d1's flows: nothing proven"
@@ -649,16 +656,7 @@ fn with_conntrack_sync_flows_of_a_dead_director_keep_their_backend_after_add_and
 #[test]
 fn without_sync_the_same_flows_break() -> Result<()> {
     let r = add_drain_then_kill("scnosync", false)?;
-    println!(
-        "sync off: {} of 90 long-lived connections broken ({} of the {} through the dead \
-         director, {} of which its survivors' tables hash elsewhere; {} of the survivors' own, \
-         moved between them when the router's ECMP set shrank)",
-        r.broken,
-        r.broken_dead,
-        r.on_dead,
-        r.needed_sync,
-        r.broken - r.broken_dead
-    );
+    println!("{}", r.summary("sync off"));
     ensure!(
         r.needed_sync > 0 && r.broken >= r.needed_sync,
         "expected the moved flows to break"

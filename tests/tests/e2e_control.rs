@@ -790,7 +790,7 @@ fn reload_applies_the_file_and_rejects_a_broken_one() -> Result<()> {
     wait_for(Duration::from_secs(2), "b4 checked", || {
         Ok(s.backend(&s.b(3))?["last_check"]["ok"] == true)
     })?;
-    let counts = s.connect_ok(200, "after reload (3:1:drain:1)")?;
+    let counts = s.connect_ok(400, "after reload (3:1:drain:1)")?;
     ensure!(counts.get("b4").copied().unwrap_or(0) > 10, "{counts:?}");
     ensure!(!counts.contains_key("b3"), "{counts:?}");
     let b1n = counts.get("b1").copied().unwrap_or(0);

@@ -41,6 +41,7 @@ pub mod maps {
         CT_SYNC,
         SVC_DROPS,
         TUNNELS,
+        VIP_FILTER,
     );
 }
 
@@ -190,6 +191,21 @@ pub const MAX_SERVICES: u32 = 512;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Distinct VIP addresses (used only on the rare path: fragments, options, truncation).
 pub const MAX_VIP_ADDRS: u32 = 1024;
+/// Bits of `VIP_FILTER`, the bitmap of VIP addresses' [`vip_filter_bit`]s (64 per entry).
+/// 4096 bits keep a false positive (a non-VIP address taking the full lookup) near
+/// `VIPs / 4096`: 1 in 4096 per VIP address.
+pub const VIP_FILTER_BITS: u32 = 4096;
+/// `VIP_FILTER` entries.
+pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
+
+/// `addr`'s bit in `VIP_FILTER`: set for every VIP address, so a clear bit means "not a VIP"
+/// without a service lookup. A multiplicative hash of the address's words: a few
+/// instructions, as it runs for every IP packet.
+#[inline(always)]
+pub const fn vip_filter_bit(addr: &Addr) -> u32 {
+    let w = word(addr, 0) ^ word(addr, 4) ^ word(addr, 8) ^ word(addr, 12);
+    w.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS.trailing_zeros())
+}
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
 /// Default capacity of the shared ring map; the loader resizes it to what the config needs.
 pub const DEFAULT_RING_SLOTS: u32 = 4 * 65537;
@@ -433,7 +449,7 @@ pub const MEMBER_OWNER: u32 = u32::MAX;
 /// Version of the maps' layout and meaning. A control plane adopts a pinned data plane only
 /// if the version matches (and every map's key, value and size does); bump it whenever a map
 /// type or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Conntrack key: the client-to-VIP direction of a flow.
 #[repr(C)]
@@ -470,7 +486,8 @@ impl FlowKey {
 pub struct CtEntry {
     pub backend: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` of the last packet; used for UDP idle expiry.
+    /// The program's clock (`bpf_ktime_get_coarse_ns`) at the last packet; used for UDP idle
+    /// expiry.
     pub last_seen_ns: u64,
 }
 
@@ -551,7 +568,7 @@ pub struct FarmConfig {
     /// `member_slot(node id)` of this node; 0 = not a farm member (every farm flow dropped).
     pub own_member: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` until which this node takes new flows. The daemon renews it well
+    /// `bpf_ktime_get_coarse_ns` until which this node takes new flows. The daemon renews it well
     /// within the time the other members need to declare this node down, so a node whose
     /// daemon died stops taking new flows by the time the others take its share over,
     /// while its live connections (those with a local socket) stay.
@@ -684,6 +701,64 @@ stats! {
     /// Conntrack sync: the `CT_SYNC` ring buffer was full, the new entry is not published
     /// (a peer that takes the flow over hashes it on its ring).
     CtSyncDrop = "ct_sync_drop",
+    /// Forwarded after a conntrack hit: `tx` + `ct_hit` in one slot (see [`Stat::parts`]).
+    TxCtHit = "tx_ct_hit",
+    /// Forwarded SYN: `tx` + `ct_miss_syn` in one slot.
+    TxCtMissSyn = "tx_ct_miss_syn",
+    /// Forwarded after another conntrack miss: `tx` + `ct_miss_other` in one slot.
+    TxCtMissOther = "tx_ct_miss_other",
+}
+
+impl Stat {
+    /// A combined slot's two counters (verdict, conntrack outcome). The forward path bumps
+    /// one slot instead of a `tx` and a conntrack counter per packet; readers of `STATS` see
+    /// the two through [`fold_stats`], never the combined slot.
+    #[inline(always)]
+    pub const fn parts(self) -> Option<(Stat, Stat)> {
+        match self {
+            Stat::TxCtHit => Some((Stat::Tx, Stat::CtHit)),
+            Stat::TxCtMissSyn => Some((Stat::Tx, Stat::CtMissSyn)),
+            Stat::TxCtMissOther => Some((Stat::Tx, Stat::CtMissOther)),
+            _ => None,
+        }
+    }
+
+    /// The combined slot for forwarding a packet whose conntrack outcome is `self`; `self`
+    /// for any other counter.
+    #[inline(always)]
+    pub const fn forwarded(self) -> Stat {
+        match self {
+            Stat::CtHit => Stat::TxCtHit,
+            Stat::CtMissSyn => Stat::TxCtMissSyn,
+            Stat::CtMissOther => Stat::TxCtMissOther,
+            s => s,
+        }
+    }
+
+    /// The conntrack outcome a combined slot carries (counted on its own when the packet is
+    /// not forwarded after all); `self` for any other counter.
+    #[inline(always)]
+    pub const fn outcome(self) -> Stat {
+        match self.parts() {
+            Some((_, ct)) => ct,
+            None => self,
+        }
+    }
+}
+
+/// `STATS` as readers see it: each combined slot's count moved into its two counters (and the
+/// slot left at 0), so `tx`, `ct_hit`, ... mean what their names say whichever slot the
+/// program bumped.
+pub fn fold_stats(raw: &[u64; Stat::COUNT as usize]) -> [u64; Stat::COUNT as usize] {
+    let mut out = *raw;
+    for s in Stat::ALL {
+        if let Some((a, b)) = s.parts() {
+            out[a as usize] += raw[s as usize];
+            out[b as usize] += raw[s as usize];
+            out[s as usize] = 0;
+        }
+    }
+    out
 }
 
 /// Single entry of `DECAP_CONFIG`.

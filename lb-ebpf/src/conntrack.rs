@@ -2,7 +2,7 @@
 //! changes. Entries live until LRU eviction; UDP has no end of connection, so its entries also
 //! expire once idle for `udp_timeout_ns`.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{CtEntry, CtSyncEvent, FlowKey, GlobalConfig, Stat, FLOOD_CLOCK_EVERY, PROTO_UDP};
 
 use crate::maps::{count, CONNTRACK, CT_SYNC, FLOOD};
@@ -10,13 +10,21 @@ use crate::maps::{count, CONNTRACK, CT_SYNC, FLOOD};
 /// `BPF_RB_NO_WAKEUP`: the daemon reads the ring on a timer, so no event pays for a wakeup.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 
+/// The program's clock: `CLOCK_MONOTONIC_COARSE` (userspace's `monotonic_ns`). It lags the
+/// fine clock by at most a tick, which idle timeouts, one-second flood windows and leases do
+/// not notice, and costs a fraction of `bpf_ktime_get_ns` (which reads the clocksource).
+#[inline(always)]
+pub fn clock_ns() -> u64 {
+    // SAFETY: helper without side effects.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
 /// Timestamp for the flow's entry. Only UDP entries expire, so TCP skips the helper call and
 /// stores 0.
 #[inline(always)]
 pub fn now(flow: &FlowKey) -> u64 {
     if flow.proto == PROTO_UDP {
-        // SAFETY: helper without side effects.
-        unsafe { bpf_ktime_get_ns() }
+        clock_ns()
     } else {
         0
     }
@@ -28,7 +36,8 @@ pub fn lookup(flow: &FlowKey, now: u64, udp_timeout: u64) -> Option<&'static mut
     let ct = CONNTRACK.get_ptr_mut(flow)?;
     // SAFETY: the LRU value stays valid for the duration of this program run.
     let ct = unsafe { &mut *ct };
-    let live = flow.proto != PROTO_UDP || now.wrapping_sub(ct.last_seen_ns) <= udp_timeout;
+    // Saturating: an entry stamped ahead of this clock (a peer's, by conntrack sync) is fresh.
+    let live = flow.proto != PROTO_UDP || now.saturating_sub(ct.last_seen_ns) <= udp_timeout;
     live.then_some(ct)
 }
 
@@ -109,8 +118,7 @@ fn flooded(rate: u32) -> bool {
     let w = unsafe { &mut *w };
     w.count += 1;
     if w.count == 1 || w.count > rate as u64 || w.count % FLOOD_CLOCK_EVERY == 0 {
-        // SAFETY: helper without side effects.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = clock_ns();
         if w.count == 1 || now.wrapping_sub(w.start_ns) >= 1_000_000_000 {
             w.start_ns = now;
             w.count = 1;

@@ -11,10 +11,7 @@ use aya_ebpf::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as SockTupleV4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as SockTupleV6, xdp_action,
     },
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_sk_release, bpf_skc_lookup_tcp},
-    },
+    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     programs::XdpContext,
 };
 use lb_common::{
@@ -22,7 +19,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{account, drop_for, verdict, FARM},
+    conntrack,
+    maps::{account, count, drop_for, verdict, FARM},
     parse::Packet,
     select,
 };
@@ -40,14 +38,15 @@ pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalC
             drop_for(svc.id, Stat::FarmDropNoSocket)
         };
     }
-    // SAFETY: helper without side effects.
-    if unsafe { bpf_ktime_get_ns() } > lease {
+    if conntrack::clock_ns() > lease {
         return drop_for(svc.id, Stat::FarmDropLease);
     }
     let owner = if pkt.flow.proto == PROTO_TCP {
         select::ring_owner(svc, &pkt.flow)
     } else {
-        select::backend(svc, &pkt.flow, false, cfg)
+        let (owner, outcome) = select::backend(svc, &pkt.flow, false, cfg);
+        count(outcome);
+        owner
     };
     let Some(owner) = owner else {
         return drop_for(svc.id, Stat::DropNoBackend);

@@ -17,12 +17,14 @@ use lb_common::{
 
 use crate::{
     icmp,
-    maps::{account, verdict, TUNNELS},
+    maps::{account, count, verdict, TUNNELS},
     parse::{EthHdr, Inner, IpHdr},
     select::Dst,
 };
 
-/// Forward the packet to `dst` by the service's method, counting `reason`.
+/// Forward the packet to `dst` by the service's method, counting `reason` (a combined
+/// `Stat::forwarded` slot, or `IcmpTooBigTx`). A tunnel exit that sends nothing counts its own
+/// reason plus the conntrack outcome `reason` carries.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn send(
@@ -71,16 +73,17 @@ fn tunnel(
     reason: Stat,
 ) -> u32 {
     let Some(t) = TUNNELS.get(svc.id) else {
-        return verdict(Stat::DropEncap, xdp_action::XDP_DROP);
+        return not_sent(reason, Stat::DropEncap, xdp_action::XDP_DROP);
     };
     let outer_v6 = !is_v4_mapped(&dst.backend.addr);
     let gue = svc.fwd_mode == FWD_GUE;
     let overhead = tunnel_overhead(outer_v6, gue) as u32;
     if t.mtu != 0 && inner.len + overhead > t.mtu as u32 {
-        if inner.df && reason == Stat::Tx {
+        if inner.df && reason != Stat::IcmpTooBigTx {
+            count_outcome(reason);
             return icmp::send_too_big(ctx, inner, t.mtu as u32 - overhead);
         }
-        return verdict(Stat::DropTooBig, xdp_action::XDP_DROP);
+        return not_sent(reason, Stat::DropTooBig, xdp_action::XDP_DROP);
     }
     let hash = tunnel_hash(flow);
     let vlan = inner.l2_len != 14;
@@ -95,11 +98,27 @@ fn tunnel(
         (true, true, true) => encap::<18, true, true>(ctx, inner, hash, cfg, t, dst),
     };
     if !ok {
-        return verdict(Stat::DropEncap, xdp_action::XDP_DROP);
+        return not_sent(reason, Stat::DropEncap, xdp_action::XDP_DROP);
     }
     // Counted as sent: outer headers included.
     account(ctx, svc.id, dst.id);
     verdict(reason, xdp_action::XDP_TX)
+}
+
+/// Exit with `action` for `exit` instead of forwarding as `reason`: the conntrack outcome a
+/// combined `reason` carries is still counted.
+#[inline(always)]
+fn not_sent(reason: Stat, exit: Stat, action: u32) -> u32 {
+    count_outcome(reason);
+    verdict(exit, action)
+}
+
+/// Count the conntrack outcome a combined `reason` carries, on its own.
+#[inline(always)]
+fn count_outcome(reason: Stat) {
+    if let Some((_, ct)) = reason.parts() {
+        count(ct);
+    }
 }
 
 /// Grow the frame at the front by the outer headers and write them: the Ethernet header

@@ -3,8 +3,9 @@
 //!
 //! The pipeline is `parse` -> `select::service` -> `select::backend` (conntrack, then the ring)
 //! -> `forward`, or `farm` for farm services. Every exit path bumps exactly one reason counter
-//! in `STATS` (through `maps::verdict`), so packet accounting adds up
-//! (`sum(STATS) == packets seen`), which the datapath tests rely on.
+//! in `STATS` (through `maps::verdict`), plus the conntrack outcome where there is one: a
+//! forwarded packet bumps one combined slot for both (`Stat::forwarded`), which readers
+//! split again (`lb_common::fold_stats`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -30,7 +31,7 @@ mod prog {
 
     use crate::{
         farm, forward, icmp,
-        maps::{drop_for, verdict, CONFIG, VIP_ADDRS},
+        maps::{count, drop_for, verdict, CONFIG, VIP_ADDRS},
         parse::{self, Unparsed},
         select,
     };
@@ -62,7 +63,7 @@ mod prog {
             return farm::farm(&ctx, &mut pkt, &svc, cfg);
         }
         match select::backend(&svc, &pkt.flow, pkt.is_syn, cfg) {
-            Some(dst) => forward::send(
+            (Some(dst), outcome) => forward::send(
                 &ctx,
                 pkt.eth,
                 &pkt.ip,
@@ -71,9 +72,12 @@ mod prog {
                 &svc,
                 cfg,
                 &dst,
-                Stat::Tx,
+                outcome.forwarded(),
             ),
-            None => drop_for(svc.id, Stat::DropNoBackend),
+            (None, outcome) => {
+                count(outcome);
+                drop_for(svc.id, Stat::DropNoBackend)
+            }
         }
     }
     lb_ebpf::check_name!(farmlb_xdp, lb_common::maps::PROGRAM);

@@ -10,10 +10,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    svc_drop_index, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey,
-    GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU,
+    svc_drop_index, vip_filter_bit, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow,
+    FlowKey, GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU,
     CT_MAX_ENTRIES, CT_SYNC_BYTES, DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS,
-    SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
+    SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS, VIP_FILTER_WORDS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
@@ -35,6 +35,10 @@ maps! {
     /// The services' keys and `ServiceInfo`, two entries per service id (see
     /// `SERVICE_ENTRY_SLOTS`).
     SERVICE_ENTRIES: Array<ServiceEntry> = Array::with_max_entries(SERVICE_ENTRY_SLOTS, 0);
+    /// Bitmap of the VIP addresses' `vip_filter_bit`s, read for every IP packet right after
+    /// its IP header: a clear bit passes the packet as not ours before anything else is
+    /// parsed or looked up. A set bit proves nothing (collisions): the lookups decide.
+    VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
     /// VIP addresses, consulted only on rare paths (fragments, options, truncated L4) to
     /// decide between "drop, it was for us" and "pass, not ours".
     VIP_ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
@@ -70,6 +74,16 @@ maps! {
     /// Conntrack sync: the entries the program makes (`CtSyncEvent`), written only while
     /// `GlobalConfig::sync` is set; the daemon reads them and sends them to its peers.
     CT_SYNC: RingBuf = RingBuf::with_byte_size(CT_SYNC_BYTES, 0);
+}
+
+/// Whether `addr` may be a VIP address (its `VIP_FILTER` bit is set).
+#[inline(always)]
+pub fn maybe_vip(addr: &Addr) -> bool {
+    let bit = vip_filter_bit(addr);
+    match VIP_FILTER.get(bit / 64) {
+        Some(w) => w & (1 << (bit % 64)) != 0,
+        None => true,
+    }
 }
 
 /// Bump a `STATS` counter.

@@ -2,6 +2,9 @@
 //! at most `MAX_IPV6_EXT_HDRS` hop-by-hop / routing / destination-options headers), then the
 //! TCP or UDP ports. Headers are typed views handed out by a cursor that bounds-checks each
 //! one against the end of the frame, as the verifier requires before any packet access.
+//! A packet whose destination the VIP filter rules out is passed right after its IP header
+//! (`PassNotVip`, as the full lookup would): most of a director's own traffic costs no
+//! more than that.
 
 use core::{marker::PhantomData, mem::size_of};
 
@@ -14,6 +17,8 @@ use lb_common::{
     },
     Addr, FlowKey, Stat, PROTO_TCP, PROTO_UDP,
 };
+
+use crate::maps::maybe_vip;
 
 /// A packet the pipeline can balance.
 pub struct Packet<'a> {
@@ -164,6 +169,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
                 return Err(Pass(Stat::PassMalformed));
             }
             let dst = v4_mapped(ip.dst);
+            if !maybe_vip(&dst) {
+                return Err(Pass(Stat::PassNotVip));
+            }
             // MF flag or a non-zero offset: any fragment.
             if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
                 return Err(DropIfVip {
@@ -184,6 +192,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
             let ip: &mut Ipv6Hdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
             if ip.ver_tc_flow[0] >> 4 != 6 {
                 return Err(Pass(Stat::PassMalformed));
+            }
+            if !maybe_vip(&ip.dst) {
+                return Err(Pass(Stat::PassNotVip));
             }
             let mut next = ip.next_hdr;
             // The walk stays off the common path: only a packet with an extension header (or

@@ -8,7 +8,7 @@ use lb_common::{
 
 use crate::{
     conntrack,
-    maps::{count, BACKENDS, RING, SERVICE_ENTRIES, SERVICE_INDEX},
+    maps::{BACKENDS, RING, SERVICE_ENTRIES, SERVICE_INDEX},
 };
 
 /// A valid backend: its id (`BACKENDS` index; farm: member slot) and its entry.
@@ -48,30 +48,36 @@ fn find_service(key: &[u32; 5]) -> Option<ServiceInfo> {
 }
 
 /// Conntrack first (except for SYNs, which always re-hash so a reused tuple follows the current
-/// table), then the service's Maglev ring. Counts the conntrack outcome.
+/// table), then the service's Maglev ring. Counts nothing: the conntrack outcome (`CtHit`,
+/// `CtMissSyn`, `CtMissOther`) comes back for the caller to count with its verdict, in one
+/// slot when the packet is forwarded (`Stat::forwarded`).
 #[inline(always)]
-pub fn backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool, cfg: &GlobalConfig) -> Option<Dst> {
+pub fn backend(
+    svc: &ServiceInfo,
+    flow: &FlowKey,
+    is_syn: bool,
+    cfg: &GlobalConfig,
+) -> (Option<Dst>, Stat) {
     let udp_timeout = cfg.udp_timeout_ns;
     let now = conntrack::now(flow);
-    if is_syn {
-        count(Stat::CtMissSyn);
+    let outcome = if is_syn {
+        Stat::CtMissSyn
     } else {
         if let Some(ct) = conntrack::lookup(flow, now, udp_timeout) {
             // An entry whose backend went away falls through and re-hashes.
             if let Some(dst) = valid(ct.backend) {
                 conntrack::touch(ct, flow, now);
-                count(Stat::CtHit);
-                return Some(dst);
+                return (Some(dst), Stat::CtHit);
             }
         }
-        count(Stat::CtMissOther);
-    }
+        Stat::CtMissOther
+    };
     let id = ring_slot(svc, flow);
     // Recorded even if the backend turns out invalid (the model does the same).
     if id != NO_BACKEND {
         conntrack::insert(flow, id, now, cfg);
     }
-    valid(id)
+    (valid(id), outcome)
 }
 
 /// The backend a flow's packets go to now, without recording anything (ICMP errors about

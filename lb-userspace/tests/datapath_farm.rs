@@ -118,6 +118,7 @@ impl Fixture {
             fwd_mode: FWD_FARM,
             ..web
         };
+        self.k.maps().set_vip_addr(&key.addr).unwrap();
         self.k.maps().set_service(&key, &info).unwrap();
         ((listener, accepted), conn, server, local)
     }

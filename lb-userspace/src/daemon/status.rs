@@ -124,8 +124,10 @@ impl Owner {
             .filter_map(|s| self.service_view(&s.name).ok())
             .collect();
         let stats: std::collections::BTreeMap<String, u64> = match self.dp.stats() {
+            // The combined slots are folded into their parts (and read 0).
             Ok(s) => Stat::ALL
                 .iter()
+                .filter(|st| st.parts().is_none())
                 .map(|st| (st.name().to_string(), s[*st as usize]))
                 .collect(),
             Err(e) => {

@@ -20,6 +20,8 @@ pub trait Maps {
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()>;
     /// Farm mode: this node's member slot.
     fn set_farm(&mut self, f: &FarmConfig) -> Result<()>;
+    /// Program a service. Its address must be a VIP address already (`set_vip_addr`): the
+    /// program passes the packets of any other address without looking up its services.
     fn set_service(&mut self, key: &ServiceKey, info: &ServiceInfo) -> Result<()>;
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()>;
     fn set_vip_addr(&mut self, addr: &Addr) -> Result<()>;

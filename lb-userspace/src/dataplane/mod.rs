@@ -16,9 +16,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps as names, svc_drop_index, Addr, Backend, Counter, CtEntry, FarmConfig, FlowKey,
-    GlobalConfig, ServiceEntry, ServiceInfo, ServiceKey, Stat, TunnelInfo, SERVICE_DROP_REASONS,
-    SERVICE_SLOTS,
+    maps as names, svc_drop_index, vip_filter_bit, Addr, Backend, Counter, CtEntry, FarmConfig,
+    FlowKey, GlobalConfig, ServiceEntry, ServiceInfo, ServiceKey, Stat, TunnelInfo,
+    SERVICE_DROP_REASONS, SERVICE_SLOTS, VIP_FILTER_WORDS,
 };
 
 pub mod conntrack;
@@ -84,6 +84,7 @@ struct KernelMaps {
     service_index: Array<MapData, u32>,
     service_entries: Array<MapData, ServiceEntry>,
     vip_addrs: HashMap<MapData, Addr, u32>,
+    vip_filter: Array<MapData, u64>,
     ring: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
@@ -113,6 +114,7 @@ impl KernelMaps {
             service_index: take(ebpf, names::SERVICE_INDEX)?,
             service_entries: take(ebpf, names::SERVICE_ENTRIES)?,
             vip_addrs: take(ebpf, names::VIP_ADDRS)?,
+            vip_filter: take(ebpf, names::VIP_FILTER)?,
             ring: take(ebpf, names::RING)?,
             backends: take(ebpf, names::BACKENDS)?,
             conntrack: take(ebpf, names::CONNTRACK)?,
@@ -324,8 +326,14 @@ impl Dataplane {
         Ok(m)
     }
 
-    /// Global reason counters summed over CPUs, indexed by `Stat as usize`.
+    /// Global reason counters summed over CPUs, indexed by `Stat as usize`, the combined
+    /// slots folded into their parts (`lb_common::fold_stats`).
     pub fn stats(&self) -> Result<[u64; Stat::COUNT as usize]> {
+        Ok(lb_common::fold_stats(&self.raw_stats()?))
+    }
+
+    /// `STATS` slot by slot, summed over CPUs, combined slots as the program bumped them.
+    pub fn raw_stats(&self) -> Result<[u64; Stat::COUNT as usize]> {
         let mut out = [0u64; Stat::COUNT as usize];
         for (i, o) in out.iter_mut().enumerate() {
             *o = self.maps.stats.get(&(i as u32), 0)?.iter().sum();
@@ -420,11 +428,30 @@ impl Maps for Dataplane {
     }
 
     fn set_vip_addr(&mut self, addr: &Addr) -> Result<()> {
+        // The filter bit first: while it is clear the program passes the address's packets
+        // without looking further (the director adds the services after their address).
+        let bit = vip_filter_bit(addr);
+        let word = self.maps.vip_filter.get(&(bit / 64), 0)?;
+        self.maps
+            .vip_filter
+            .set(bit / 64, word | 1 << (bit % 64), 0)?;
         Ok(self.maps.vip_addrs.insert(addr, 1, 0)?)
     }
 
     fn remove_vip_addr(&mut self, addr: &Addr) -> Result<()> {
-        Ok(self.maps.vip_addrs.remove(addr)?)
+        self.maps.vip_addrs.remove(addr)?;
+        // Rebuilt from the addresses left: a bit stays set while another VIP shares it.
+        let mut words = [0u64; VIP_FILTER_WORDS as usize];
+        for a in self.maps.vip_addrs.keys() {
+            let bit = vip_filter_bit(&a?);
+            words[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        for (i, w) in words.into_iter().enumerate() {
+            if self.maps.vip_filter.get(&(i as u32), 0)? != w {
+                self.maps.vip_filter.set(i as u32, w, 0)?;
+            }
+        }
+        Ok(())
     }
 
     fn set_backend(&mut self, id: u32, b: &Backend) -> Result<()> {
@@ -471,14 +498,15 @@ pub fn attach_xdp(prog: &mut Xdp, iface: &str, mode: AttachMode, what: &str) -> 
     })
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the program's clock (`bpf_ktime_get_coarse_ns`),
+/// which UDP idle times, flood windows and farm leases are judged by.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -12,7 +12,7 @@ use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
     maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig,
     ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
-    SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS,
+    SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS, VIP_FILTER_WORDS,
 };
 
 /// `statfs` magic of bpffs.
@@ -24,10 +24,11 @@ pub const LINK: &str = "link";
 pub const PROGRAM: &str = "program";
 
 /// Every map, pinned under its own name.
-pub const MAPS: [&str; 14] = [
+pub const MAPS: [&str; 15] = [
     names::SERVICE_INDEX,
     names::SERVICE_ENTRIES,
     names::VIP_ADDRS,
+    names::VIP_FILTER,
     names::RING,
     names::BACKENDS,
     names::CONNTRACK,
@@ -95,7 +96,7 @@ struct Spec {
 
 /// The maps as this build lays them out, for a data plane of `ring_slots` and
 /// `conntrack_size`.
-fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 14] {
+fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 15] {
     use std::mem::size_of;
     let s = |name, key, value, max| Spec {
         name,
@@ -112,6 +113,7 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 14] {
             SERVICE_ENTRY_SLOTS,
         ),
         s(names::VIP_ADDRS, size_of::<Addr>(), 4, MAX_VIP_ADDRS),
+        s(names::VIP_FILTER, 4, 8, VIP_FILTER_WORDS),
         s(names::RING, 4, 4, ring_slots),
         s(names::BACKENDS, 4, size_of::<Backend>(), BACKEND_SLOTS),
         s(

@@ -728,7 +728,7 @@ impl Director {
         Ok(())
     }
 
-    /// Farm mode: this node takes new flows until `until_ns` (`CLOCK_MONOTONIC`); the
+    /// Farm mode: this node takes new flows until `until_ns` (`CLOCK_MONOTONIC_COARSE`); the
     /// daemon renews it while it runs.
     pub fn set_lease(&mut self, until_ns: u64, maps: &mut impl Maps) -> Result<()> {
         self.lease_until_ns = until_ns;

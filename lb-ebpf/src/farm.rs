@@ -19,7 +19,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, forward,
     maps::{account, count, drop_for, verdict, FARM},
     parse::Packet,
     select,
@@ -67,7 +67,7 @@ fn deliver(
     own: u32,
     reason: Stat,
 ) -> u32 {
-    pkt.eth.dst = cfg.own_mac;
+    forward::set_mac(&mut pkt.eth.dst, &cfg.own_mac);
     account(ctx, svc.id, own);
     verdict(reason, xdp_action::XDP_PASS)
 }

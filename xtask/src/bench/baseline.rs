@@ -202,6 +202,8 @@ impl OldConfig {
 struct OldMaps {
     services: OldServices,
     vip_addrs: BpfHashMap<MapData, Addr, u32>,
+    /// Versions that filter on the VIP address before any lookup have `VIP_FILTER`.
+    vip_filter: Option<Array<MapData, u64>>,
     ring: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     config: OldConfig,
@@ -249,8 +251,14 @@ impl Maps for OldMaps {
         }
     }
     fn set_vip_addr(&mut self, addr: &Addr) -> Result<()> {
+        if let Some(f) = &mut self.vip_filter {
+            let bit = lb_common::vip_filter_bit(addr);
+            let word = f.get(&(bit / 64), 0)?;
+            f.set(bit / 64, word | 1 << (bit % 64), 0)?;
+        }
         Ok(self.vip_addrs.insert(addr, 1, 0)?)
     }
+    /// The filter bit stays set: a stale bit only costs the lookups it would have saved.
     fn remove_vip_addr(&mut self, addr: &Addr) -> Result<()> {
         Ok(self.vip_addrs.remove(addr)?)
     }
@@ -304,6 +312,10 @@ impl OldDataplane {
         let mut maps = OldMaps {
             services: OldServices::take(&mut ebpf)?,
             vip_addrs: take(&mut ebpf, names::VIP_ADDRS)?,
+            vip_filter: match ebpf.map(names::VIP_FILTER) {
+                Some(_) => Some(take(&mut ebpf, names::VIP_FILTER)?),
+                None => None,
+            },
             ring: take(&mut ebpf, names::RING)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
             config: OldConfig::take(&mut ebpf)?,

@@ -283,9 +283,14 @@ impl Programs {
                 let before = old.stats()?;
                 let r = old.test_run_repeat(&p.packet, repeat)?;
                 let after = old.stats()?;
-                let stat = p.path.expect("farmlb probes name their path") as usize;
-                let grew =
-                    after.get(stat).copied().unwrap_or(0) - before.get(stat).copied().unwrap_or(0);
+                let path = p.path.expect("farmlb probes name their path");
+                // A version that counts forwarded packets in combined slots bumps the
+                // path's `Stat::forwarded` slot instead; older ones have no such slot.
+                let delta = |i: usize| {
+                    after.get(i).copied().unwrap_or(0) - before.get(i).copied().unwrap_or(0)
+                };
+                let (stat, combined) = (path as usize, path.forwarded() as usize);
+                let grew = delta(stat) + if combined != stat { delta(combined) } else { 0 };
                 if grew != repeat as u64 {
                     bail!(
                         "{}: the baseline's counter {stat} (today's {:?}) grew by {grew} over \

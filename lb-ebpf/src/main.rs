@@ -44,7 +44,7 @@ mod prog {
         let mut pkt = match parse::parse(&ctx) {
             Ok(p) => p,
             Err(Unparsed::Pass(reason)) => return verdict(reason, xdp_action::XDP_PASS),
-            Err(Unparsed::DropIfVip { dst, reason }) => return drop_if_vip(&dst, reason),
+            Err(Unparsed::DropIfVip { dst, reason }) => return drop_if_vip(&dst.0, reason),
             Err(Unparsed::Icmp(p)) => {
                 // SAFETY: read-only lookup of a plain value.
                 if unsafe { VIP_ADDRS.get(&p.ip.dst()) }.is_none() {

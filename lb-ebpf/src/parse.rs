@@ -20,6 +20,14 @@ use lb_common::{
 
 use crate::maps::maybe_vip;
 
+/// `T` at an 8-byte aligned address. The program is built with misaligned memory access
+/// allowed (`build.rs`), so LLVM moves a byte array like an address in 8-byte loads and
+/// stores; the verifier accepts misaligned ones on packet and map memory but never on the
+/// stack, so a byte array kept in a stack value must sit at an 8-byte boundary.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct Aligned<T>(pub T);
+
 /// A packet the pipeline can balance.
 pub struct Packet<'a> {
     /// Rewritten in place on the way out.
@@ -77,7 +85,7 @@ pub enum Unparsed<'a> {
     /// Cannot be balanced (fragment, IP options, truncated L4 or IPv6 extension header, too many
     /// extension headers): drop it, counting `reason`, if it was addressed to a VIP, otherwise
     /// leave it to the kernel.
-    DropIfVip { dst: Addr, reason: Stat },
+    DropIfVip { dst: Aligned<Addr>, reason: Stat },
     /// ICMP (IPv4) or ICMPv6 with its 8-byte header: `icmp::handle` decides, if it is
     /// addressed to a VIP.
     Icmp(IcmpPacket<'a>),
@@ -175,14 +183,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
             // MF flag or a non-zero offset: any fragment.
             if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
                 return Err(DropIfVip {
-                    dst,
+                    dst: Aligned(dst),
                     reason: Stat::DropFragment,
                 });
             }
             // Options would put the L4 header at a variable offset: not supported.
             if ihl != 5 {
                 return Err(DropIfVip {
-                    dst,
+                    dst: Aligned(dst),
                     reason: Stat::DropIpOptions,
                 });
             }
@@ -201,7 +209,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
             // a fragment header) enters it.
             if is_ext_hdr(next) || next == NEXTHDR_FRAGMENT {
                 next = skip_ext_hdrs(&mut cur, next).map_err(|reason| DropIfVip {
-                    dst: ip.dst,
+                    dst: Aligned(ip.dst),
                     reason,
                 })?;
                 // ICMPv6 behind extension headers is left to the kernel (no VIP answers it).
@@ -218,7 +226,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
         PROTO_TCP => {
             let Some(tcp) = cur.take::<TcpHdr>() else {
                 return Err(DropIfVip {
-                    dst,
+                    dst: Aligned(dst),
                     reason: Stat::DropMalformed,
                 });
             };
@@ -232,7 +240,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
         PROTO_UDP => {
             let Some(udp) = cur.take::<UdpHdr>() else {
                 return Err(DropIfVip {
-                    dst,
+                    dst: Aligned(dst),
                     reason: Stat::DropMalformed,
                 });
             };
@@ -245,7 +253,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
         IPPROTO_ICMP | IPPROTO_ICMPV6 if (proto == IPPROTO_ICMPV6) == v6 => {
             let Some(icmp) = cur.take::<IcmpHdr>() else {
                 return Err(DropIfVip {
-                    dst,
+                    dst: Aligned(dst),
                     reason: Stat::DropMalformed,
                 });
             };

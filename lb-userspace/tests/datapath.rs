@@ -9,11 +9,11 @@ use std::time::Duration;
 use farmlb::config::Config;
 use farmlb::dataplane::model::{Action, Twin};
 use farmlb::dataplane::{CounterKind, LoadOpts};
-use farmlb::director::Director;
+use farmlb::director::{addr_of, Director};
 use farmlb::packet::{
     arp_request, client, fixture_mac, flow_key, service_toml, PacketBuilder, TCP_ACK, TCP_SYN,
 };
-use lb_common::{ServiceInfo, Stat, PROTO_TCP, PROTO_UDP};
+use lb_common::{vip_filter_bit, ServiceInfo, Stat, PROTO_TCP, PROTO_UDP};
 
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
 
@@ -192,6 +192,85 @@ fn non_vip_traffic_passes_untouched() {
         assert_eq!(out, pkt, "passed packets are not modified");
     }
     assert_eq!(f.k.dp.stats().unwrap()[Stat::PassNotVip as usize], 5);
+}
+
+/// An address of 10.200.0.0/16 whose `VIP_FILTER` bit is `bit`.
+fn address_on_bit(bit: u32, skip: &str) -> String {
+    (0..=u16::MAX)
+        .map(|i| format!("10.200.{}.{}", i >> 8, i & 0xff))
+        .find(|a| a != skip && vip_filter_bit(&addr_of(a.parse().unwrap())) == bit)
+        .expect("4096 bits, 65536 addresses")
+}
+
+fn filter_has(f: &Fixture, a: &str) -> bool {
+    let bit = vip_filter_bit(&addr_of(a.parse().unwrap()));
+    f.k.dp.vip_filter().unwrap()[(bit / 64) as usize] & 1 << (bit % 64) != 0
+}
+
+/// The VIP filter passes packets for other addresses before any lookup; a non-VIP address
+/// that shares a VIP's bit takes the full lookup to the same verdict (TCP, a fragment, a
+/// truncated header); removing a VIP clears its bit only when no other VIP shares it.
+#[test]
+fn vip_filter_rows() {
+    let vip = "10.99.100.1";
+    let bit = vip_filter_bit(&addr_of(vip.parse().unwrap()));
+    let twin = address_on_bit(bit, "");
+    let mut f = Fixture::new(&base_config("30s"));
+    let vips = [vip, "fd99:100::1", "10.99.100.2", "10.99.100.3"];
+    assert!(vips.iter().all(|a| filter_has(&f, a)));
+    let bits: std::collections::HashSet<u32> = vips
+        .iter()
+        .map(|a| vip_filter_bit(&addr_of(a.parse().unwrap())))
+        .collect();
+    let set: u32 =
+        f.k.dp
+            .vip_filter()
+            .unwrap()
+            .iter()
+            .map(|w| w.count_ones())
+            .sum();
+    assert_eq!(set as usize, bits.len(), "exactly the VIP addresses' bits");
+    let client = sa("198.51.0.1:1000");
+    let to = |a: &str| sa(&format!("{a}:80"));
+    let rows = [
+        PacketBuilder::tcp(client, to(&twin)).build(),
+        PacketBuilder::tcp(client, to(&twin))
+            .fragment(0x2000)
+            .build(),
+        PacketBuilder::tcp(client, to(&twin)).build()[..14 + 20 + 10].to_vec(),
+        PacketBuilder::tcp(client, to("10.200.255.255")).build(),
+    ];
+    let before = f.k.dp.stats().unwrap()[Stat::PassNotVip as usize];
+    for pkt in &rows {
+        let (action, out, _) = f.run(pkt);
+        assert_eq!((action, &out), (Action::Pass, pkt), "passed untouched");
+    }
+    assert_eq!(
+        f.k.dp.stats().unwrap()[Stat::PassNotVip as usize] - before,
+        rows.len() as u64
+    );
+
+    // Two VIPs on one bit: removing one keeps the other's packets balanced.
+    let backends = ["10.99.0.11", "10.99.0.12"];
+    let cfg = |vips: &[&str]| {
+        let services: Vec<String> = vips
+            .iter()
+            .enumerate()
+            .map(|(i, v)| service_toml(&format!("s{i}"), v, 80, "tcp", Some(211), &backends))
+            .collect();
+        Config::from_toml_str(&format!("interface = \"eth0\"\n{}", services.concat())).unwrap()
+    };
+    let mut f = Fixture::new(&cfg(&[vip, &twin]));
+    f.apply(&cfg(&[vip]));
+    assert!(filter_has(&f, vip), "the bit stays while {vip} uses it");
+    let syn = |a: &str| PacketBuilder::tcp(client, to(a)).syn().build();
+    assert_eq!(f.run(&syn(vip)).0, Action::Tx);
+    assert_eq!(f.run(&syn(&twin)).0, Action::Pass);
+    f.apply(&cfg(&["10.99.100.7"]));
+    assert!(!filter_has(&f, vip), "no VIP left on the bit");
+    assert!(filter_has(&f, "10.99.100.7"));
+    assert_eq!(f.run(&syn(vip)).0, Action::Pass);
+    assert_eq!(f.run(&syn("10.99.100.7")).0, Action::Tx);
 }
 
 /// Services whose keys share a home slot of the service table (three runs of ten, one of

@@ -341,6 +341,13 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// `VIP_FILTER`'s words (the bits the program passes non-VIP packets by).
+    pub fn vip_filter(&self) -> Result<Vec<u64>> {
+        (0..VIP_FILTER_WORDS)
+            .map(|i| Ok(self.maps.vip_filter.get(&i, 0)?))
+            .collect()
+    }
+
     /// Packets/bytes of a service or backend id, summed over CPUs.
     pub fn counter(&self, kind: CounterKind, id: u32) -> Result<Counter> {
         let a = match kind {

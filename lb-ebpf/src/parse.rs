@@ -176,7 +176,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
             if ip.ver_ihl >> 4 != 4 || ihl < 5 {
                 return Err(Pass(Stat::PassMalformed));
             }
-            let dst = v4_mapped(ip.dst);
+            let dst = mapped(&ip.dst);
             if !maybe_vip(&dst) {
                 return Err(Pass(Stat::PassNotVip));
             }
@@ -194,7 +194,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
                     reason: Stat::DropIpOptions,
                 });
             }
-            (v4_mapped(ip.src), dst, ip.proto, false, IpHdr::V4(ip))
+            (mapped(&ip.src), dst, ip.proto, false, IpHdr::V4(ip))
         }
         ETH_P_IPV6 => {
             let ip: &mut Ipv6Hdr = cur.take().ok_or(Pass(Stat::PassMalformed))?;
@@ -276,6 +276,18 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
         ip: ip_hdr,
         l2_len,
     })
+}
+
+/// `v4_mapped(*a)` built from one 4-byte load: the byte-wise construction costs a load, a
+/// shift and an or per byte, for both addresses of every IPv4 packet.
+#[inline(always)]
+fn mapped(a: &[u8; 4]) -> Addr {
+    // SAFETY: reads the 4 bytes of `a`.
+    let v = unsafe { core::ptr::read_unaligned(a.as_ptr() as *const u32) } as u64;
+    // Little-endian words: bytes 10 and 11 are 0xff, the IPv4 address follows.
+    let w: [u64; 2] = [0, 0xffff_0000 | v << 32];
+    // SAFETY: same size, and any bytes are a valid `Addr`.
+    unsafe { core::mem::transmute::<[u64; 2], Addr>(w) }
 }
 
 #[inline(always)]

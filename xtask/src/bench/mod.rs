@@ -68,7 +68,7 @@ impl Plan {
         if quick {
             Plan {
                 quick,
-                runs: 11,
+                runs: 5,
                 repeat: 200_000,
                 fwd_warmup: Duration::from_millis(500),
                 fwd_window: Duration::from_millis(1500),

@@ -42,6 +42,7 @@ pub mod maps {
         SVC_DROPS,
         TUNNELS,
         VIP_FILTER,
+        CLOCK,
     );
 }
 
@@ -561,6 +562,15 @@ pub struct FloodWindow {
     pub count: u64,
 }
 
+/// The single per-CPU entry of `CLOCK`: the program's clock as last read, and the jiffies
+/// it was read at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClockCache {
+    pub jiffies: u64,
+    pub ns: u64,
+}
+
 /// Single entry of the `FARM` array: this node's identity in farm mode.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -829,6 +839,7 @@ const _: () = {
     assert!(core::mem::size_of::<TunnelInfo>() == 32);
     assert!(core::mem::size_of::<CtSyncEvent>() == 48);
     assert!(core::mem::size_of::<FloodWindow>() == 16);
+    assert!(core::mem::size_of::<ClockCache>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::size_of::<FarmConfig>() == 16);
     // `ALL[i]` is the stat with index `i`.

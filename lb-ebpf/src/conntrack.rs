@@ -2,19 +2,42 @@
 //! changes. Entries live until LRU eviction; UDP has no end of connection, so its entries also
 //! expire once idle for `udp_timeout_ns`.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use lb_common::{CtEntry, CtSyncEvent, FlowKey, GlobalConfig, Stat, FLOOD_CLOCK_EVERY, PROTO_UDP};
+use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use lb_common::{ClockCache, CtEntry, CtSyncEvent, FlowKey, GlobalConfig, Stat, FLOOD_CLOCK_EVERY, PROTO_UDP};
 
-use crate::maps::{count, CONNTRACK, CT_SYNC, FLOOD};
+use crate::maps::{count, CLOCK, CONNTRACK, CT_SYNC, FLOOD};
 
 /// `BPF_RB_NO_WAKEUP`: the daemon reads the ring on a timer, so no event pays for a wakeup.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 
 /// The program's clock: `CLOCK_MONOTONIC_COARSE` (userspace's `monotonic_ns`). It lags the
 /// fine clock by at most a tick, which idle timeouts, one-second flood windows and leases do
-/// not notice, and costs a fraction of `bpf_ktime_get_ns` (which reads the clocksource).
+/// not notice. Reading it costs about 20 ns here (half of `bpf_ktime_get_ns`, which reads
+/// the clocksource); it changes only at a tick, so it is read once per jiffy and CPU
+/// (`bpf_jiffies64` is a plain load) and kept in `CLOCK`. The tick bumps jiffies just before
+/// the coarse clock: a read in between keeps the previous tick's value one tick longer.
 #[inline(always)]
 pub fn clock_ns() -> u64 {
+    // SAFETY: helper without side effects.
+    let jiffies = unsafe { bpf_jiffies64() };
+    match CLOCK.get_ptr_mut(0) {
+        Some(c) => {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            let c = unsafe { &mut *c };
+            if c.jiffies != jiffies {
+                *c = ClockCache {
+                    jiffies,
+                    ns: coarse_ns(),
+                };
+            }
+            c.ns
+        }
+        None => coarse_ns(),
+    }
+}
+
+#[inline(always)]
+fn coarse_ns() -> u64 {
     // SAFETY: helper without side effects.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
@@ -102,10 +125,9 @@ fn publish(cfg: &GlobalConfig, flow: &FlowKey, backend: u32) {
 
 /// Count one new entry in this CPU's one-second window; whether it is over `rate`.
 ///
-/// The clock costs as much as the rest of the SYN path's bookkeeping (about 40 ns measured
-/// here), so it is read only where the answer can change: at a window's first entry, every
-/// [`FLOOD_CLOCK_EVERY`] entries, and once over `rate`. A window thus ends at the first
-/// check after its second is up.
+/// Even cached, the clock is a helper call and a map access, so it is read only where the
+/// answer can change: at a window's first entry, every [`FLOOD_CLOCK_EVERY`] entries, and
+/// once over `rate`. A window thus ends at the first check after its second is up.
 #[inline(always)]
 fn flooded(rate: u32) -> bool {
     if rate == 0 {

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    svc_drop_index, vip_filter_bit, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow,
+    svc_drop_index, vip_filter_bit, Addr, Backend, ClockCache, Counter, CtEntry, FarmConfig, FloodWindow,
     FlowKey, GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU,
     CT_MAX_ENTRIES, CT_SYNC_BYTES, DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS,
     SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS, VIP_FILTER_WORDS,
@@ -65,6 +65,10 @@ maps! {
     BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_SLOTS, 0);
     /// Farm mode: this node's member slot (consulted only on the farm branch).
     FARM: Array<FarmConfig> = Array::with_max_entries(1, 0);
+    /// The program's clock, per CPU: the coarse clock as read at the current jiffy (see
+    /// `conntrack::clock_ns`). Only the program uses it (not pinned: it lives with the
+    /// program).
+    CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
     /// Flood guard: per CPU, the new conntrack entries of the current second (consulted
     /// only when a flow is about to be inserted).
     FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);

@@ -3,7 +3,9 @@
 //! expire once idle for `udp_timeout_ns`.
 
 use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
-use lb_common::{ClockCache, CtEntry, CtSyncEvent, FlowKey, GlobalConfig, Stat, FLOOD_CLOCK_EVERY, PROTO_UDP};
+use lb_common::{
+    ClockCache, CtEntry, CtSyncEvent, FlowKey, GlobalConfig, Stat, FLOOD_CLOCK_EVERY, PROTO_UDP,
+};
 
 use crate::maps::{count, CLOCK, CONNTRACK, CT_SYNC, FLOOD};
 

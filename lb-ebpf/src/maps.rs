@@ -10,10 +10,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    svc_drop_index, vip_filter_bit, Addr, Backend, ClockCache, Counter, CtEntry, FarmConfig, FloodWindow,
-    FlowKey, GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU,
-    CT_MAX_ENTRIES, CT_SYNC_BYTES, DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS,
-    SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS, VIP_FILTER_WORDS,
+    svc_drop_index, vip_filter_bit, Addr, Backend, ClockCache, Counter, CtEntry, FarmConfig,
+    FloodWindow, FlowKey, GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS,
+    BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, CT_SYNC_BYTES, DEFAULT_RING_SLOTS, MAX_SERVICES,
+    MAX_VIP_ADDRS, SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS, VIP_FILTER_WORDS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and

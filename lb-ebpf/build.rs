@@ -9,5 +9,8 @@ fn main() {
     // farmlb runs on (x86-64, arm64: CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS) take misaligned
     // packet and map accesses; the verifier refuses misaligned stack accesses, so byte arrays
     // kept in stack values sit 8-aligned (`parse::Aligned`). Needs an LLVM 22 bpf-linker.
-    println!("cargo:rustc-link-arg=--cpu-features=+allows-misaligned-mem-access");
+    // Host builds of the crate (cargo-deb and tools build the workspace) link with `cc`.
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("bpf") {
+        println!("cargo:rustc-link-arg=--cpu-features=+allows-misaligned-mem-access");
+    }
 }

@@ -558,11 +558,12 @@ fn measure(
          reference is timed on the same packet as farmlb. Everything runs on one thread \
          pinned to CPU {cpu}, so a flow's conntrack entry lives on the CPU that handles its \
          packets, as with a NIC's RSS (conntrack is an LRU map with per-CPU lists). Seen \
-         while building this benchmark: the SYN path's cost is bimodal, about 155–160 ns or \
-         about 225–235 ns, mostly fixed for one probe within one process but differing \
-         between processes and between the IPv4 and IPv6 probes (cause not pinned down; the LRU map's rewrite of \
-         the entry is the likely place); the min–max range shows which mode(s) this run hit. \
-         Floors (reference object): *stateful floor, hit* (`floor_hit_xdp`) parses Ethernet, \
+         while building this benchmark: the SYN path's cost can be bimodal (two levels some \
+         70 ns apart, mostly fixed for one probe within one process but differing between \
+         processes and between the IPv4 and IPv6 probes; cause not pinned down, the LRU \
+         map's rewrite of the entry is the likely place); the min–max range shows which \
+         mode(s) this run hit. The reference object is built as farmlb's (the same crate, \
+         flags and bpf-linker). Floors (reference object): *stateful floor, hit* (`floor_hit_xdp`) parses Ethernet, \
          IPv4 without options or IPv6 without extension headers and the ports into a \
          `FlowKey`, looks it up in its own LRU hash (`FlowKey -> CtEntry`, farmlb's types and \
          `BPF_F_NO_COMMON_LRU`, {ct} entries like farmlb's conntrack here; the benchmark \
@@ -578,8 +579,9 @@ fn measure(
         old = match (&rev, &progs.old) {
             (Ok(r), Ok(_)) => format!(
                 "`farmlb_xdp` of {} ({}), built from a temporary git worktree of that commit \
-                 with the eBPF crate's own build (nightly, `-Z build-std=core`, \
-                 bpfel-unknown-none, as aya-build does; cached by commit in \
+                 with the eBPF crate's own build as of that commit (nightly, \
+                 `-Z build-std=core`, bpfel-unknown-none, as aya-build does, and that \
+                 commit's build.rs link arguments; cached by commit in \
                  target/bench-baseline/), loaded with its own maps sized as today's and \
                  programmed by today's `Director` with the same config; each farmlb probe \
                  checks the path counter of today's numbering",

@@ -40,6 +40,9 @@ mod prog {
     // the first buffer only, rewrites only the MACs, and `account` counts every fragment), and
     // without it native mode refuses devices whose MTU exceeds a page (jumbo frames).
     #[xdp(frags)]
+    // Into the entry point the macro wraps it in: left a BPF-to-BPF call (LLVM does not
+    // inline a function this large on its own), every packet paid for a call and a frame.
+    #[inline(always)]
     pub fn farmlb_xdp(ctx: XdpContext) -> u32 {
         let mut pkt = match parse::parse(&ctx) {
             Ok(p) => p,

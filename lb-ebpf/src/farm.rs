@@ -6,6 +6,8 @@
 //! node's MAC as destination, since they arrived addressed to the farm's virtual MAC.
 //! New flows are taken only while the node's lease (renewed by its daemon) runs.
 
+use core::mem::{size_of, MaybeUninit};
+
 use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as SockTupleV4,
@@ -21,7 +23,7 @@ use lb_common::{
 use crate::{
     conntrack, forward,
     maps::{account, count, drop_for, verdict, FARM},
-    parse::Packet,
+    parse::{Aligned, Packet},
     select,
 };
 
@@ -76,31 +78,34 @@ fn deliver(
 /// an established (or closing / time-wait) socket, or a request sock mid-handshake.
 #[inline(always)]
 fn has_socket(ctx: &XdpContext, flow: &FlowKey, v6: bool) -> bool {
-    // SAFETY: all-zero is a valid bpf_sock_tuple.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if v6 {
-        // SAFETY: writing plain integers into the union's ipv6 member.
-        unsafe {
-            let t = &mut tuple.__bindgen_anon_1.ipv6;
-            t.saddr = core::ptr::read_unaligned(flow.src.as_ptr() as *const [u32; 4]);
-            t.daddr = core::ptr::read_unaligned(flow.dst.as_ptr() as *const [u32; 4]);
-            t.sport = flow.sport.to_be();
-            t.dport = flow.dport.to_be();
+    use core::ptr::{addr_of_mut, read_unaligned};
+    // Not zeroed first (that is a `memset` subprogram call per packet): the member written
+    // below covers the `size` bytes the helper reads. 8-aligned, as stack values must be
+    // (see `parse::Aligned`).
+    let mut tuple = MaybeUninit::<Aligned<bpf_sock_tuple>>::uninit();
+    let p: *mut bpf_sock_tuple = tuple.as_mut_ptr().cast();
+    // SAFETY: each write stays inside the union member it names; the v4 address is the
+    // last 4 bytes of a v4-mapped one.
+    let size = unsafe {
+        if v6 {
+            let t = addr_of_mut!((*p).__bindgen_anon_1.ipv6);
+            addr_of_mut!((*t).saddr).write(read_unaligned(flow.src.as_ptr() as *const [u32; 4]));
+            addr_of_mut!((*t).daddr).write(read_unaligned(flow.dst.as_ptr() as *const [u32; 4]));
+            addr_of_mut!((*t).sport).write(flow.sport.to_be());
+            addr_of_mut!((*t).dport).write(flow.dport.to_be());
+            size_of::<SockTupleV6>()
+        } else {
+            let t = addr_of_mut!((*p).__bindgen_anon_1.ipv4);
+            addr_of_mut!((*t).saddr).write(read_unaligned(flow.src.as_ptr().add(12) as *const u32));
+            addr_of_mut!((*t).daddr).write(read_unaligned(flow.dst.as_ptr().add(12) as *const u32));
+            addr_of_mut!((*t).sport).write(flow.sport.to_be());
+            addr_of_mut!((*t).dport).write(flow.dport.to_be());
+            size_of::<SockTupleV4>()
         }
-        core::mem::size_of::<SockTupleV6>()
-    } else {
-        // SAFETY: as above, ipv4 member; the v4 address is the last 4 bytes.
-        unsafe {
-            let t = &mut tuple.__bindgen_anon_1.ipv4;
-            t.saddr = core::ptr::read_unaligned(flow.src.as_ptr().add(12) as *const u32);
-            t.daddr = core::ptr::read_unaligned(flow.dst.as_ptr().add(12) as *const u32);
-            t.sport = flow.sport.to_be();
-            t.dport = flow.dport.to_be();
-        }
-        core::mem::size_of::<SockTupleV4>()
     };
-    // SAFETY: helper call with a stack tuple of the stated size; netns -1 = the device's.
-    let sk = unsafe { bpf_skc_lookup_tcp(ctx.ctx as *mut _, &mut tuple, size as u32, u64::MAX, 0) };
+    // SAFETY: helper call with a stack tuple whose first `size` bytes are written; netns
+    // -1 = the device's.
+    let sk = unsafe { bpf_skc_lookup_tcp(ctx.ctx as *mut _, p, size as u32, u64::MAX, 0) };
     if sk.is_null() {
         return false;
     }

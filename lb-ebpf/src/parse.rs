@@ -10,7 +10,6 @@ use core::{marker::PhantomData, mem::size_of};
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    v4_mapped,
     wire::{
         ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, MAX_IPV6_EXT_HDRS,
         NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, TCP_ACK, TCP_SYN,
@@ -112,7 +111,7 @@ impl IpHdr<'_> {
     #[inline(always)]
     pub fn dst(&self) -> Addr {
         match self {
-            IpHdr::V4(ip) => v4_mapped(ip.dst),
+            IpHdr::V4(ip) => mapped(&ip.dst),
             IpHdr::V6(ip) => ip.dst,
         }
     }
@@ -131,7 +130,7 @@ impl IcmpPacket<'_> {
                 if q.ver_ihl != 0x45 {
                     return None;
                 }
-                (v4_mapped(q.src), v4_mapped(q.dst), q.proto)
+                (mapped(&q.src), mapped(&q.dst), q.proto)
             }
             IpHdr::V6(_) => {
                 let q: &Ipv6Hdr = self.cur.take()?;
@@ -278,8 +277,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet<'_>, Unparsed<'_>> {
     })
 }
 
-/// `v4_mapped(*a)` built from one 4-byte load: the byte-wise construction costs a load, a
-/// shift and an or per byte, for both addresses of every IPv4 packet.
+/// `lb_common::v4_mapped(*a)` built from one 4-byte load and two words: the byte-wise
+/// construction costs a load, a shift and an or per byte, and its zeroed bytes a `memset`
+/// subprogram call, for both addresses of every IPv4 packet.
 #[inline(always)]
 fn mapped(a: &[u8; 4]) -> Addr {
     // SAFETY: reads the 4 bytes of `a`.

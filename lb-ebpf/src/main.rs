@@ -50,7 +50,7 @@ mod prog {
             Err(Unparsed::DropIfVip { dst, reason }) => return drop_if_vip(&dst.0, reason),
             Err(Unparsed::Icmp(p)) => {
                 // SAFETY: read-only lookup of a plain value.
-                if unsafe { VIP_ADDRS.get(&p.ip.dst()) }.is_none() {
+                if unsafe { VIP_ADDRS.get(p.ip.dst()) }.is_none() {
                     return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
                 }
                 return icmp::handle(&ctx, p);

@@ -131,7 +131,7 @@ mod prog {
             _ => return (PASS, DecapStat::PassNotTunnel),
         };
         // SAFETY: read-only lookup of a plain value.
-        if unsafe { DECAP_ADDRS.get(&dst) }.is_none() {
+        if unsafe { DECAP_ADDRS.get(dst) }.is_none() {
             return (PASS, DecapStat::PassNotLocal);
         }
         if frag {

@@ -167,7 +167,7 @@ mod prog {
             return xdp_action::XDP_PASS;
         };
         // SAFETY: read-only lookup of a plain value.
-        match unsafe { FLOOR_CT.get(&key) } {
+        match unsafe { FLOOR_CT.get(key) } {
             Some(ct) if ct.backend != 0 => swap_tx(&ctx),
             _ => xdp_action::XDP_PASS,
         }
@@ -183,7 +183,7 @@ mod prog {
             _pad: 0,
             last_seen_ns: 0,
         };
-        if FLOOR_CT.insert(&key, &entry, 0).is_err() {
+        if FLOOR_CT.insert(key, entry, 0).is_err() {
             return xdp_action::XDP_PASS;
         }
         swap_tx(&ctx)

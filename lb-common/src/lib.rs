@@ -582,8 +582,8 @@ pub struct FarmConfig {
     /// `member_slot(node id)` of this node; 0 = not a farm member (every farm flow dropped).
     pub own_member: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_coarse_ns` until which this node takes new flows. The daemon renews it well
-    /// within the time the other members need to declare this node down, so a node whose
+    /// `bpf_ktime_get_coarse_ns` until which this node takes new flows. The daemon renews it
+    /// well within the time the other members need to declare this node down, so a node whose
     /// daemon died stops taking new flows by the time the others take its share over,
     /// while its live connections (those with a local socket) stay.
     pub lease_until_ns: u64,
@@ -746,16 +746,6 @@ impl Stat {
             Stat::CtMissSyn => Stat::TxCtMissSyn,
             Stat::CtMissOther => Stat::TxCtMissOther,
             s => s,
-        }
-    }
-
-    /// The conntrack outcome a combined slot carries (counted on its own when the packet is
-    /// not forwarded after all); `self` for any other counter.
-    #[inline(always)]
-    pub const fn outcome(self) -> Stat {
-        match self.parts() {
-            Some((_, ct)) => ct,
-            None => self,
         }
     }
 }

@@ -563,7 +563,8 @@ fn measure(
          processes and between the IPv4 and IPv6 probes; cause not pinned down, the LRU \
          map's rewrite of the entry is the likely place); the min–max range shows which \
          mode(s) this run hit. The reference object is built as farmlb's (the same crate, \
-         flags and bpf-linker). Floors (reference object): *stateful floor, hit* (`floor_hit_xdp`) parses Ethernet, \
+         flags and bpf-linker). Floors (reference object): *stateful floor, hit* \
+         (`floor_hit_xdp`) parses Ethernet, \
          IPv4 without options or IPv6 without extension headers and the ports into a \
          `FlowKey`, looks it up in its own LRU hash (`FlowKey -> CtEntry`, farmlb's types and \
          `BPF_F_NO_COMMON_LRU`, {ct} entries like farmlb's conntrack here; the benchmark \

@@ -439,8 +439,9 @@ pub struct Backend {
     pub flags: u8,
     pub _pad: u8,
     /// Id of the service the backend belongs to ([`MEMBER_OWNER`] for farm members). The
-    /// program ignores it; a restarted control plane rebuilds its id map from it, so a
-    /// backend keeps its id (and its established flows) across restarts.
+    /// program follows a conntrack entry only to a backend of the flow's service; a
+    /// restarted control plane rebuilds its id map from it, so a backend keeps its id (and
+    /// its established flows) across restarts.
     pub service: u32,
 }
 
@@ -450,39 +451,71 @@ pub const MEMBER_OWNER: u32 = u32::MAX;
 /// Version of the maps' layout and meaning. A control plane adopts a pinned data plane only
 /// if the version matches (and every map's key, value and size does); bump it whenever a map
 /// type or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
-/// Conntrack key: the client-to-VIP direction of a flow.
-#[repr(C)]
+/// A flow, client to VIP, as the program parsed it. Its first 24 bytes are the flow's
+/// conntrack key ([`CtKey`], [`FlowKey::ct_key`]) once `svc` is set.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: Addr,
-    pub dst: Addr,
     /// Host byte order.
     pub sport: u16,
     pub dport: u16,
+    /// `ServiceInfo::id` of the flow's service: 0 until the service is known (the program
+    /// sets it right after the service lookup).
+    pub svc: u16,
     pub proto: u8,
-    // Two fields rather than `[u8; 3]`: zeroing a 3-byte array compiles to a call to the
-    // BPF `memset` subprogram, on every packet.
     pub _pad: u8,
-    pub _pad2: u16,
+    pub dst: Addr,
 }
 
 impl FlowKey {
-    /// Key of the flow `src:sport -> dst:dport` (ports in host byte order), padding zeroed so
-    /// equal flows hash to the same conntrack slot.
+    /// The flow `src:sport -> dst:dport` (ports in host byte order), service not yet known,
+    /// padding zeroed so equal flows hash to the same conntrack slot.
     #[inline(always)]
     pub const fn new(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> Self {
         Self {
             src,
-            dst,
             sport,
             dport,
+            svc: 0,
             proto,
             _pad: 0,
-            _pad2: 0,
+            dst,
         }
     }
+
+    /// The same flow, of service `svc`.
+    #[inline(always)]
+    pub const fn of_service(mut self, svc: u32) -> Self {
+        self.svc = svc as u16;
+        self
+    }
+
+    /// The flow's conntrack key: a view of its first 24 bytes, no copy.
+    #[inline(always)]
+    pub const fn ct_key(&self) -> &CtKey {
+        // SAFETY: both are repr(C); `CtKey`'s fields are `FlowKey`'s first fields, same types,
+        // same offsets (asserted below), and `FlowKey` is at least as aligned.
+        unsafe { &*(self as *const FlowKey as *const CtKey) }
+    }
+}
+
+/// Conntrack key. The service id stands for the VIP address (and the protocol rides
+/// along for readers): 24 bytes where the whole flow takes 40, which makes the table's
+/// hash and key compare, the biggest part of a conntrack hit, shorter. The destination
+/// port stays: a port-wildcard service sees many per client port.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub src: Addr,
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub svc: u16,
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// Conntrack value.
@@ -828,6 +861,16 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceEntry>() == 36);
     assert!(core::mem::size_of::<Backend>() == 28);
     assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<CtKey>() == 24);
+    // `FlowKey::ct_key`: `CtKey` is `FlowKey`'s prefix.
+    assert!(core::mem::offset_of!(FlowKey, sport) == core::mem::offset_of!(CtKey, sport));
+    assert!(core::mem::offset_of!(FlowKey, dport) == core::mem::offset_of!(CtKey, dport));
+    assert!(core::mem::offset_of!(FlowKey, svc) == core::mem::offset_of!(CtKey, svc));
+    assert!(core::mem::offset_of!(FlowKey, proto) == core::mem::offset_of!(CtKey, proto));
+    assert!(core::mem::offset_of!(FlowKey, _pad) == core::mem::offset_of!(CtKey, _pad));
+    assert!(core::mem::align_of::<FlowKey>() >= core::mem::align_of::<CtKey>());
+    // Service ids fit `CtKey::svc`.
+    assert!(MAX_SERVICES <= u16::MAX as u32 + 1);
     assert!(core::mem::size_of::<CtEntry>() == 16);
     assert!(core::mem::size_of::<GlobalConfig>() == 24);
     assert!(core::mem::size_of::<TunnelInfo>() == 32);
@@ -853,6 +896,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::Counter {}

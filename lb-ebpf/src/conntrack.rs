@@ -55,10 +55,10 @@ pub fn now(flow: &FlowKey) -> u64 {
     }
 }
 
-/// The flow's entry, unless it is a UDP entry idle for longer than `udp_timeout`.
+/// The flow's entry (`flow.svc` set), unless it is a UDP entry idle for longer than `udp_timeout`.
 #[inline(always)]
 pub fn lookup(flow: &FlowKey, now: u64, udp_timeout: u64) -> Option<&'static mut CtEntry> {
-    let ct = CONNTRACK.get_ptr_mut(flow)?;
+    let ct = CONNTRACK.get_ptr_mut(flow.ct_key())?;
     // SAFETY: the LRU value stays valid for the duration of this program run.
     let ct = unsafe { &mut *ct };
     // Saturating: an entry stamped ahead of this clock (a peer's, by conntrack sync) is fresh.
@@ -74,14 +74,14 @@ pub fn touch(ct: &mut CtEntry, flow: &FlowKey, now: u64) {
     }
 }
 
-/// Remember that `flow` goes to `backend`. An entry the flow already has (a SYN reusing a
+/// Remember that `flow` (`svc` set) goes to `backend`. An entry the flow already has (a SYN reusing a
 /// tuple, an expired or orphaned entry) is rewritten in place: an LRU update would take a
 /// fresh node and could evict another flow. Above `flood_rate` new entries per second on
 /// this CPU the flow is not remembered (counted): a flood of new flows must not evict the
 /// established ones. With sync on, every entry made or rewritten is published (`CT_SYNC`).
 #[inline(always)]
 pub fn insert(flow: &FlowKey, backend: u32, now: u64, cfg: &GlobalConfig) {
-    if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(flow.ct_key()) {
         // SAFETY: the LRU value stays valid for the duration of this program run.
         let ct = unsafe { &mut *ct };
         ct.backend = backend;
@@ -98,7 +98,7 @@ pub fn insert(flow: &FlowKey, backend: u32, now: u64, cfg: &GlobalConfig) {
         _pad: 0,
         last_seen_ns: now,
     };
-    if CONNTRACK.insert(flow, entry, 0).is_err() {
+    if CONNTRACK.insert(flow.ct_key(), entry, 0).is_err() {
         count(Stat::CtInsertFail);
         return;
     }

@@ -94,6 +94,7 @@ fn too_big(ctx: &XdpContext, mut pkt: IcmpPacket) -> u32 {
     let Some(svc) = select::service(&flow) else {
         return drop();
     };
+    let flow = flow.of_service(svc.id);
     // Farm nodes each see the error; which one holds the socket is not known here.
     if svc.fwd_mode == FWD_FARM {
         return drop();

@@ -59,6 +59,8 @@ mod prog {
         let Some(svc) = select::service(&pkt.flow) else {
             return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
         };
+        // Completes the flow's conntrack key.
+        pkt.flow.svc = svc.id as u16;
         let Some(cfg) = CONFIG.get(0) else {
             return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
         };

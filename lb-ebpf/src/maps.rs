@@ -10,10 +10,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    svc_drop_index, vip_filter_bit, Addr, Backend, ClockCache, Counter, CtEntry, FarmConfig,
-    FloodWindow, FlowKey, GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS,
-    BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, CT_SYNC_BYTES, DEFAULT_RING_SLOTS, MAX_SERVICES,
-    MAX_VIP_ADDRS, SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS, VIP_FILTER_WORDS,
+    svc_drop_index, vip_filter_bit, Addr, Backend, ClockCache, Counter, CtEntry, CtKey, FarmConfig,
+    FloodWindow, GlobalConfig, ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, BPF_F_NO_COMMON_LRU,
+    CT_MAX_ENTRIES, CT_SYNC_BYTES, DEFAULT_RING_SLOTS, MAX_SERVICES, MAX_VIP_ADDRS,
+    SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS, VIP_FILTER_WORDS,
 };
 
 /// Declares `#[map]` statics (aya-ebpf takes the map name from the static's identifier) and
@@ -47,9 +47,10 @@ maps! {
     RING: Array<u32> = Array::with_max_entries(DEFAULT_RING_SLOTS, 0);
     /// Backend id -> MAC and validity; farm members follow the director's backends.
     BACKENDS: Array<Backend> = Array::with_max_entries(BACKEND_SLOTS, 0);
-    /// Flow -> the backend it was sent to, so established flows survive ring changes.
-    /// Per-CPU LRU lists; UDP entries also expire after `udp_timeout_ns` idle.
-    CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+    /// Flow (`FlowKey::ct_key`) -> the backend it was sent to, so established flows
+    /// survive ring changes. Per-CPU LRU lists; UDP entries also expire after
+    /// `udp_timeout_ns` idle.
+    CONNTRACK: LruHashMap<CtKey, CtEntry> =
         LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
     /// Single entry: UDP idle timeout and the MAC of the interface the program runs on.
     CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);

@@ -3,7 +3,7 @@
 
 use lb_common::{
     service_slot, Backend, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID,
-    NO_BACKEND, SERVICE_PROBES, SERVICE_SLOTS,
+    MEMBER_OWNER, NO_BACKEND, SERVICE_PROBES, SERVICE_SLOTS,
 };
 
 use crate::{
@@ -65,7 +65,7 @@ pub fn backend(
     } else {
         if let Some(ct) = conntrack::lookup(flow, now, udp_timeout) {
             // An entry whose backend went away falls through and re-hashes.
-            if let Some(dst) = valid(ct.backend) {
+            if let Some(dst) = valid_for(svc, ct.backend) {
                 conntrack::touch(ct, flow, now);
                 return (Some(dst), Stat::CtHit);
             }
@@ -86,7 +86,7 @@ pub fn backend(
 pub fn existing(svc: &ServiceInfo, flow: &FlowKey, cfg: &GlobalConfig) -> Option<Dst> {
     let now = conntrack::now(flow);
     if let Some(ct) = conntrack::lookup(flow, now, cfg.udp_timeout_ns) {
-        if let Some(dst) = valid(ct.backend) {
+        if let Some(dst) = valid_for(svc, ct.backend) {
             return Some(dst);
         }
     }
@@ -106,6 +106,16 @@ fn ring_slot(svc: &ServiceInfo, flow: &FlowKey) -> u32 {
         Some(id) => *id,
         None => NO_BACKEND,
     }
+}
+
+/// Backend `id` of a conntrack entry, if it may take traffic and is `svc`'s (farm: a
+/// member slot). An entry outlives its service and backend, and ids are reused: a stale
+/// entry must not send a flow to a backend of another service.
+#[inline(always)]
+fn valid_for(svc: &ServiceInfo, id: u32) -> Option<Dst> {
+    let dst = valid(id)?;
+    let owner = dst.backend.service;
+    (owner == svc.id || owner == MEMBER_OWNER).then_some(dst)
 }
 
 /// Backend `id` with its entry, if it may take traffic.

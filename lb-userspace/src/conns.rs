@@ -9,12 +9,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use lb_common::{FlowKey, MEMBER_BASE, PROTO_TCP};
+use lb_common::{CtKey, ServiceKey, MEMBER_BASE, PROTO_TCP};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, ErrorKind};
 use crate::dataplane::conntrack::{self, Flow};
-use crate::dataplane::model::Model;
 use crate::director::{ip_of, Director};
 
 /// Flows returned when the request names no limit.
@@ -28,9 +27,10 @@ pub struct ConnView {
     /// `tcp` or `udp`.
     pub protocol: String,
     pub client: SocketAddr,
-    /// The VIP and port the client sent to.
-    pub vip: SocketAddr,
-    /// The service the flow belongs to (`None`: no service owns that VIP/port any more).
+    /// The VIP and port the client sent to (`None`: the entry's service is gone; an entry
+    /// names its service by id, which stands for the VIP address).
+    pub vip: Option<SocketAddr>,
+    /// The service the flow belongs to (`None`: gone).
     pub service: Option<String>,
     /// The backend the entry sends the flow to (director services).
     pub backend: Option<IpAddr>,
@@ -87,8 +87,8 @@ pub struct Job {
     _slot: Slot,
     pin_dir: PathBuf,
     limit: usize,
-    /// Services only: the same lookup the program makes tells a flow's service.
-    lookup: Model,
+    /// Service id -> key: an entry's VIP address.
+    services: HashMap<u32, ServiceKey>,
     service_names: HashMap<u32, String>,
     backends: HashMap<u32, IpAddr>,
     /// Only flows of this service id.
@@ -116,27 +116,26 @@ impl Job {
                     .id,
             ),
         };
-        let mut lookup = Model::default();
+        let mut services = HashMap::new();
         let mut backends = HashMap::new();
         for s in director.services.values() {
-            lookup.services.insert(s.key, s.info);
+            services.insert(s.info.id, s.key);
             backends.extend(s.backends.values().map(|b| (b.id, b.address)));
         }
         Ok(Job {
             _slot: Slot::take()?,
             pin_dir,
             limit: limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT),
-            lookup,
+            services,
             service_names: crate::simulate::service_names(director),
             backends,
             only,
         })
     }
 
-    fn service_of(&self, k: &FlowKey) -> Option<u32> {
-        self.lookup
-            .service_for(&k.dst, k.dport, k.proto)
-            .map(|(_, s)| s.id)
+    fn service_of(&self, k: &CtKey) -> Option<u32> {
+        let id = u32::from(k.svc);
+        self.services.contains_key(&id).then_some(id)
     }
 
     fn view(&self, f: &Flow) -> ConnView {
@@ -145,7 +144,10 @@ impl Job {
         ConnView {
             protocol: if k.proto == PROTO_TCP { "tcp" } else { "udp" }.into(),
             client: SocketAddr::new(ip_of(k.src), k.sport),
-            vip: SocketAddr::new(ip_of(k.dst), k.dport),
+            vip: self
+                .services
+                .get(&u32::from(k.svc))
+                .map(|s| SocketAddr::new(ip_of(s.addr), k.dport)),
             service: self
                 .service_of(k)
                 .and_then(|s| self.service_names.get(&s).cloned()),
@@ -159,7 +161,7 @@ impl Job {
 
     /// Walk the table (blocking).
     pub fn run(self) -> Result<ConnsView, ApiError> {
-        let keep = |k: &FlowKey| self.only.is_none() || self.service_of(k) == self.only;
+        let keep = |k: &CtKey| self.only.is_none() || self.service_of(k) == self.only;
         let (flows, matched) = conntrack::list(&self.pin_dir, self.limit, keep)
             .map_err(|e| ApiError::internal(format!("reading conntrack: {e:#}")))?;
         let flows: Vec<ConnView> = flows.iter().map(|f| self.view(f)).collect();
@@ -190,7 +192,7 @@ pub fn render(v: &ConnsView) -> String {
             vec![
                 c.protocol.to_uppercase(),
                 c.client.to_string(),
-                c.vip.to_string(),
+                c.vip.map_or("-".into(), |v| v.to_string()),
                 c.service.clone().unwrap_or("-".into()),
                 to,
                 idle,

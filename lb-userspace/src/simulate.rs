@@ -158,7 +158,7 @@ pub fn decide(
     let chosen = match (d.action, svc) {
         (Action::Tx, _) => Some(d.backend),
         (_, Some((_, s))) if why == "conntrack" || why == "ring" => Some(if hit {
-            model.conntrack[&flow].backend
+            model.conntrack[flow.of_service(s.id).ct_key()].backend
         } else {
             model.expected_backend(&s, &flow)
         }),
@@ -363,7 +363,11 @@ table_size = 13
             .find(|b| Some(b.address) != ring.backend)
             .unwrap();
         m.conntrack.insert(
-            query.flow().unwrap(),
+            *query
+                .flow()
+                .unwrap()
+                .of_service(d.services["web"].info.id)
+                .ct_key(),
             lb_common::CtEntry {
                 backend: other.id,
                 ..Default::default()

@@ -13,7 +13,7 @@ use farmlb::director::{addr_of, Director};
 use farmlb::packet::{
     arp_request, client, fixture_mac, flow_key, service_toml, PacketBuilder, TCP_ACK, TCP_SYN,
 };
-use lb_common::{vip_filter_bit, ServiceInfo, Stat, PROTO_TCP, PROTO_UDP};
+use lb_common::{vip_filter_bit, CtEntry, ServiceInfo, Stat, PROTO_TCP, PROTO_UDP};
 
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
 
@@ -512,7 +512,7 @@ fn established_flow_keeps_backend_after_table_change() {
         // ...and the conntrack entry now points at the new backend.
         let ct =
             f.k.dp
-                .conntrack_get(&flow_key(src, vip, PROTO_TCP))
+                .conntrack_of(&flow_key(src, vip, PROTO_TCP))
                 .unwrap()
                 .unwrap();
         assert_eq!(ct.backend, id);
@@ -554,6 +554,56 @@ fn removed_backend_flows_rehash() {
         f.k.dp.stats().unwrap()[Stat::CtMissOther as usize] - before,
         on_gone.len() as u64
     );
+}
+
+/// Entries outlive their service and backends, and ids are reused: an entry naming a valid
+/// backend of another service is not followed (the flow re-hashes on its own ring).
+#[test]
+fn a_stale_entry_never_sends_a_flow_to_another_services_backend() {
+    let cfg = base_config("30s");
+    let mut f = Fixture::new(&cfg);
+    let web = f.service("web4");
+    let stranger = f.director.services["dns4"]
+        .backends
+        .values()
+        .next()
+        .unwrap()
+        .id;
+    let own: Vec<u32> = f.director.services["web4"]
+        .backends
+        .values()
+        .map(|b| b.id)
+        .collect();
+    assert!(!own.contains(&stranger));
+    let vip = sa("10.99.100.1:80");
+    for i in 0..20 {
+        let src = client(i, 31_000, false);
+        let key = f.k.model.ct_key(&flow_key(src, vip, PROTO_TCP)).unwrap();
+        assert_eq!(key.svc as u32, web.id);
+        let stale = CtEntry {
+            backend: stranger,
+            ..Default::default()
+        };
+        f.k.dp.conntrack_insert(&key, &stale).unwrap();
+        f.k.model.conntrack.insert(key, stale);
+        let before = f.k.dp.stats().unwrap();
+        let (a, _, id) = f.run(&PacketBuilder::tcp(src, vip).build());
+        assert_eq!(a, Action::Tx);
+        assert_eq!(
+            id,
+            f.k.model
+                .expected_backend(&web, &flow_key(src, vip, PROTO_TCP))
+        );
+        let after = f.k.dp.stats().unwrap();
+        assert_eq!(
+            after[Stat::CtMissOther as usize] - before[Stat::CtMissOther as usize],
+            1
+        );
+        // Re-hashed and recorded: the entry is the flow's own now, and followed.
+        assert_eq!(f.k.dp.conntrack_get(&key).unwrap().unwrap().backend, id);
+        let (_, _, again) = f.run(&PacketBuilder::tcp(src, vip).build());
+        assert_eq!(again, id);
+    }
 }
 
 #[test]
@@ -668,12 +718,7 @@ fn flood_guard_keeps_new_flows_out_of_conntrack_above_its_rate() {
             Action::Tx,
             "flows over the rate are still forwarded"
         );
-        match f
-            .k
-            .dp
-            .conntrack_get(&flow_key(src, vip, PROTO_TCP))
-            .unwrap()
-        {
+        match f.k.dp.conntrack_of(&flow_key(src, vip, PROTO_TCP)).unwrap() {
             Some(_) => kept.push(src),
             None => skipped.push(src),
         }
@@ -685,7 +730,7 @@ fn flood_guard_keeps_new_flows_out_of_conntrack_above_its_rate() {
     assert!(f
         .k
         .dp
-        .conntrack_get(&flow_key(kept[0], vip, PROTO_TCP))
+        .conntrack_of(&flow_key(kept[0], vip, PROTO_TCP))
         .unwrap()
         .is_some());
     // The second is up: the next new flow reads the clock (it is over the rate), starts a
@@ -695,7 +740,7 @@ fn flood_guard_keeps_new_flows_out_of_conntrack_above_its_rate() {
     f.run(&PacketBuilder::tcp(late, vip).syn().build());
     assert!(
         f.k.dp
-            .conntrack_get(&flow_key(late, vip, PROTO_TCP))
+            .conntrack_of(&flow_key(late, vip, PROTO_TCP))
             .unwrap()
             .is_some(),
         "a new window remembers flows again"
@@ -714,7 +759,7 @@ fn flood_guard_keeps_new_flows_out_of_conntrack_above_its_rate() {
         assert!(f
             .k
             .dp
-            .conntrack_get(&flow_key(src, vip, PROTO_TCP))
+            .conntrack_of(&flow_key(src, vip, PROTO_TCP))
             .unwrap()
             .is_some());
     }
@@ -764,7 +809,7 @@ fn syn_flood_above_the_guard_rate_evicts_no_established_flow() {
             .iter()
             .filter(|&&src| {
                 f.k.dp
-                    .conntrack_get(&flow_key(src, vip, PROTO_TCP))
+                    .conntrack_of(&flow_key(src, vip, PROTO_TCP))
                     .unwrap()
                     .is_some()
             })
@@ -1075,7 +1120,10 @@ fn conntrack_sync_publishes_every_new_entry_only_when_enabled() {
     );
     for e in &got {
         assert_eq!(
-            f.k.dp.conntrack_get(&e.flow).unwrap().map(|c| c.backend),
+            f.k.dp
+                .conntrack_get(e.flow.ct_key())
+                .unwrap()
+                .map(|c| c.backend),
             Some(e.backend)
         );
     }

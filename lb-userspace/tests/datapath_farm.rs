@@ -261,7 +261,8 @@ fn udp_flows_keep_their_owner_until_it_leaves() {
         let src = client(i, 50_000 + i as u16, false);
         let pkt = PacketBuilder::udp(src, vip).payload(8).build();
         let (action, reason, _) = f.run(&pkt);
-        let owner = f.k.model.conntrack[&flow_key(src, vip, PROTO_UDP)].backend;
+        let key = f.k.model.ct_key(&flow_key(src, vip, PROTO_UDP)).unwrap();
+        let owner = f.k.model.conntrack[&key].backend;
         match action {
             Action::Pass => {
                 assert_eq!(reason, Stat::FarmPassOwner);

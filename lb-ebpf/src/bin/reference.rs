@@ -26,7 +26,8 @@ mod prog {
         programs::XdpContext,
     };
     use lb_common::{
-        v4_mapped, CtEntry, FlowKey, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, PROTO_TCP, PROTO_UDP,
+        v4_mapped, CtEntry, CtKey, FlowKey, BPF_F_NO_COMMON_LRU, CT_MAX_ENTRIES, PROTO_TCP,
+        PROTO_UDP,
     };
 
     const ETH_HLEN: usize = 14;
@@ -68,9 +69,10 @@ mod prog {
         xdp_action::XDP_TX
     }
 
-    /// The floors' conntrack: farmlb's key, value and flags (the loader sets its size).
+    /// The floors' conntrack: farmlb's key, value and flags (the loader sets its size). The
+    /// floors look up no service, so their keys' `svc` is 0.
     #[map]
-    static FLOOR_CT: LruHashMap<FlowKey, CtEntry> =
+    static FLOOR_CT: LruHashMap<CtKey, CtEntry> =
         LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
 
     /// Ethernet + IPv4 (no options) or IPv6 (no extension headers) + TCP/UDP ports → the
@@ -167,7 +169,7 @@ mod prog {
             return xdp_action::XDP_PASS;
         };
         // SAFETY: read-only lookup of a plain value.
-        match unsafe { FLOOR_CT.get(key) } {
+        match unsafe { FLOOR_CT.get(key.ct_key()) } {
             Some(ct) if ct.backend != 0 => swap_tx(&ctx),
             _ => xdp_action::XDP_PASS,
         }
@@ -183,7 +185,7 @@ mod prog {
             _pad: 0,
             last_seen_ns: 0,
         };
-        if FLOOR_CT.insert(key, entry, 0).is_err() {
+        if FLOOR_CT.insert(key.ct_key(), entry, 0).is_err() {
             return xdp_action::XDP_PASS;
         }
         swap_tx(&ctx)

@@ -7,12 +7,14 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
-use lb_common::{maps as names, CtEntry, FlowKey, GlobalConfig, PROTO_UDP};
+use lb_common::{maps as names, CtEntry, CtKey, GlobalConfig, PROTO_UDP};
 
 /// A conntrack entry as the program would treat it now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
-    pub key: FlowKey,
+    /// The client's address and port, the VIP's port, the service id and the protocol:
+    /// the VIP address is the service's.
+    pub key: CtKey,
     pub entry: CtEntry,
     /// UDP: nanoseconds since its last packet (TCP entries record no time: `None`).
     pub idle_ns: Option<u64>,
@@ -34,7 +36,7 @@ pub struct Count {
 
 /// The pinned table, with the clock and `udp_timeout` the program judges entries by.
 struct Table {
-    map: BpfHashMap<MapData, FlowKey, CtEntry>,
+    map: BpfHashMap<MapData, CtKey, CtEntry>,
     udp_timeout_ns: u64,
     now_ns: u64,
 }
@@ -83,7 +85,7 @@ pub fn count(dir: &Path) -> Result<Count> {
 }
 
 /// The first `limit` entries `keep` accepts, and how many it accepted in all.
-pub fn list(dir: &Path, limit: usize, keep: impl Fn(&FlowKey) -> bool) -> Result<(Vec<Flow>, u64)> {
+pub fn list(dir: &Path, limit: usize, keep: impl Fn(&CtKey) -> bool) -> Result<(Vec<Flow>, u64)> {
     let t = Table::open(dir)?;
     let mut out = Vec::new();
     let mut matched = 0u64;

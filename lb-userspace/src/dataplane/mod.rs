@@ -16,8 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps as names, svc_drop_index, vip_filter_bit, Addr, Backend, Counter, CtEntry, FarmConfig,
-    FlowKey, GlobalConfig, ServiceEntry, ServiceInfo, ServiceKey, Stat, TunnelInfo,
+    maps as names, svc_drop_index, vip_filter_bit, Addr, Backend, Counter, CtEntry, CtKey,
+    FarmConfig, FlowKey, GlobalConfig, ServiceEntry, ServiceInfo, ServiceKey, Stat, TunnelInfo,
     SERVICE_DROP_REASONS, SERVICE_SLOTS, VIP_FILTER_WORDS,
 };
 
@@ -87,7 +87,7 @@ struct KernelMaps {
     vip_filter: Array<MapData, u64>,
     ring: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
     config: Array<MapData, GlobalConfig>,
     farm: Array<MapData, FarmConfig>,
     stats: PerCpuArray<MapData, u64>,
@@ -309,9 +309,12 @@ impl Dataplane {
             m.ring.insert(slot, id);
             ids.push(id);
         }
-        if let Some(e) = self.conntrack_get(flow)? {
-            m.conntrack.insert(*flow, e);
-            ids.push(e.backend);
+        if let Some((_, s)) = svc {
+            let key = *flow.of_service(s.id).ct_key();
+            if let Some(e) = self.conntrack_get(&key)? {
+                m.conntrack.insert(key, e);
+                ids.push(e.backend);
+            }
         }
         if let Some((_, s)) = svc {
             if let Ok(t) = self.maps.tunnels.get(&s.id, 0) {
@@ -382,11 +385,33 @@ impl Dataplane {
         Ok(out)
     }
 
-    pub fn conntrack_get(&self, key: &FlowKey) -> Result<Option<CtEntry>> {
+    pub fn conntrack_get(&self, key: &CtKey) -> Result<Option<CtEntry>> {
         match self.maps.conntrack.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Write a conntrack entry, as a peer's synced one is written (fixtures seed stale
+    /// entries with it).
+    pub fn conntrack_insert(&mut self, key: &CtKey, entry: &CtEntry) -> Result<()> {
+        Ok(self.maps.conntrack.insert(key, entry, 0)?)
+    }
+
+    /// The conntrack entry of `flow`, keyed by the service it is addressed to now (none
+    /// without a service).
+    pub fn conntrack_of(&self, flow: &FlowKey) -> Result<Option<CtEntry>> {
+        let svc = [flow.dport, 0].into_iter().find_map(|port| {
+            let key = ServiceKey::new(flow.dst, port, flow.proto);
+            self.services
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, s)| s)
+        });
+        match svc {
+            Some(s) => self.conntrack_get(flow.of_service(s.id).ct_key()),
+            None => Ok(None),
         }
     }
 

@@ -6,9 +6,10 @@ use std::collections::{HashMap, HashSet};
 
 use lb_common::{
     gue_sport, hdr, is_v4_mapped, tunnel_hash, tunnel_overhead, v4_mapped, Addr, Backend, CtEntry,
-    FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, TunnelInfo,
-    BACKEND_F_VALID, FLOOD_CLOCK_EVERY, FWD_DR, FWD_FARM, FWD_GUE, FWD_IPIP, IPPROTO_IPIP,
-    IPPROTO_IPV6, NO_BACKEND, PROTO_TCP, PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
+    CtKey, FarmConfig, FloodWindow, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat,
+    TunnelInfo, BACKEND_F_VALID, FLOOD_CLOCK_EVERY, FWD_DR, FWD_FARM, FWD_GUE, FWD_IPIP,
+    IPPROTO_IPIP, IPPROTO_IPV6, MEMBER_OWNER, NO_BACKEND, PROTO_TCP, PROTO_UDP, TOO_BIG_QUOTE_V4,
+    TOO_BIG_QUOTE_V6,
 };
 
 use lb_common::wire::{
@@ -86,7 +87,7 @@ pub struct Model {
     pub vip_addrs: HashSet<Addr>,
     pub ring: HashMap<u32, u32>,
     pub backends: HashMap<u32, Backend>,
-    pub conntrack: HashMap<FlowKey, CtEntry>,
+    pub conntrack: HashMap<CtKey, CtEntry>,
     pub config: GlobalConfig,
     /// Farm mode: this node's member slot.
     pub farm: FarmConfig,
@@ -208,6 +209,22 @@ impl Model {
             let key = ServiceKey::new(*dst, port, proto);
             self.services.get(&key).map(|s| (key, *s))
         })
+    }
+
+    /// `flow`'s conntrack key, under the service it is addressed to (none without one).
+    pub fn ct_key(&self, flow: &FlowKey) -> Option<CtKey> {
+        let (_, s) = self.service_for(&flow.dst, flow.dport, flow.proto)?;
+        Some(*flow.of_service(s.id).ct_key())
+    }
+
+    /// A conntrack entry's backend the program follows: valid and `svc`'s (or a farm
+    /// member slot).
+    fn backend_valid_for(&self, svc: &ServiceInfo, id: u32) -> bool {
+        self.backend_valid(id)
+            && self
+                .backends
+                .get(&id)
+                .is_some_and(|b| b.service == svc.id || b.service == MEMBER_OWNER)
     }
 
     fn backend_valid(&self, id: u32) -> bool {
@@ -428,10 +445,14 @@ impl Model {
             return drop;
         }
         let now = if proto == PROTO_UDP { clock } else { 0 };
-        let tracked = self.conntrack.get(&flow).filter(|e| {
-            (proto != PROTO_UDP || now.saturating_sub(e.last_seen_ns) <= self.config.udp_timeout_ns)
-                && self.backend_valid(e.backend)
-        });
+        let tracked = self
+            .conntrack
+            .get(flow.of_service(svc.id).ct_key())
+            .filter(|e| {
+                (proto != PROTO_UDP
+                    || now.saturating_sub(e.last_seen_ns) <= self.config.udp_timeout_ns)
+                    && self.backend_valid_for(&svc, e.backend)
+            });
         let backend = match tracked {
             Some(e) => e.backend,
             None => self.expected_backend(&svc, &flow),
@@ -603,14 +624,16 @@ impl Model {
     ) -> (u32, Stat, bool) {
         let udp = flow.proto == PROTO_UDP;
         let now = if udp { clock } else { 0 };
+        let flow = &flow.of_service(svc.id);
+        let key = flow.ct_key();
         let ct_stat = if syn {
             Stat::CtMissSyn
         } else {
-            if let Some(e) = self.conntrack.get(flow).copied() {
+            if let Some(e) = self.conntrack.get(key).copied() {
                 let live = !udp || now.saturating_sub(e.last_seen_ns) <= self.config.udp_timeout_ns;
-                if live && self.backend_valid(e.backend) {
+                if live && self.backend_valid_for(svc, e.backend) {
                     if udp {
-                        self.conntrack.get_mut(flow).unwrap().last_seen_ns = now;
+                        self.conntrack.get_mut(key).unwrap().last_seen_ns = now;
                     }
                     return (e.backend, Stat::CtHit, false);
                 }
@@ -629,12 +652,12 @@ impl Model {
                 last_seen_ns: now,
             };
             // An existing entry is rewritten in place; only new ones meet the flood guard.
-            if let Some(e) = self.conntrack.get_mut(flow) {
+            if let Some(e) = self.conntrack.get_mut(key) {
                 *e = entry;
             } else if self.flooded(clock) {
                 skipped = true;
             } else {
-                self.conntrack.insert(*flow, entry);
+                self.conntrack.insert(*key, entry);
             }
             if !skipped && self.config.sync != 0 {
                 self.synced.push(lb_common::CtSyncEvent {

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, MapData, MapInfo};
 use lb_common::{
-    maps as names, Addr, Backend, Counter, CtEntry, FarmConfig, FloodWindow, FlowKey, GlobalConfig,
+    maps as names, Addr, Backend, Counter, CtEntry, CtKey, FarmConfig, FloodWindow, GlobalConfig,
     ServiceEntry, Stat, TunnelInfo, BACKEND_SLOTS, LAYOUT_VERSION, MAX_SERVICES, MAX_VIP_ADDRS,
     SERVICE_DROP_REASONS, SERVICE_ENTRY_SLOTS, SERVICE_SLOTS, VIP_FILTER_WORDS,
 };
@@ -118,7 +118,7 @@ fn specs(ring_slots: u32, conntrack_size: u32) -> [Spec; 15] {
         s(names::BACKENDS, 4, size_of::<Backend>(), BACKEND_SLOTS),
         s(
             names::CONNTRACK,
-            size_of::<FlowKey>(),
+            size_of::<CtKey>(),
             size_of::<CtEntry>(),
             conntrack_size,
         ),

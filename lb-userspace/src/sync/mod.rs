@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, RingBuf};
-use lb_common::{maps as names, Addr, CtEntry, CtSyncEvent, FlowKey, ServiceKey, PROTO_UDP};
+use lb_common::{maps as names, Addr, CtEntry, CtKey, CtSyncEvent, FlowKey, ServiceKey, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -158,9 +158,9 @@ impl Bucket {
 pub struct Table {
     /// Our backend id → its service's key and its address (naming outgoing entries).
     pub by_id: HashMap<u32, (ServiceKey, Addr)>,
-    /// Service key → the addresses of its backends the program may use, with our ids
-    /// (validating incoming entries).
-    pub by_service: HashMap<ServiceKey, HashMap<Addr, u32>>,
+    /// Service key → our id for the service, and the addresses of its backends the
+    /// program may use with our ids (validating incoming entries).
+    pub by_service: HashMap<ServiceKey, (u32, HashMap<Addr, u32>)>,
 }
 
 fn addr16(ip: IpAddr) -> Addr {
@@ -177,7 +177,10 @@ impl Table {
             if st.info.fwd_mode == lb_common::FWD_FARM {
                 continue;
             }
-            let usable = t.by_service.entry(st.key).or_default();
+            let (_, usable) = t
+                .by_service
+                .entry(st.key)
+                .or_insert_with(|| (st.info.id, HashMap::new()));
             for b in st.backends.values() {
                 let a = addr16(b.address);
                 t.by_id.insert(b.id, (st.key, a));
@@ -199,15 +202,29 @@ impl Table {
         })
     }
 
-    /// Our backend id for a peer's entry, `None` (rejected) unless the service exists here,
-    /// the flow is addressed to it, and the backend is a usable backend of that service.
-    pub fn incoming(&self, e: &WireEntry) -> Option<u32> {
+    /// Our outgoing form of an entry of the table (the VIP is its backend's service's).
+    pub fn outgoing_entry(&self, key: &CtKey, backend: u32) -> Option<WireEntry> {
+        let (svc, _) = self.by_id.get(&backend)?;
+        let flow = FlowKey::new(key.src, svc.addr, key.sport, key.dport, key.proto);
+        self.outgoing(&CtSyncEvent {
+            flow,
+            backend,
+            _pad: 0,
+        })
+    }
+
+    /// Our conntrack key and backend id for a peer's entry, `None` (rejected) unless the
+    /// service exists here, the flow is addressed to it, and the backend is a usable
+    /// backend of that service.
+    pub fn incoming(&self, e: &WireEntry) -> Option<(CtKey, u32)> {
         let f = &e.flow;
         if e.svc_port != 0 && e.svc_port != f.dport {
             return None;
         }
         let key = ServiceKey::new(f.dst, e.svc_port, f.proto);
-        self.by_service.get(&key)?.get(&e.backend).copied()
+        let (svc, usable) = self.by_service.get(&key)?;
+        let id = usable.get(&e.backend).copied()?;
+        Some((*f.of_service(*svc).ct_key(), id))
     }
 }
 
@@ -273,7 +290,7 @@ impl Sync {
         } = ch;
         let ct = MapData::from_pin(pin_dir.join(names::CONNTRACK))
             .with_context(|| format!("opening the pinned {}", names::CONNTRACK))?;
-        let ct: BpfHashMap<MapData, FlowKey, CtEntry> = BpfHashMap::try_from(Map::LruHashMap(ct))?;
+        let ct: BpfHashMap<MapData, CtKey, CtEntry> = BpfHashMap::try_from(Map::LruHashMap(ct))?;
         let (table, table_rx) = watch::channel(Arc::new(table));
         // Members already there when we start have had our entries as they were made.
         let known: HashSet<SocketAddr> = members.borrow().members.iter().map(|m| m.addr).collect();
@@ -312,7 +329,7 @@ impl Sync {
 
 struct Task {
     ring: RingBuf<MapData>,
-    ct: BpfHashMap<MapData, FlowKey, CtEntry>,
+    ct: BpfHashMap<MapData, CtKey, CtEntry>,
     out: mpsc::Sender<(Option<SocketAddr>, Vec<u8>)>,
     table: watch::Receiver<Arc<Table>>,
     view: SyncView,
@@ -442,7 +459,7 @@ impl Task {
         let table = self.table.borrow().clone();
         let now = crate::dataplane::monotonic_ns();
         for e in &entries {
-            let Some(id) = table.incoming(e) else {
+            let Some((key, id)) = table.incoming(e) else {
                 self.view.rejected += 1;
                 continue;
             };
@@ -451,7 +468,7 @@ impl Task {
                 _pad: 0,
                 last_seen_ns: if e.flow.proto == PROTO_UDP { now } else { 0 },
             };
-            match self.ct.insert(e.flow, entry, 0) {
+            match self.ct.insert(key, entry, 0) {
                 Ok(()) => self.view.received += 1,
                 Err(err) => {
                     tracing::debug!("conntrack sync: inserting a peer's entry: {err}");
@@ -486,13 +503,7 @@ async fn bulk(
     let entries: Vec<WireEntry> = flows
         .iter()
         .filter(|f| !f.expired)
-        .filter_map(|f| {
-            table.outgoing(&CtSyncEvent {
-                flow: f.key,
-                backend: f.entry.backend,
-                _pad: 0,
-            })
-        })
+        .filter_map(|f| table.outgoing_entry(&f.key, f.entry.backend))
         .collect();
     let mut bucket = Bucket::new(rate);
     for chunk in entries.chunks(BATCH) {
@@ -603,7 +614,12 @@ mod tests {
         };
         let w = t.outgoing(&ev).unwrap();
         assert_eq!((w.svc_port, w.backend), (80, a("10.0.0.12")));
-        assert_eq!(t.incoming(&w), Some(id("web", "10.0.0.12")));
+        assert_eq!(t.incoming(&w).map(|(_, b)| b), Some(id("web", "10.0.0.12")));
+        // Keyed by our id for the service.
+        assert_eq!(
+            t.incoming(&w).map(|(k, _)| k.svc as u32),
+            Some(d.services["web"].info.id)
+        );
         assert_eq!(
             t.outgoing(&CtSyncEvent {
                 backend: 4000,
@@ -638,6 +654,9 @@ mod tests {
             svc_port: 0,
             backend: a("10.0.0.31"),
         };
-        assert_eq!(t.incoming(&any), Some(id("any", "10.0.0.31")));
+        assert_eq!(
+            t.incoming(&any).map(|(_, b)| b),
+            Some(id("any", "10.0.0.31"))
+        );
     }
 }

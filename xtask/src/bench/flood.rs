@@ -80,7 +80,7 @@ fn run(rate: u32) -> Result<(u32, u32)> {
     }
     let mut kept = 0;
     for &src in &flows {
-        kept += dp.conntrack_get(&flow_key(src, vip, PROTO_TCP))?.is_some() as u32;
+        kept += dp.conntrack_of(&flow_key(src, vip, PROTO_TCP))?.is_some() as u32;
     }
     director.apply(&config(rate, 4)?, &mut dp, &mut macs)?;
     let mut moved = 0;

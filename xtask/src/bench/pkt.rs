@@ -20,7 +20,7 @@ use farmlb::{
     director::{addr_of, Director},
     packet::PacketBuilder,
 };
-use lb_common::{CtEntry, FlowKey, Stat, PROTO_TCP};
+use lb_common::{CtEntry, CtKey, FlowKey, Stat, PROTO_TCP};
 use lb_tests::{daemon::services_toml, Service, VIP_V4, VIP_V6};
 use serde_json::json;
 
@@ -233,20 +233,22 @@ impl Programs {
         }
         // The hit floor's map holds the established probes' flows (as farmlb's conntrack
         // will after the warm-up run).
-        let mut ct: BpfHashMap<MapData, FlowKey, CtEntry> = BpfHashMap::try_from(
+        let mut ct: BpfHashMap<MapData, CtKey, CtEntry> = BpfHashMap::try_from(
             reference
                 .take_map("FLOOR_CT")
                 .context("FLOOR_CT missing from the reference object")?,
         )?;
         for (src, dst) in EST_FLOWS {
             let (src, dst) = (sa(src), sa(dst));
-            let key = FlowKey::new(
+            // The floors know no service: their keys' `svc` is 0.
+            let key = *FlowKey::new(
                 addr_of(src.ip()),
                 addr_of(dst.ip()),
                 src.port(),
                 dst.port(),
                 PROTO_TCP,
-            );
+            )
+            .ct_key();
             let entry = CtEntry {
                 backend: 1,
                 _pad: 0,
@@ -566,8 +568,8 @@ fn measure(
          flags and bpf-linker). Floors (reference object): *stateful floor, hit* \
          (`floor_hit_xdp`) parses Ethernet, \
          IPv4 without options or IPv6 without extension headers and the ports into a \
-         `FlowKey`, looks it up in its own LRU hash (`FlowKey -> CtEntry`, farmlb's types and \
-         `BPF_F_NO_COMMON_LRU`, {ct} entries like farmlb's conntrack here; the benchmark \
+         `FlowKey`, looks its conntrack key up in its own LRU hash (`CtKey -> CtEntry`, \
+         farmlb's types and `BPF_F_NO_COMMON_LRU`, service id 0, {ct} entries like farmlb's conntrack here; the benchmark \
          pre-fills it with the two established flows), swaps the MACs and returns XDP_TX \
          (XDP_PASS on a miss, so the verdict check proves every repeat hit); *floor, insert* \
          (`floor_insert_xdp`) does the same parse, one `bpf_map_update_elem` of the flow \

@@ -248,7 +248,7 @@ fn is_rig_namespace(prefix: &str, name: &str) -> bool {
 }
 
 /// bpffs path of the pinned XDP_PASS link on the director's switch-side veth.
-fn pass_pin(prefix: &str) -> std::path::PathBuf {
+pub fn pass_pin(prefix: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("/sys/fs/bpf/farmlb-rig/{prefix}-pass"))
 }
 

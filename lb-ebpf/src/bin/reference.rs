@@ -13,6 +13,8 @@
 //! - `bench_redirect_xdp`: on the client's switch port, hands every frame straight to the
 //!   director's switch port (`bpf_redirect` to `REDIRECT_IFINDEX`), so generated frames reach
 //!   the director as raw frames, as from a NIC, instead of as bridged socket buffers.
+//! - `bench_sink_xdp`: drops everything; on the director's switch port during the saturation
+//!   sweep, so the director's output costs the generator's CPU as little as possible.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -20,9 +22,9 @@
 mod prog {
     use aya_ebpf::{
         bindings::xdp_action,
-        helpers::{bpf_get_prandom_u32, bpf_redirect},
+        helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
         macros::{map, xdp},
-        maps::LruHashMap,
+        maps::{Array, LruHashMap},
         programs::XdpContext,
     };
     use lb_common::{
@@ -41,6 +43,19 @@ mod prog {
     /// (`EbpfLoader::override_global`).
     #[unsafe(no_mangle)]
     static GEN_MACS: [u8; 12] = [0; 12];
+
+    /// Pacing of the generator, set by the loader: at most one frame per this many ns, the
+    /// others dropped (0: every frame sent). A live-frames call costs a fixed ~20 ms (the
+    /// kernel sets up and tears down a page pool per call), so calls must be long and the
+    /// rate is kept inside the program.
+    #[unsafe(no_mangle)]
+    static GEN_INTERVAL_NS: u64 = 0;
+    /// Frames a paced generator that fell behind (between calls) may send at once to catch
+    /// up; further behind, it starts again from now.
+    const GEN_CATCH_UP: u64 = 64;
+    /// The paced generator's next send time (`bpf_ktime_get_ns`).
+    #[map]
+    static GEN_NEXT: Array<u64> = Array::with_max_entries(1, 0);
 
     #[xdp]
     pub fn reference_xdp(ctx: XdpContext) -> u32 {
@@ -193,6 +208,26 @@ mod prog {
 
     #[xdp]
     pub fn bench_gen_xdp(ctx: XdpContext) -> u32 {
+        // SAFETY: plain read-only global, read volatile so the loader's value is used.
+        let interval = unsafe { core::ptr::read_volatile(&GEN_INTERVAL_NS) };
+        if interval != 0 {
+            let Some(next) = GEN_NEXT.get_ptr_mut(0) else {
+                return xdp_action::XDP_DROP;
+            };
+            // SAFETY: helper without side effects; one generator thread uses the slot.
+            unsafe {
+                let now = bpf_ktime_get_ns();
+                let n = *next;
+                if now < n {
+                    return xdp_action::XDP_DROP;
+                }
+                *next = if now - n > GEN_CATCH_UP * interval {
+                    now + interval
+                } else {
+                    n + interval
+                };
+            }
+        }
         let start = ctx.data();
         // Ethernet + IPv4 (no options) + UDP source port.
         let sport = ETH_HLEN + 20;
@@ -222,6 +257,11 @@ mod prog {
     pub fn bench_redirect_xdp(_ctx: XdpContext) -> u32 {
         // SAFETY: plain read-only global; helper call with valid arguments.
         unsafe { bpf_redirect(core::ptr::read_volatile(&REDIRECT_IFINDEX), 0) as u32 }
+    }
+
+    #[xdp]
+    pub fn bench_sink_xdp(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_DROP
     }
 }
 

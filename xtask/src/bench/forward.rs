@@ -22,52 +22,61 @@ use super::sys;
 use super::Plan;
 
 /// CPU of the generator (and, through softirqs, of the client side of the switch).
-const GEN_CPU: usize = 0;
+pub const GEN_CPU: usize = 0;
 /// CPU of the director's receive processing (its threaded NAPI kthread).
-const LB_CPU: usize = 1;
-/// Frames per live-frames batch, and runs per BPF_PROG_TEST_RUN call of the generator.
-const GEN_BATCH: u32 = 64;
-const GEN_CALL_RUNS: u32 = 1 << 16;
+pub const LB_CPU: usize = 1;
+/// Frames per live-frames batch: the most the kernel takes (fewer flushes per frame; 64
+/// offered 3.8M frames/s at most, 256 over 6M).
+pub const GEN_BATCH: u32 = 256;
+/// Runs per call: a live-frames call has a fixed cost of some 20 ms (page pool set-up and
+/// tear-down), which calls of 65536 runs left the generator idle for half the time. Calls
+/// of about a second: a paced run that drops its frame costs a fraction of one that sends.
+const GEN_CALL_RUNS: u32 = 1 << 23;
+const GEN_PACED_CALL_RUNS: u32 = 1 << 24;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Lb {
+pub enum Lb {
     Farmlb,
     Nft,
 }
 
 #[derive(Debug, Default, Clone)]
-struct RunResult {
-    secs: f64,
+pub struct RunResult {
+    pub secs: f64,
     /// Frames the director's NAPI took in (veth peer `tx packets`).
-    received: f64,
+    pub received: f64,
     /// Frames the director's receive ring refused (veth peer `tx dropped`).
-    ring_dropped: f64,
+    pub ring_dropped: f64,
     /// Frames the director sent back out that the switch port took (veth peer `rx packets`).
-    out_taken: f64,
+    pub out_taken: f64,
     /// Director output the switch port's ring refused (director `tx dropped`).
-    out_refused: f64,
+    pub out_refused: f64,
     /// Frames the switch delivered to the backends' ports.
-    delivered: f64,
-    lb_thread_ns: f64,
-    softirq_ns: f64,
-    system_ns: f64,
+    pub delivered: f64,
+    pub lb_thread_ns: f64,
+    pub softirq_ns: f64,
+    pub system_ns: f64,
 }
 
 impl RunResult {
+    /// Frames offered to the director's receive ring (taken in or refused).
+    pub fn offered(&self) -> f64 {
+        self.rate(self.received + self.ring_dropped)
+    }
     /// Frames the director forwarded (sent out, whether or not the switch had room).
-    fn forwarded(&self) -> f64 {
+    pub fn forwarded(&self) -> f64 {
         self.out_taken + self.out_refused
     }
-    fn pps(&self) -> f64 {
+    pub fn pps(&self) -> f64 {
         self.forwarded() / self.secs
     }
-    fn lb_ns_per_pkt(&self) -> f64 {
+    pub fn lb_ns_per_pkt(&self) -> f64 {
         self.lb_thread_ns / self.received
     }
-    fn lb_busy(&self) -> f64 {
+    pub fn lb_busy(&self) -> f64 {
         self.lb_thread_ns / (self.secs * 1e9)
     }
-    fn rate(&self, x: f64) -> f64 {
+    pub fn rate(&self, x: f64) -> f64 {
         x / self.secs
     }
 }
@@ -105,7 +114,7 @@ fn prepare(env: &BenchRig) -> Result<Ebpf> {
 }
 
 /// Index of interface `name` in this thread's namespace.
-fn ifindex(name: &str) -> Result<u32> {
+pub fn ifindex(name: &str) -> Result<u32> {
     let c = std::ffi::CString::new(name)?;
     // SAFETY: NUL-terminated name.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
@@ -115,7 +124,7 @@ fn ifindex(name: &str) -> Result<u32> {
 }
 
 /// The reference object with `global` set to `value`, its program `prog` loaded.
-fn load_reference<T: aya::Pod>(prog: &str, global: &str, value: &T) -> Result<Ebpf> {
+pub fn load_reference<T: aya::Pod>(prog: &str, global: &str, value: &T) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .override_global(global, value, true)
         .load(farmlb::REFERENCE_OBJECT)?;
@@ -123,7 +132,7 @@ fn load_reference<T: aya::Pod>(prog: &str, global: &str, value: &T) -> Result<Eb
     Ok(ebpf)
 }
 
-fn xdp<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut Xdp> {
+pub fn xdp<'a>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut Xdp> {
     Ok(ebpf
         .program_mut(prog)
         .with_context(|| format!("{prog} missing from the reference object"))?
@@ -141,7 +150,7 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
 
 /// The generator's frame: client → VIP:UDP_PORT, 60 bytes, UDP checksum 0 (the program
 /// rewrites the source port).
-fn frame(env: &BenchRig) -> Result<Vec<u8>> {
+pub fn frame(env: &BenchRig) -> Result<Vec<u8>> {
     let src = parse_mac(&env.client_mac())?;
     let dst = parse_mac(&env.lb_mac())?;
     Ok(PacketBuilder::udp(
@@ -153,34 +162,49 @@ fn frame(env: &BenchRig) -> Result<Vec<u8>> {
     .build())
 }
 
-/// Run the generator in the client namespace until `stop`; returns the frames generated.
-fn generate(
+/// Run the generator in namespace `ns` until `stop`, its frames leaving through `dev`, at
+/// `rate` frames/s (`None`: as fast as it can); returns the program runs (frames sent or,
+/// paced, dropped unsent).
+pub fn generate(
     ns: &str,
+    dev: &str,
     pkt: Vec<u8>,
+    rate: Option<f64>,
     stop: Arc<AtomicBool>,
 ) -> Result<netns::NetnsThread<Result<u64>>> {
+    let dev = dev.to_string();
     netns::spawn_in_netns(ns, move || -> Result<u64> {
         sys::pin(0, GEN_CPU)?;
-        let ifindex = ifindex("eth0")?;
+        let ifindex = ifindex(&dev)?;
         let mut macs = [0u8; 12];
         macs.copy_from_slice(&pkt[..12]);
-        let mut ebpf = load_reference("bench_gen_xdp", "GEN_MACS", &macs)?;
+        let interval: u64 = rate.map_or(0, |r| (1e9 / r).round().max(1.0) as u64);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("GEN_MACS", &macs, true)
+            .override_global("GEN_INTERVAL_NS", &interval, true)
+            .load(farmlb::REFERENCE_OBJECT)?;
         let prog = xdp(&mut ebpf, "bench_gen_xdp")?;
+        prog.load()?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
         let mut sent = 0u64;
+        let runs = if rate.is_some() {
+            GEN_PACED_CALL_RUNS
+        } else {
+            GEN_CALL_RUNS
+        };
         while !stop.load(Ordering::Relaxed) {
             prog.test_run(TestRunOptions {
                 data_in: Some(&pkt),
                 ctx_in: Some(&ctx),
-                repeat: GEN_CALL_RUNS,
+                repeat: runs,
                 attrs: TestRunAttrs::new().xdp_live_frames(GEN_BATCH),
                 ..Default::default()
             })
             .context("live-frames BPF_PROG_TEST_RUN")?;
-            sent += GEN_CALL_RUNS as u64;
+            sent += runs as u64;
         }
         Ok(sent)
     })
@@ -227,47 +251,89 @@ fn snap(env: &BenchRig, lb_pid: i32) -> Result<Snap> {
     })
 }
 
-fn measure(env: &BenchRig, lb: Lb, plan: &Plan, pkt: &[u8]) -> Result<RunResult> {
-    let mut daemon = None;
-    let mut nft = None;
-    match lb {
-        Lb::Farmlb => daemon = Some(env.start_farmlb()?),
-        Lb::Nft => nft = Some(env.start_nft_lb()?),
-    }
-    let lb_pid = sys::threaded_napi(&env.rig.ns_lb(), env.rig.lb_iface())?;
-    sys::pin(lb_pid, LB_CPU)?;
+/// A balancer running on the director, its NAPI thread found and pinned; stopped on drop.
+pub struct Session<'a> {
+    env: &'a BenchRig,
+    daemon: Option<lb_tests::Daemon>,
+    _nft: Option<super::env::NftLb<'a>>,
+    pub lb: Lb,
+    pub lb_pid: i32,
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let gen = generate(&env.rig.ns_client(), pkt.to_vec(), stop.clone())?;
-    let res = (|| -> Result<RunResult> {
-        thread::sleep(plan.fwd_warmup);
-        if gen.is_finished() {
-            bail!("the generator stopped early");
-        }
-        let a = snap(env, lb_pid)?;
-        thread::sleep(plan.fwd_window);
-        let b = snap(env, lb_pid)?;
-        let d = |f: fn(&sys::LinkCounters) -> u64| (f(&b.vlb) - f(&a.vlb)) as f64;
-        Ok(RunResult {
-            secs: (b.t - a.t).as_secs_f64(),
-            received: d(|c| c.tx_packets),
-            ring_dropped: d(|c| c.tx_dropped),
-            out_taken: d(|c| c.rx_packets),
-            out_refused: (b.lb.tx_dropped - a.lb.tx_dropped) as f64,
-            delivered: (b.backends - a.backends) as f64,
-            lb_thread_ns: (b.lb_ns - a.lb_ns) as f64,
-            softirq_ns: sys::delta_ns(&a.cpu, &b.cpu, sys::SOFTIRQ),
-            system_ns: sys::delta_ns(&a.cpu, &b.cpu, sys::SYSTEM),
+impl<'a> Session<'a> {
+    pub fn start(env: &'a BenchRig, lb: Lb) -> Result<Session<'a>> {
+        let (daemon, nft) = match lb {
+            Lb::Farmlb => (Some(env.start_farmlb()?), None),
+            Lb::Nft => (None, Some(env.start_nft_lb()?)),
+        };
+        let lb_pid = sys::threaded_napi(&env.rig.ns_lb(), env.rig.lb_iface())?;
+        sys::pin(lb_pid, LB_CPU)?;
+        Ok(Session {
+            env,
+            daemon,
+            _nft: nft,
+            lb,
+            lb_pid,
         })
-    })();
-    stop.store(true, Ordering::Relaxed);
-    let generated = gen.join();
-    let _ = sys::unthread_napi(&env.rig.ns_lb(), env.rig.lb_iface());
-    drop(nft);
-    if let Some(mut d) = daemon {
-        d.stop()?;
     }
-    generated?.context("generator")?;
+
+    /// Generate from `ns` out of `dev` at `rate` for `warmup`, then measure for `window`.
+    pub fn window(
+        &self,
+        (ns, dev): (&str, &str),
+        pkt: &[u8],
+        rate: Option<f64>,
+        warmup: std::time::Duration,
+        window: std::time::Duration,
+    ) -> Result<RunResult> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let gen = generate(ns, dev, pkt.to_vec(), rate, stop.clone())?;
+        let res = (|| -> Result<RunResult> {
+            thread::sleep(warmup);
+            if gen.is_finished() {
+                bail!("the generator stopped early");
+            }
+            let a = snap(self.env, self.lb_pid)?;
+            thread::sleep(window);
+            let b = snap(self.env, self.lb_pid)?;
+            let d = |f: fn(&sys::LinkCounters) -> u64| (f(&b.vlb) - f(&a.vlb)) as f64;
+            Ok(RunResult {
+                secs: (b.t - a.t).as_secs_f64(),
+                received: d(|c| c.tx_packets),
+                ring_dropped: d(|c| c.tx_dropped),
+                out_taken: d(|c| c.rx_packets),
+                out_refused: (b.lb.tx_dropped - a.lb.tx_dropped) as f64,
+                delivered: (b.backends - a.backends) as f64,
+                lb_thread_ns: (b.lb_ns - a.lb_ns) as f64,
+                softirq_ns: sys::delta_ns(&a.cpu, &b.cpu, sys::SOFTIRQ),
+                system_ns: sys::delta_ns(&a.cpu, &b.cpu, sys::SYSTEM),
+            })
+        })();
+        stop.store(true, Ordering::Relaxed);
+        gen.join()?.context("generator")?;
+        res
+    }
+
+    pub fn stop(mut self) -> Result<()> {
+        let _ = sys::unthread_napi(&self.env.rig.ns_lb(), self.env.rig.lb_iface());
+        self._nft.take();
+        if let Some(mut d) = self.daemon.take() {
+            d.stop()?;
+        }
+        Ok(())
+    }
+}
+
+fn measure(env: &BenchRig, lb: Lb, plan: &Plan, pkt: &[u8]) -> Result<RunResult> {
+    let s = Session::start(env, lb)?;
+    let res = s.window(
+        (&env.rig.ns_client(), "eth0"),
+        pkt,
+        None,
+        plan.fwd_warmup,
+        plan.fwd_window,
+    );
+    s.stop()?;
     let r = res?;
     if r.forwarded() < 1000.0 || r.delivered < 1000.0 {
         bail!(
@@ -288,10 +354,13 @@ pub fn run(env: &BenchRig, plan: &Plan) -> Result<Section> {
         bail!("needs 2 CPUs (generator and director on different CPUs)");
     }
     let redirect = prepare(env)?;
-    let res = measure_all(env, plan);
+    let res = measure_all(env, plan).and_then(|runs| {
+        eprintln!("  saturation sweep");
+        Ok((runs, super::saturate::run(env, plan, &frame(env)?)?))
+    });
     drop(redirect);
-    let (farm, nft) = res?;
-    report(plan, &farm, &nft)
+    let ((farm, nft), sat) = res?;
+    report(plan, &farm, &nft, &sat)
 }
 
 type Runs = (Vec<RunResult>, Vec<RunResult>);
@@ -328,13 +397,47 @@ fn measure_all(env: &BenchRig, plan: &Plan) -> Result<Runs> {
     Ok((farm, nft))
 }
 
-fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section> {
+/// Where each balancer saturated, or that it did not.
+fn saturation_note(sat: &super::saturate::Saturation) -> String {
+    [Lb::Farmlb, Lb::Nft]
+        .iter()
+        .filter_map(|&lb| sat.sweep(lb))
+        .map(|s| {
+            let name = if s.lb == Lb::Farmlb {
+                "farmlb"
+            } else {
+                "nftables"
+            };
+            match (s.saturated, s.rate) {
+                (true, Some(r)) => format!(
+                    "{name} saturated (≥ {:.0}% busy) at {} frames/s offered",
+                    super::saturate::SATURATED * 100.0,
+                    num(r)
+                ),
+                (true, None) => format!("{name} saturated only by the unpaced generator"),
+                (false, _) => format!(
+                    "{name} NOT saturated: {:.0}% busy at the generator's maximum, so its \
+                     figure is at that load",
+                    s.points.last().map_or(0.0, |(_, r)| r.lb_busy() * 100.0)
+                ),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn report(
+    plan: &Plan,
+    farm: &[RunResult],
+    nft: &[RunResult],
+    sat: &super::saturate::Saturation,
+) -> Result<Section> {
     let col = |v: &[RunResult], f: fn(&RunResult) -> f64| Dist::new(v.iter().map(f).collect());
     let busy_note = {
         let med = |v: &[RunResult], f: &dyn Fn(&RunResult) -> f64| {
             median(&v.iter().map(f).collect::<Vec<_>>())
         };
-        let offered = |r: &RunResult| r.rate(r.received + r.ring_dropped);
+        let offered = RunResult::offered;
         let (fb, nb) = (
             med(farm, &RunResult::lb_busy) * 100.0,
             med(nft, &RunResult::lb_busy) * 100.0,
@@ -368,12 +471,27 @@ fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section>
             .note(busy_note),
         Metric::new(
             "fwd.lb_cpu_per_pkt",
-            "Director CPU per packet, farmlb",
+            "Director CPU per packet at saturation, farmlb",
+            "ns/pkt",
+        )
+        .value(col(&sat.farm, RunResult::lb_ns_per_pkt))
+        .against("nftables", col(&sat.nft, RunResult::lb_ns_per_pkt))
+        .goal(Goal::ratio_at_most(0.3))
+        .note(saturation_note(sat)),
+        Metric::new(
+            "fwd.capacity",
+            "Director capacity (frames taken in per second at saturation), farmlb",
+            "pkt/s",
+        )
+        .value(col(&sat.farm, |r| r.rate(r.received)))
+        .against("nftables", col(&sat.nft, |r| r.rate(r.received))),
+        Metric::new(
+            "fwd.lb_cpu_per_pkt_rig",
+            "Director CPU per packet at the rig's load (wake-ups included), farmlb",
             "ns/pkt",
         )
         .value(col(farm, RunResult::lb_ns_per_pkt))
-        .against("nftables", col(nft, RunResult::lb_ns_per_pkt))
-        .goal(Goal::ratio_at_most(0.3)),
+        .against("nftables", col(nft, RunResult::lb_ns_per_pkt)),
     ];
     let row = |name: &str, v: &[RunResult]| {
         let f = |g: &dyn Fn(&RunResult) -> f64| median(&v.iter().map(g).collect::<Vec<_>>());
@@ -403,6 +521,9 @@ fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section>
     );
     s.details += &row("farmlb", farm);
     s.details += &row("nftables", nft);
+    s.details += "\n**Saturation sweep** (one per balancer; the A/B runs then repeat the \
+                  first saturating rate):\n\n";
+    s.details += &super::saturate::table(sat);
     let nft_version = sys::first_line(&["nft", "--version"]);
     s.method = format!(
         "Rig `{prefix}`. Generator: `bench_gen_xdp` (in the reference object) run with \
@@ -429,7 +550,18 @@ fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section>
          load the rig offers (a thread that sleeps between batches pays its wake-ups): all \
          the director's per-packet work (farmlb: the program and XDP_TX; nftables: building \
          the socket buffer, GRO, the netdev hook, `fwd`). {runs} runs × ({warm:.1} s \
-         warm-up + {win:.1} s window) per balancer.",
+         warm-up + {win:.1} s window) per balancer. *At saturation*: the same director \
+         and balancers, but the generator runs in the switch namespace and transmits \
+         straight into the director's link (`v-lb`, live frames, batch {batch}), paced \
+         inside the program (one frame per 1/rate s, the rest dropped unsent), and the \
+         rig's XDP_PASS program on `v-lb` is swapped for `bench_sink_xdp`, which drops the \
+         director's output, so the generator's CPU does little else. One sweep per \
+         balancer raises the rate from {start} frames/s by ×{step} until the director's \
+         NAPI thread is ≥ {sat:.0}% busy (the generator falling behind the asked rate ends \
+         the paced steps; one unpaced step follows); then {runs} A/B runs ({sw:.1} s \
+         warm-up + {swin:.1} s window) of each balancer at its first saturating rate (or \
+         unpaced) give *Director CPU per packet at saturation* (thread run time / frames \
+         taken in) and the *capacity* (frames taken in per second).",
         prefix = super::env::PREFIX,
         batch = GEN_BATCH,
         gen = GEN_CPU,
@@ -440,6 +572,11 @@ fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section>
         runs = plan.runs,
         warm = plan.fwd_warmup.as_secs_f64(),
         win = plan.fwd_window.as_secs_f64(),
+        start = num(super::saturate::START_RATE),
+        step = super::saturate::STEP,
+        sat = super::saturate::SATURATED * 100.0,
+        sw = (plan.fwd_warmup / 2).as_secs_f64(),
+        swin = (plan.fwd_window / 2).as_secs_f64(),
     );
     let raw = |v: &[RunResult]| {
         v.iter()
@@ -458,6 +595,11 @@ fn report(plan: &Plan, farm: &[RunResult], nft: &[RunResult]) -> Result<Section>
             })
             .collect::<Vec<_>>()
     };
-    s.raw = json!({ "farmlb": raw(farm), "nftables": raw(nft) });
+    s.raw = json!({
+        "farmlb": raw(farm),
+        "nftables": raw(nft),
+        "farmlb_saturated": raw(&sat.farm),
+        "nftables_saturated": raw(&sat.nft),
+    });
     Ok(s)
 }

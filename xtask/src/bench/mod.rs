@@ -30,6 +30,7 @@ mod forward;
 mod maglev;
 mod pkt;
 mod report;
+mod saturate;
 mod stats;
 mod sys;
 mod tunnel;
@@ -284,7 +285,18 @@ fn measure(quick: bool, baseline: Option<String>) -> Result<()> {
         "Forwarding on the veth rig",
         &[
             ("fwd.pps", "Forwarded packets/s, farmlb"),
-            ("fwd.lb_cpu_per_pkt", "Director CPU per packet, farmlb"),
+            (
+                "fwd.lb_cpu_per_pkt",
+                "Director CPU per packet at saturation, farmlb",
+            ),
+            (
+                "fwd.capacity",
+                "Director capacity (frames taken in per second at saturation), farmlb",
+            ),
+            (
+                "fwd.lb_cpu_per_pkt_rig",
+                "Director CPU per packet at the rig's load (wake-ups included), farmlb",
+            ),
         ],
     );
     const CONN: Part = (

@@ -40,6 +40,17 @@ pub enum Lb {
     Nft,
 }
 
+impl Lb {
+    /// The balancers in run `run`'s order (A/B alternation).
+    pub fn ab_order(run: usize) -> [Lb; 2] {
+        if run.is_multiple_of(2) {
+            [Lb::Farmlb, Lb::Nft]
+        } else {
+            [Lb::Nft, Lb::Farmlb]
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct RunResult {
     pub secs: f64,
@@ -370,12 +381,7 @@ fn measure_all(env: &BenchRig, plan: &Plan) -> Result<Runs> {
     let mut farm = Vec::new();
     let mut nft = Vec::new();
     for run in 0..plan.runs {
-        let order = if run % 2 == 0 {
-            [Lb::Farmlb, Lb::Nft]
-        } else {
-            [Lb::Nft, Lb::Farmlb]
-        };
-        for lb in order {
+        for lb in Lb::ab_order(run) {
             let r = measure(env, lb, plan, &pkt).with_context(|| format!("run {run}, {lb:?}"))?;
             eprintln!(
                 "  run {run} {lb:?}: director in {:.0} pkt/s, out {:.0} pkt/s ({:.0} taken by \

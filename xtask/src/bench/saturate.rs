@@ -112,12 +112,7 @@ fn measure(env: &BenchRig, plan: &Plan, pkt: &[u8]) -> Result<Saturation> {
     }
     let (mut farm, mut nft) = (Vec::new(), Vec::new());
     for run in 0..plan.runs {
-        let order = if run % 2 == 0 {
-            [Lb::Farmlb, Lb::Nft]
-        } else {
-            [Lb::Nft, Lb::Farmlb]
-        };
-        for lb in order {
+        for lb in Lb::ab_order(run) {
             let rate = sweeps.iter().find(|s| s.lb == lb).and_then(|s| s.rate);
             let s = Session::start(env, lb)?;
             let r = s.window(at, pkt, rate, plan.fwd_warmup / 2, plan.fwd_window / 2);

@@ -50,12 +50,20 @@ mod prog {
     /// rate is kept inside the program.
     #[unsafe(no_mangle)]
     static GEN_INTERVAL_NS: u64 = 0;
-    /// Frames a paced generator that fell behind (between calls) may send at once to catch
-    /// up; further behind, it starts again from now.
+    /// Frames a paced generator that fell behind may send at once to catch up; further
+    /// behind (between calls), it starts again from now.
     const GEN_CATCH_UP: u64 = 64;
-    /// The paced generator's next send time (`bpf_ktime_get_ns`).
+
+    /// The paced generator's state: the send time of its next frame (`bpf_ktime_get_ns`)
+    /// and the frames already due. The clock is read only when nothing is due, so near its
+    /// top rate the generator reads it once per burst, not once per frame.
+    #[repr(C)]
+    pub struct GenPace {
+        next_ns: u64,
+        due: u64,
+    }
     #[map]
-    static GEN_NEXT: Array<u64> = Array::with_max_entries(1, 0);
+    static GEN_PACE: Array<GenPace> = Array::with_max_entries(1, 0);
 
     #[xdp]
     pub fn reference_xdp(ctx: XdpContext) -> u32 {
@@ -211,22 +219,26 @@ mod prog {
         // SAFETY: plain read-only global, read volatile so the loader's value is used.
         let interval = unsafe { core::ptr::read_volatile(&GEN_INTERVAL_NS) };
         if interval != 0 {
-            let Some(next) = GEN_NEXT.get_ptr_mut(0) else {
+            let Some(st) = GEN_PACE.get_ptr_mut(0) else {
                 return xdp_action::XDP_DROP;
             };
-            // SAFETY: helper without side effects; one generator thread uses the slot.
-            unsafe {
-                let now = bpf_ktime_get_ns();
-                let n = *next;
-                if now < n {
+            // SAFETY: one generator thread uses the slot; helper without side effects.
+            let st = unsafe { &mut *st };
+            if st.due == 0 {
+                let now = unsafe { bpf_ktime_get_ns() };
+                if now < st.next_ns {
                     return xdp_action::XDP_DROP;
                 }
-                *next = if now - n > GEN_CATCH_UP * interval {
-                    now + interval
+                let behind = (now - st.next_ns) / interval + 1;
+                if behind > GEN_CATCH_UP {
+                    st.due = GEN_CATCH_UP;
+                    st.next_ns = now + interval;
                 } else {
-                    n + interval
-                };
+                    st.due = behind;
+                    st.next_ns += behind * interval;
+                }
             }
+            st.due -= 1;
         }
         let start = ctx.data();
         // Ethernet + IPv4 (no options) + UDP source port.

@@ -122,6 +122,17 @@ pub fn pin(pid: i32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// Run task `pid` under `policy` (`libc::SCHED_OTHER`, `libc::SCHED_IDLE`), priority 0.
+pub fn set_policy(pid: i32, policy: i32) -> Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: valid parameter struct for the call's duration.
+    if unsafe { libc::sched_setscheduler(pid, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setting the scheduling policy of task {pid}"));
+    }
+    Ok(())
+}
+
 pub fn cpu_count() -> usize {
     thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -218,7 +218,7 @@ mod prog {
     pub fn bench_gen_xdp(ctx: XdpContext) -> u32 {
         // SAFETY: plain read-only global, read volatile so the loader's value is used.
         let interval = unsafe { core::ptr::read_volatile(&GEN_INTERVAL_NS) };
-        if interval != 0 {
+        if let Some(step) = core::num::NonZeroU64::new(interval) {
             let Some(st) = GEN_PACE.get_ptr_mut(0) else {
                 return xdp_action::XDP_DROP;
             };
@@ -229,7 +229,7 @@ mod prog {
                 if now < st.next_ns {
                     return xdp_action::XDP_DROP;
                 }
-                let behind = (now - st.next_ns) / interval + 1;
+                let behind = (now - st.next_ns) / step + 1;
                 if behind > GEN_CATCH_UP {
                     st.due = GEN_CATCH_UP;
                     st.next_ns = now + interval;

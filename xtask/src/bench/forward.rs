@@ -405,19 +405,18 @@ fn measure_all(env: &BenchRig, plan: &Plan) -> Result<Runs> {
 
 /// Where each balancer saturated, or that it did not.
 fn saturation_note(sat: &super::saturate::Saturation) -> String {
+    let sat_pct = super::saturate::SATURATED * 100.0;
     [Lb::Farmlb, Lb::Nft]
         .iter()
         .filter_map(|&lb| sat.sweep(lb))
         .map(|s| {
-            let name = if s.lb == Lb::Farmlb {
-                "farmlb"
-            } else {
-                "nftables"
+            let (name, runs) = match s.lb {
+                Lb::Farmlb => ("farmlb", &sat.farm),
+                Lb::Nft => ("nftables", &sat.nft),
             };
-            match (s.saturated, s.rate) {
+            let sweep = match (s.saturated, s.rate) {
                 (true, Some(r)) => format!(
-                    "{name} saturated (≥ {:.0}% busy) at {} frames/s offered",
-                    super::saturate::SATURATED * 100.0,
+                    "{name} saturated (≥ {sat_pct:.0}% busy) at {} frames/s asked",
                     num(r)
                 ),
                 (true, None) => format!("{name} saturated only by the unpaced generator"),
@@ -426,7 +425,17 @@ fn saturation_note(sat: &super::saturate::Saturation) -> String {
                      figure is at that load",
                     s.points.last().map_or(0.0, |(_, r)| r.lb_busy() * 100.0)
                 ),
-            }
+            };
+            let busy: Vec<f64> = runs.iter().map(RunResult::lb_busy).collect();
+            let held = busy
+                .iter()
+                .filter(|b| **b >= super::saturate::SATURATED)
+                .count();
+            format!(
+                "{sweep}, then {held} of {} runs ≥ {sat_pct:.0}% busy (median {:.0}%)",
+                busy.len(),
+                median(&busy) * 100.0
+            )
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -527,7 +536,8 @@ fn report(
     );
     s.details += &row("farmlb", farm);
     s.details += &row("nftables", nft);
-    s.details += "\n**Saturation sweep** (one per balancer; the A/B runs then repeat the \
+    s.details +=
+        "\n**Saturation sweep** (one per balancer; the A/B runs then run one step past the \
                   first saturating rate):\n\n";
     s.details += &super::saturate::table(sat);
     let nft_version = sys::first_line(&["nft", "--version"]);
@@ -559,14 +569,17 @@ fn report(
          warm-up + {win:.1} s window) per balancer. *At saturation*: the same director \
          and balancers, but the generator runs in the switch namespace and transmits \
          straight into the director's link (`v-lb`, live frames, batch {batch}), paced \
-         inside the program (one frame per 1/rate s, the rest dropped unsent), and the \
-         rig's XDP_PASS program on `v-lb` is swapped for `bench_sink_xdp`, which drops the \
-         director's output, so the generator's CPU does little else. One sweep per \
+         inside the program (one frame per 1/rate s, the rest dropped unsent); `v-lb`'s NAPI \
+         thread runs at idle priority on the generator's CPU, so the director's output \
+         piles up in its ring and the rest is refused there (what it does poll, \
+         `bench_sink_xdp`, swapped in for the rig's XDP_PASS program, drops): the \
+         generator's CPU does little else (at normal priority that thread took it in \
+         millisecond slices, and the director's ring ran dry while it did). One sweep per \
          balancer raises the rate from {start} frames/s by ×{step} until the director's \
          NAPI thread is ≥ {sat:.0}% busy (the generator falling behind the asked rate ends \
          the paced steps; one unpaced step follows); then {runs} A/B runs ({sw:.1} s \
-         warm-up + {swin:.1} s window) of each balancer at its first saturating rate (or \
-         unpaced) give *Director CPU per packet at saturation* (thread run time / frames \
+         warm-up + {swin:.1} s window) of each balancer one step past its first saturating \
+         rate (or unpaced) give *Director CPU per packet at saturation* (thread run time / frames \
          taken in) and the *capacity* (frames taken in per second).",
         prefix = super::env::PREFIX,
         batch = GEN_BATCH,

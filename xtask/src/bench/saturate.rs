@@ -1,8 +1,9 @@
 //! The director at saturation. On the rig the director's NAPI thread sleeps between bursts
 //! (a quarter busy for farmlb), so its CPU per packet there includes wake-ups. Here the
 //! generator runs in the switch namespace and transmits straight into the director's link,
-//! and the director's output is dropped by `bench_sink_xdp` on that link's switch side, so
-//! the generator's CPU does little but generate. The offered rate rises step by step until
+//! and the director's output is left to that link's switch side, which polls at idle
+//! priority (and drops what it polls, `bench_sink_xdp`), so the generator's CPU does
+//! little but generate. The offered rate rises step by step until
 //! the director's NAPI thread is at least [`SATURATED`] busy; the CPU per packet at that
 //! rate is the balancer's cost when it has no idle time.
 
@@ -40,7 +41,8 @@ pub struct Sweep {
     pub saturated: bool,
 }
 
-/// The sweeps, then `plan.runs` A/B runs of each balancer at its saturating rate.
+/// The sweeps, then `plan.runs` A/B runs of each balancer a step past its first saturating
+/// rate.
 pub struct Saturation {
     pub sweeps: Vec<Sweep>,
     pub farm: Vec<RunResult>,
@@ -121,7 +123,13 @@ fn measure(env: &BenchRig, plan: &Plan, pkt: &[u8]) -> Result<Saturation> {
     let (mut farm, mut nft) = (Vec::new(), Vec::new());
     for run in 0..plan.runs {
         for lb in Lb::ab_order(run) {
-            let rate = sweeps.iter().find(|s| s.lb == lb).and_then(|s| s.rate);
+            // A step past the first saturating rate: right at the threshold, run-to-run
+            // noise left some runs short of it.
+            let rate = sweeps
+                .iter()
+                .find(|s| s.lb == lb)
+                .and_then(|s| s.rate)
+                .map(|r| r * STEP);
             let s = Session::start(env, lb)?;
             let r = s.window(at, pkt, rate, plan.fwd_warmup / 2, plan.fwd_window / 2);
             s.stop()?;

@@ -44,6 +44,9 @@ pub mod maps {
         VIP_FILTER,
         CLOCK,
     );
+    /// Load-time global (read-only data the loader sets; fixed while the program runs):
+    /// the MAC of the interface the program is attached to, as `[u8; 8]` (2 bytes padding).
+    pub const OWN_MAC: &str = "OWN_MAC";
 }
 
 /// Wire constants every parser and builder of frames uses (the program, the reference model,
@@ -534,7 +537,9 @@ pub struct CtEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct GlobalConfig {
     pub udp_timeout_ns: u64,
-    /// Source MAC written on forwarded frames (the interface the program is attached to).
+    /// The MAC of the interface the program is attached to. The program reads its own
+    /// copy, the load-time global `maps::OWN_MAC` (the interface is fixed for a daemon's
+    /// life): this one is for readers of the maps and must equal it.
     pub own_mac: [u8; 6],
     /// [`LAYOUT_VERSION`] of the control plane that programmed the maps (0: never
     /// programmed). The program ignores it.

@@ -7,7 +7,7 @@ use lb_common::{
     ClockCache, CtEntry, CtSyncEvent, FlowKey, GlobalConfig, Stat, FLOOD_CLOCK_EVERY, PROTO_UDP,
 };
 
-use crate::maps::{count, CLOCK, CONNTRACK, CT_SYNC, FLOOD};
+use crate::maps::{config, count, CLOCK, CONNTRACK, CT_SYNC, FLOOD};
 
 /// `BPF_RB_NO_WAKEUP`: the daemon reads the ring on a timer, so no event pays for a wakeup.
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -55,14 +55,16 @@ pub fn now(flow: &FlowKey) -> u64 {
     }
 }
 
-/// The flow's entry (`flow.svc` set), unless it is a UDP entry idle for longer than `udp_timeout`.
+/// The flow's entry (`flow.svc` set), unless it is a UDP entry idle for longer than
+/// `udp_timeout_ns` (read from `CONFIG` for UDP only).
 #[inline(always)]
-pub fn lookup(flow: &FlowKey, now: u64, udp_timeout: u64) -> Option<&'static mut CtEntry> {
+pub fn lookup(flow: &FlowKey, now: u64) -> Option<&'static mut CtEntry> {
     let ct = CONNTRACK.get_ptr_mut(flow.ct_key())?;
     // SAFETY: the LRU value stays valid for the duration of this program run.
     let ct = unsafe { &mut *ct };
     // Saturating: an entry stamped ahead of this clock (a peer's, by conntrack sync) is fresh.
-    let live = flow.proto != PROTO_UDP || now.saturating_sub(ct.last_seen_ns) <= udp_timeout;
+    let live =
+        flow.proto != PROTO_UDP || now.saturating_sub(ct.last_seen_ns) <= config().udp_timeout_ns;
     live.then_some(ct)
 }
 
@@ -80,7 +82,8 @@ pub fn touch(ct: &mut CtEntry, flow: &FlowKey, now: u64) {
 /// this CPU the flow is not remembered (counted): a flood of new flows must not evict the
 /// established ones. With sync on, every entry made or rewritten is published (`CT_SYNC`).
 #[inline(always)]
-pub fn insert(flow: &FlowKey, backend: u32, now: u64, cfg: &GlobalConfig) {
+pub fn insert(flow: &FlowKey, backend: u32, now: u64) {
+    let cfg = &config();
     if let Some(ct) = CONNTRACK.get_ptr_mut(flow.ct_key()) {
         // SAFETY: the LRU value stays valid for the duration of this program run.
         let ct = unsafe { &mut *ct };

@@ -16,26 +16,24 @@ use aya_ebpf::{
     helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     programs::XdpContext,
 };
-use lb_common::{
-    FlowKey, GlobalConfig, ServiceInfo, Stat, NO_BACKEND, PROTO_TCP, TCP_STATE_LISTEN,
-};
+use lb_common::{FlowKey, ServiceInfo, Stat, NO_BACKEND, PROTO_TCP, TCP_STATE_LISTEN};
 
 use crate::{
-    conntrack, forward,
-    maps::{account, count, drop_for, verdict, FARM},
+    conntrack,
+    maps::{account, count, drop_for, put_own_mac, verdict, FARM},
     parse::{Aligned, Packet},
     select,
 };
 
 #[inline(always)]
-pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalConfig) -> u32 {
+pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo) -> u32 {
     let (own, lease) = match FARM.get(0) {
         Some(f) => (f.own_member, f.lease_until_ns),
         None => (NO_BACKEND, 0),
     };
     if pkt.flow.proto == PROTO_TCP && !pkt.is_syn {
         return if has_socket(ctx, &pkt.flow, pkt.v6) {
-            deliver(ctx, pkt, svc, cfg, own, Stat::FarmPassSocket)
+            deliver(ctx, pkt, svc, own, Stat::FarmPassSocket)
         } else {
             drop_for(svc.id, Stat::FarmDropNoSocket)
         };
@@ -46,7 +44,7 @@ pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalC
     let owner = if pkt.flow.proto == PROTO_TCP {
         select::ring_owner(svc, &pkt.flow)
     } else {
-        let (owner, outcome) = select::backend(svc, &pkt.flow, false, cfg);
+        let (owner, outcome) = select::backend(svc, &pkt.flow, false);
         count(outcome);
         owner
     };
@@ -56,20 +54,14 @@ pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, cfg: &GlobalC
     if owner.id != own {
         return drop_for(svc.id, Stat::FarmDropNotOwner);
     }
-    deliver(ctx, pkt, svc, cfg, own, Stat::FarmPassOwner)
+    deliver(ctx, pkt, svc, own, Stat::FarmPassOwner)
 }
 
 /// Rewrite the destination MAC to our own and pass the frame to the local stack.
 #[inline(always)]
-fn deliver(
-    ctx: &XdpContext,
-    pkt: &mut Packet,
-    svc: &ServiceInfo,
-    cfg: &GlobalConfig,
-    own: u32,
-    reason: Stat,
-) -> u32 {
-    forward::set_mac(&mut pkt.eth.dst, &cfg.own_mac);
+fn deliver(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, own: u32, reason: Stat) -> u32 {
+    // SAFETY: the Ethernet header was bounds-checked by the parser.
+    unsafe { put_own_mac(pkt.eth.dst.as_mut_ptr(), 0) };
     account(ctx, svc.id, own);
     verdict(reason, xdp_action::XDP_PASS)
 }

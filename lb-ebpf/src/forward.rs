@@ -11,13 +11,13 @@ use aya_ebpf::{
 use lb_common::{
     csum, gue_sport, is_v4_mapped, tunnel_hash, tunnel_overhead, tunnel_src_low,
     wire::{ETH_P_IP, ETH_P_IPV6, OWN_TTL},
-    Addr, FlowKey, GlobalConfig, ServiceInfo, Stat, TunnelInfo, FWD_GUE, FWD_IPIP, IPPROTO_IPIP,
-    IPPROTO_IPV6, PROTO_UDP,
+    Addr, FlowKey, ServiceInfo, Stat, TunnelInfo, FWD_GUE, FWD_IPIP, IPPROTO_IPIP, IPPROTO_IPV6,
+    PROTO_UDP,
 };
 
 use crate::{
     icmp,
-    maps::{account, count, verdict, TUNNELS},
+    maps::{account, count, put_own_mac, verdict, TUNNELS},
     parse::{EthHdr, Inner, IpHdr},
     select::Dst,
 };
@@ -34,14 +34,13 @@ pub fn send(
     l2_len: usize,
     flow: &FlowKey,
     svc: &ServiceInfo,
-    cfg: &GlobalConfig,
     dst: &Dst,
     reason: Stat,
 ) -> u32 {
     if svc.fwd_mode == FWD_IPIP || svc.fwd_mode == FWD_GUE {
-        return tunnel(ctx, &Inner::of(l2_len, ip), flow, svc, cfg, dst, reason);
+        return tunnel(ctx, &Inner::of(l2_len, ip), flow, svc, dst, reason);
     }
-    direct(ctx, eth, svc, cfg, dst, reason)
+    direct(ctx, eth, svc, dst, reason)
 }
 
 #[inline(always)]
@@ -49,12 +48,12 @@ pub fn direct(
     ctx: &XdpContext,
     eth: &mut EthHdr,
     svc: &ServiceInfo,
-    cfg: &GlobalConfig,
     dst: &Dst,
     reason: Stat,
 ) -> u32 {
     set_mac(&mut eth.dst, &dst.backend.mac);
-    set_mac(&mut eth.src, &cfg.own_mac);
+    // SAFETY: the Ethernet header was bounds-checked by the parser.
+    unsafe { put_own_mac(eth.src.as_mut_ptr(), 0) };
     account(ctx, svc.id, dst.id);
     verdict(reason, xdp_action::XDP_TX)
 }
@@ -68,7 +67,6 @@ fn tunnel(
     inner: &Inner,
     flow: &FlowKey,
     svc: &ServiceInfo,
-    cfg: &GlobalConfig,
     dst: &Dst,
     reason: Stat,
 ) -> u32 {
@@ -88,14 +86,14 @@ fn tunnel(
     let hash = tunnel_hash(flow);
     let vlan = inner.l2_len != 14;
     let ok = match (vlan, outer_v6, gue) {
-        (false, false, false) => encap::<14, false, false>(ctx, inner, hash, cfg, t, dst),
-        (false, false, true) => encap::<14, false, true>(ctx, inner, hash, cfg, t, dst),
-        (false, true, false) => encap::<14, true, false>(ctx, inner, hash, cfg, t, dst),
-        (false, true, true) => encap::<14, true, true>(ctx, inner, hash, cfg, t, dst),
-        (true, false, false) => encap::<18, false, false>(ctx, inner, hash, cfg, t, dst),
-        (true, false, true) => encap::<18, false, true>(ctx, inner, hash, cfg, t, dst),
-        (true, true, false) => encap::<18, true, false>(ctx, inner, hash, cfg, t, dst),
-        (true, true, true) => encap::<18, true, true>(ctx, inner, hash, cfg, t, dst),
+        (false, false, false) => encap::<14, false, false>(ctx, inner, hash, t, dst),
+        (false, false, true) => encap::<14, false, true>(ctx, inner, hash, t, dst),
+        (false, true, false) => encap::<14, true, false>(ctx, inner, hash, t, dst),
+        (false, true, true) => encap::<14, true, true>(ctx, inner, hash, t, dst),
+        (true, false, false) => encap::<18, false, false>(ctx, inner, hash, t, dst),
+        (true, false, true) => encap::<18, false, true>(ctx, inner, hash, t, dst),
+        (true, true, false) => encap::<18, true, false>(ctx, inner, hash, t, dst),
+        (true, true, true) => encap::<18, true, true>(ctx, inner, hash, t, dst),
     };
     if !ok {
         return not_sent(reason, Stat::DropEncap, xdp_action::XDP_DROP);
@@ -130,7 +128,6 @@ fn encap<const L2: usize, const V6: bool, const GUE: bool>(
     ctx: &XdpContext,
     inner: &Inner,
     hash: u32,
-    cfg: &GlobalConfig,
     t: &TunnelInfo,
     dst: &Dst,
 ) -> bool {
@@ -163,7 +160,7 @@ fn encap<const L2: usize, const V6: bool, const GUE: bool>(
             put::<u32>(p, 12, get::<u32>(p, hdr_len + 12));
         }
         put_mac(p, 0, &dst.backend.mac);
-        put_mac(p, 6, &cfg.own_mac);
+        put_own_mac(p, 6);
         let ip = p.add(L2);
         if V6 {
             put::<u16>(p, L2 - 2, ETH_P_IPV6.to_be());

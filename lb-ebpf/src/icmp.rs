@@ -22,7 +22,7 @@ use lb_common::{
 
 use crate::{
     forward::{self, get, put, sum_words},
-    maps::{drop_for, verdict, CONFIG},
+    maps::{drop_for, is_own_mac, verdict},
     parse::{IcmpPacket, Inner, IpHdr},
     select,
 };
@@ -32,7 +32,7 @@ pub fn handle(ctx: &XdpContext, pkt: IcmpPacket) -> u32 {
     let (ty, code) = (pkt.icmp.ty, pkt.icmp.code);
     // Only requests sent to this node's MAC are answered: a farm's virtual MAC reaches
     // every node, and all of them answering would duplicate every reply.
-    let to_us = CONFIG.get(0).is_some_and(|c| pkt.eth.dst == c.own_mac);
+    let to_us = is_own_mac(&pkt.eth.dst);
     match pkt.ip {
         IpHdr::V6(_) => {
             if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&ty) {
@@ -99,10 +99,7 @@ fn too_big(ctx: &XdpContext, mut pkt: IcmpPacket) -> u32 {
     if svc.fwd_mode == FWD_FARM {
         return drop();
     }
-    let Some(cfg) = CONFIG.get(0) else {
-        return drop();
-    };
-    match select::existing(&svc, &flow, cfg) {
+    match select::existing(&svc, &flow) {
         Some(dst) => forward::send(
             ctx,
             pkt.eth,
@@ -110,7 +107,6 @@ fn too_big(ctx: &XdpContext, mut pkt: IcmpPacket) -> u32 {
             pkt.l2_len,
             &flow,
             &svc,
-            cfg,
             &dst,
             Stat::IcmpTooBigTx,
         ),

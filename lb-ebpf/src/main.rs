@@ -31,7 +31,7 @@ mod prog {
 
     use crate::{
         farm, forward, icmp,
-        maps::{count, drop_for, verdict, CONFIG, VIP_ADDRS},
+        maps::{count, drop_for, verdict, VIP_ADDRS},
         parse::{self, Unparsed},
         select,
     };
@@ -61,13 +61,10 @@ mod prog {
         };
         // Completes the flow's conntrack key.
         pkt.flow.svc = svc.id as u16;
-        let Some(cfg) = CONFIG.get(0) else {
-            return verdict(Stat::PassNotVip, xdp_action::XDP_PASS);
-        };
         if svc.fwd_mode == FWD_FARM {
-            return farm::farm(&ctx, &mut pkt, &svc, cfg);
+            return farm::farm(&ctx, &mut pkt, &svc);
         }
-        match select::backend(&svc, &pkt.flow, pkt.is_syn, cfg) {
+        match select::backend(&svc, &pkt.flow, pkt.is_syn) {
             (Some(dst), outcome) => forward::send(
                 &ctx,
                 pkt.eth,
@@ -75,7 +72,6 @@ mod prog {
                 pkt.l2_len,
                 &pkt.flow,
                 &svc,
-                cfg,
                 &dst,
                 outcome.forwarded(),
             ),

@@ -2,6 +2,7 @@
 //! statistics maps. Userspace opens the maps by the names in `lb_common::maps`; each static
 //! is declared through `maps!`, which checks its name against that constant at compile time.
 
+use crate::parse::Aligned;
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::bpf_xdp_get_buff_len,
@@ -52,7 +53,8 @@ maps! {
     /// `udp_timeout_ns` idle.
     CONNTRACK: LruHashMap<CtKey, CtEntry> =
         LruHashMap::with_max_entries(CT_MAX_ENTRIES, BPF_F_NO_COMMON_LRU);
-    /// Single entry: UDP idle timeout and the MAC of the interface the program runs on.
+    /// Single entry: the settings a reload may change (UDP idle timeout, flood guard rate,
+    /// conntrack sync), read only by the paths that use them.
     CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
     /// Per-CPU packet counts by `Stat`: one exit reason per packet plus conntrack events.
     STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
@@ -79,6 +81,59 @@ maps! {
     /// Conntrack sync: the entries the program makes (`CtSyncEvent`), written only while
     /// `GlobalConfig::sync` is set; the daemon reads them and sends them to its peers.
     CT_SYNC: RingBuf = RingBuf::with_byte_size(CT_SYNC_BYTES, 0);
+}
+
+/// The interface's MAC, set by the loader (`lb_common::maps::OWN_MAC`): a constant of the
+/// loaded program, so the paths that only need it (a TCP conntrack hit) look nothing up.
+#[unsafe(no_mangle)]
+static OWN_MAC: Aligned<[u8; 8]> = Aligned([0; 8]);
+lb_ebpf::check_name!(OWN_MAC, lb_common::maps::OWN_MAC);
+
+/// The interface's MAC as its first 4 and last 2 bytes, read volatile: the compiler would
+/// otherwise fold the static's zeros into the code, and the loader's value never be used.
+#[inline(always)]
+fn own_mac_words() -> (u32, u16) {
+    let p = &OWN_MAC as *const Aligned<[u8; 8]> as *const u8;
+    // SAFETY: in bounds of the 8-aligned 8-byte static.
+    unsafe {
+        (
+            core::ptr::read_volatile(p as *const u32),
+            core::ptr::read_volatile(p.add(4) as *const u16),
+        )
+    }
+}
+
+/// Store the interface's MAC at `p + off`.
+///
+/// # Safety
+/// `p + off .. + 6` lies in bounds-checked packet memory.
+#[inline(always)]
+pub unsafe fn put_own_mac(p: *mut u8, off: usize) {
+    let (hi, lo) = own_mac_words();
+    // SAFETY: per the contract; unaligned stores.
+    unsafe {
+        core::ptr::write_unaligned(p.add(off) as *mut u32, hi);
+        core::ptr::write_unaligned(p.add(off + 4) as *mut u16, lo);
+    }
+}
+
+/// Whether `m` is the interface's MAC.
+#[inline(always)]
+pub fn is_own_mac(m: &[u8; 6]) -> bool {
+    let (hi, lo) = own_mac_words();
+    let p = m.as_ptr();
+    // SAFETY: 6 bytes; unaligned loads.
+    unsafe {
+        core::ptr::read_unaligned(p as *const u32) == hi
+            && core::ptr::read_unaligned(p.add(4) as *const u16) == lo
+    }
+}
+
+/// The `CONFIG` entry, for the paths that need the runtime settings (UDP timeout, flood
+/// guard, sync); zeroes if it were missing (it cannot be: an array's entries always exist).
+#[inline(always)]
+pub fn config() -> GlobalConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
 }
 
 /// Whether `addr` may be a VIP address (its `VIP_FILTER` bit is set).

@@ -2,8 +2,8 @@
 //! valid looks its entry up, once, and hands it on in a [`Dst`] (as Katran's `get_packet_dst`).
 
 use lb_common::{
-    service_slot, Backend, FlowKey, GlobalConfig, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID,
-    MEMBER_OWNER, NO_BACKEND, SERVICE_PROBES, SERVICE_SLOTS,
+    service_slot, Backend, FlowKey, ServiceInfo, ServiceKey, Stat, BACKEND_F_VALID, MEMBER_OWNER,
+    NO_BACKEND, SERVICE_PROBES, SERVICE_SLOTS,
 };
 
 use crate::{
@@ -52,18 +52,12 @@ fn find_service(key: &[u32; 5]) -> Option<ServiceInfo> {
 /// `CtMissSyn`, `CtMissOther`) comes back for the caller to count with its verdict, in one
 /// slot when the packet is forwarded (`Stat::forwarded`).
 #[inline(always)]
-pub fn backend(
-    svc: &ServiceInfo,
-    flow: &FlowKey,
-    is_syn: bool,
-    cfg: &GlobalConfig,
-) -> (Option<Dst>, Stat) {
-    let udp_timeout = cfg.udp_timeout_ns;
+pub fn backend(svc: &ServiceInfo, flow: &FlowKey, is_syn: bool) -> (Option<Dst>, Stat) {
     let now = conntrack::now(flow);
     let outcome = if is_syn {
         Stat::CtMissSyn
     } else {
-        if let Some(ct) = conntrack::lookup(flow, now, udp_timeout) {
+        if let Some(ct) = conntrack::lookup(flow, now) {
             // An entry whose backend went away falls through and re-hashes.
             if let Some(dst) = valid_for(svc, ct.backend) {
                 conntrack::touch(ct, flow, now);
@@ -75,7 +69,7 @@ pub fn backend(
     let id = ring_slot(svc, flow);
     // Recorded even if the backend turns out invalid (the model does the same).
     if id != NO_BACKEND {
-        conntrack::insert(flow, id, now, cfg);
+        conntrack::insert(flow, id, now);
     }
     (valid(id), outcome)
 }
@@ -83,9 +77,9 @@ pub fn backend(
 /// The backend a flow's packets go to now, without recording anything (ICMP errors about
 /// the flow): its live conntrack entry's, else the ring's. Counts nothing.
 #[inline(always)]
-pub fn existing(svc: &ServiceInfo, flow: &FlowKey, cfg: &GlobalConfig) -> Option<Dst> {
+pub fn existing(svc: &ServiceInfo, flow: &FlowKey) -> Option<Dst> {
     let now = conntrack::now(flow);
-    if let Some(ct) = conntrack::lookup(flow, now, cfg.udp_timeout_ns) {
+    if let Some(ct) = conntrack::lookup(flow, now) {
         if let Some(dst) = valid_for(svc, ct.backend) {
             return Some(dst);
         }

@@ -271,6 +271,14 @@ pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
     Ok(parse_mac(s.trim())?)
 }
 
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_mac;

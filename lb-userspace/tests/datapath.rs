@@ -59,6 +59,7 @@ impl Fixture {
         let k = Twin::load(LoadOpts {
             ring_slots: Director::ring_slots_for(cfg),
             conntrack_size: 4096,
+            own_mac: OWN_MAC,
             ..Default::default()
         })
         .expect("load XDP program (are we root?)");
@@ -604,6 +605,40 @@ fn a_stale_entry_never_sends_a_flow_to_another_services_backend() {
         let (_, _, again) = f.run(&PacketBuilder::tcp(src, vip).build());
         assert_eq!(again, id);
     }
+}
+
+/// The interface MAC is a constant of the loaded program: a configuration naming another is
+/// refused whole, with both MACs in the error.
+#[test]
+fn own_mac_is_fixed_at_load() {
+    use farmlb::dataplane::{Dataplane, Maps};
+    let mut dp = Dataplane::load(LoadOpts {
+        own_mac: OWN_MAC,
+        ..Default::default()
+    })
+    .expect("load XDP program (are we root?)");
+    let ok = lb_common::GlobalConfig {
+        own_mac: OWN_MAC,
+        udp_timeout_ns: 7,
+        ..Default::default()
+    };
+    dp.set_config(&ok).unwrap();
+    let other = [0x02, 0, 0, 0, 0, 0x09];
+    let err = dp
+        .set_config(&lb_common::GlobalConfig {
+            own_mac: other,
+            udp_timeout_ns: 9,
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("02:00:00:00:00:09"), "{err}");
+    assert!(err.contains(&farmlb::neigh::fmt_mac(&OWN_MAC)), "{err}");
+    let now = dp.model_for_flow(&lb_common::FlowKey::default()).unwrap();
+    assert_eq!(
+        now.config.udp_timeout_ns, 7,
+        "the refused config was written"
+    );
 }
 
 #[test]

@@ -78,6 +78,7 @@ impl Fixture {
         let mut k = Twin::load(LoadOpts {
             ring_slots: Director::ring_slots_for(&cfg),
             conntrack_size: 4096,
+            own_mac: OWN_MAC,
             ..Default::default()
         })
         .expect("load XDP program (are we root?)");

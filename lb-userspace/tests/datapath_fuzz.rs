@@ -34,6 +34,9 @@ impl Rng {
 }
 
 /// A tunnel service's `[[service]]` table.
+/// The fuzzed director's interface MAC.
+const FUZZ_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
+
 fn tunnel(name: &str, vip: &str, port: u16, proto: &str, fwd: &str, backends: &[&str]) -> String {
     service_toml(name, vip, port, proto, Some(211), backends).replacen(
         "table_size",
@@ -66,10 +69,11 @@ fn twin() -> Twin {
     let mut k = Twin::load(LoadOpts {
         ring_slots: Director::ring_slots_for(&cfg),
         conntrack_size: 1 << 16,
+        own_mac: FUZZ_MAC,
         ..Default::default()
     })
     .expect("load XDP program (are we root?)");
-    let mut director = Director::new(k.dp.ring_slots(), [0x02, 0xaa, 0, 0, 0, 0x03]);
+    let mut director = Director::new(k.dp.ring_slots(), FUZZ_MAC);
     // A small MTU, so fuzzed lengths reach the too-big branches too.
     director.tunnel = farmlb::tunnel::TunnelHost {
         mtu: 200,
@@ -134,7 +138,7 @@ fn random_packet(r: &mut Rng, made: &mut Made) -> Vec<u8> {
         // Mostly to the director's MAC (answered), sometimes to another (dropped).
         1 => {
             let to = if r.chance(80) {
-                [0x02, 0xaa, 0, 0, 0, 0x03]
+                FUZZ_MAC
             } else {
                 [2, 0, 0, 0, 0, 2]
             };

@@ -381,6 +381,7 @@ fn a_service_may_have_its_own_gue_port() {
     let mut k = Twin::load(LoadOpts {
         ring_slots: Director::ring_slots_for(&cfg),
         conntrack_size: 4096,
+        own_mac: OWN_MAC,
         ..Default::default()
     })
     .unwrap();

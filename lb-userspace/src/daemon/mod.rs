@@ -68,6 +68,7 @@ pub async fn run(config_path: &Path, replace: bool) -> Result<()> {
         ring_slots: Director::ring_slots_for(&cfg),
         conntrack_size: cfg.conntrack_size,
         pin_dir: Some(pin_dir.clone()),
+        own_mac,
     })?;
     let mut director = Director::new(dp.ring_slots(), own_mac);
     // Tunnel services may arrive by reload too: always know the interface's MTU and

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
@@ -38,6 +38,9 @@ pub struct LoadOpts {
     /// Pin program, link and maps here (adopting a data plane already pinned there);
     /// `None`: the data plane lives and dies with this process (datapath tests).
     pub pin_dir: Option<PathBuf>,
+    /// The MAC of the interface the program will run on: a constant of the loaded program
+    /// (`maps::OWN_MAC`), so the configuration written later must name the same.
+    pub own_mac: [u8; 6],
 }
 
 impl Default for LoadOpts {
@@ -46,6 +49,7 @@ impl Default for LoadOpts {
             ring_slots: lb_common::DEFAULT_RING_SLOTS,
             conntrack_size: 65536,
             pin_dir: None,
+            own_mac: [0; 6],
         }
     }
 }
@@ -141,6 +145,8 @@ pub struct Dataplane {
     adopted: bool,
     /// Possible CPUs: the length of every per-CPU value.
     cpus: usize,
+    /// The program's `OWN_MAC`.
+    own_mac: [u8; 6],
 }
 
 impl Dataplane {
@@ -169,7 +175,10 @@ impl Dataplane {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
+        let mut own = [0u8; 8];
+        own[..6].copy_from_slice(&opts.own_mac);
         let mut ebpf = loader
+            .override_global(names::OWN_MAC, &own, true)
             .map_max_entries(names::RING, ring_slots)
             .map_max_entries(names::CONNTRACK, opts.conntrack_size)
             .load(crate::EBPF_OBJECT)
@@ -204,6 +213,7 @@ impl Dataplane {
             pin_dir: opts.pin_dir,
             adopted,
             cpus: aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?,
+            own_mac: opts.own_mac,
         })
     }
 
@@ -440,6 +450,13 @@ impl Dataplane {
 
 impl Maps for Dataplane {
     fn set_config(&mut self, cfg: &GlobalConfig) -> Result<()> {
+        if cfg.own_mac != self.own_mac {
+            bail!(
+                "own_mac {} differs from the loaded program's {} (it is set at load)",
+                crate::neigh::fmt_mac(&cfg.own_mac),
+                crate::neigh::fmt_mac(&self.own_mac)
+            );
+        }
         Ok(self.maps.config.set(0, cfg, 0)?)
     }
 

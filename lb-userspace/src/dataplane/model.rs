@@ -799,6 +799,7 @@ impl Twin {
         let mut k = Twin::load(crate::dataplane::LoadOpts {
             ring_slots: crate::director::Director::ring_slots_for(cfg),
             conntrack_size: 4096,
+            own_mac,
             ..Default::default()
         })
         .expect("load XDP program (are we root?)");

@@ -243,7 +243,7 @@ impl ArpResponder {
             };
             mr.mr_address[..6].copy_from_slice(mac);
             if let Err(e) = setsockopt(&self.fd6, libc::SOL_PACKET, opt, &mr, what) {
-                tracing::warn!("{} {}: {e:#}", what, fmt_mac(mac));
+                tracing::warn!("{} {}: {e:#}", what, crate::neigh::fmt_mac(mac));
             }
         };
         for mac in wanted.difference(&joined) {
@@ -306,13 +306,6 @@ impl Drop for ArpResponder {
             let _ = t.join();
         }
     }
-}
-
-fn fmt_mac(m: &[u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
 }
 
 type ReplyFn = fn(&[u8], [u8; 6], &ArpState) -> Option<Vec<u8>>;

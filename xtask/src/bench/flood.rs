@@ -51,6 +51,7 @@ fn run(rate: u32) -> Result<(u32, u32)> {
     let mut dp = Dataplane::load(LoadOpts {
         ring_slots: Director::ring_slots_for(&cfg),
         conntrack_size: CT_SIZE,
+        own_mac: OWN_MAC,
         ..Default::default()
     })?;
     let mut director = Director::new(dp.ring_slots(), OWN_MAC);

@@ -207,6 +207,7 @@ impl Programs {
         let mut dp = Dataplane::load(LoadOpts {
             ring_slots,
             conntrack_size: CT_SIZE,
+            own_mac: OWN_MAC,
             ..Default::default()
         })
         .context("loading farmlb's XDP program (needs root)")?;

@@ -67,6 +67,7 @@ impl Programs {
         let mut dp = Dataplane::load(LoadOpts {
             ring_slots: Director::ring_slots_for(&cfg),
             conntrack_size: 65536,
+            own_mac: OWN_MAC,
             ..Default::default()
         })
         .context("loading farmlb's XDP program (needs root)")?;

@@ -454,7 +454,7 @@ pub const MEMBER_OWNER: u32 = u32::MAX;
 /// Version of the maps' layout and meaning. A control plane adopts a pinned data plane only
 /// if the version matches (and every map's key, value and size does); bump it whenever a map
 /// type or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// A flow, client to VIP, as the program parsed it. Its first 24 bytes are the flow's
 /// conntrack key ([`CtKey`], [`FlowKey::ct_key`]) once `svc` is set.
@@ -666,6 +666,16 @@ impl Stat {
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
+}
+
+impl core::ops::Add for Counter {
+    type Output = Counter;
+    fn add(self, o: Counter) -> Counter {
+        Counter {
+            packets: self.packets.wrapping_add(o.packets),
+            bytes: self.bytes.wrapping_add(o.bytes),
+        }
+    }
 }
 
 /// Declares `Stat` from one table of `Variant = "snake_name"` rows, so the enum, `COUNT`,

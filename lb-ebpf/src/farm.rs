@@ -20,7 +20,7 @@ use lb_common::{FlowKey, ServiceInfo, Stat, NO_BACKEND, PROTO_TCP, TCP_STATE_LIS
 
 use crate::{
     conntrack,
-    maps::{account, count, drop_for, put_own_mac, verdict, FARM},
+    maps::{account_delivered, count, drop_for, put_own_mac, verdict, FARM},
     parse::{Aligned, Packet},
     select,
 };
@@ -62,7 +62,7 @@ pub fn farm(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo) -> u32 {
 fn deliver(ctx: &XdpContext, pkt: &mut Packet, svc: &ServiceInfo, own: u32, reason: Stat) -> u32 {
     // SAFETY: the Ethernet header was bounds-checked by the parser.
     unsafe { put_own_mac(pkt.eth.dst.as_mut_ptr(), 0) };
-    account(ctx, svc.id, own);
+    account_delivered(ctx, svc.id, own);
     verdict(reason, xdp_action::XDP_PASS)
 }
 

@@ -40,21 +40,15 @@ pub fn send(
     if svc.fwd_mode == FWD_IPIP || svc.fwd_mode == FWD_GUE {
         return tunnel(ctx, &Inner::of(l2_len, ip), flow, svc, dst, reason);
     }
-    direct(ctx, eth, svc, dst, reason)
+    direct(ctx, eth, dst, reason)
 }
 
 #[inline(always)]
-pub fn direct(
-    ctx: &XdpContext,
-    eth: &mut EthHdr,
-    svc: &ServiceInfo,
-    dst: &Dst,
-    reason: Stat,
-) -> u32 {
+pub fn direct(ctx: &XdpContext, eth: &mut EthHdr, dst: &Dst, reason: Stat) -> u32 {
     set_mac(&mut eth.dst, &dst.backend.mac);
     // SAFETY: the Ethernet header was bounds-checked by the parser.
     unsafe { put_own_mac(eth.src.as_mut_ptr(), 0) };
-    account(ctx, svc.id, dst.id);
+    account(ctx, dst.id);
     verdict(reason, xdp_action::XDP_TX)
 }
 
@@ -99,7 +93,7 @@ fn tunnel(
         return not_sent(reason, Stat::DropEncap, xdp_action::XDP_DROP);
     }
     // Counted as sent: outer headers included.
-    account(ctx, svc.id, dst.id);
+    account(ctx, dst.id);
     verdict(reason, xdp_action::XDP_TX)
 }
 

@@ -58,7 +58,9 @@ maps! {
     CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
     /// Per-CPU packet counts by `Stat`: one exit reason per packet plus conntrack events.
     STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
-    /// Per-CPU packets/bytes forwarded or delivered, by `ServiceInfo::id`.
+    /// Per-CPU packets/bytes by `ServiceInfo::id`: a farm service's deliveries; a director
+    /// service's removed backends' traffic (userspace folds it in; the program counts
+    /// forwarded frames only in `BACKEND_STATS`).
     SVC_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
     /// Per-CPU drops of the reasons in `SERVICE_DROP_REASONS`, by service id
     /// (`svc_drop_index`): consulted only on those drop paths.
@@ -175,14 +177,29 @@ pub fn drop_for(svc: u32, reason: Stat) -> u32 {
     verdict(reason, xdp_action::XDP_DROP)
 }
 
-/// Count the frame, as it leaves for `backend`, in its service's and backend's counters.
+/// Count the frame, as it leaves for backend `id`, in that backend's counters: a director
+/// service's traffic is the sum of its backends' (userspace adds them up, and folds a
+/// removed backend's counts into the service's `SVC_STATS` slot), so one counter access
+/// serves both.
 #[inline(always)]
-pub fn account(ctx: &XdpContext, svc: u32, backend: u32) {
-    // The whole frame: `data_end - data` is only the first buffer of a multi-buffer frame.
-    // SAFETY: read-only helper on the program's own context.
-    let bytes = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
+pub fn account(ctx: &XdpContext, id: u32) {
+    add(&BACKEND_STATS, id, frame_len(ctx));
+}
+
+/// Count a frame delivered locally (farm) in its service's and member slot's counters: a
+/// member slot serves every farm service, so the service keeps its own count.
+#[inline(always)]
+pub fn account_delivered(ctx: &XdpContext, svc: u32, member: u32) {
+    let bytes = frame_len(ctx);
     add(&SVC_STATS, svc, bytes);
-    add(&BACKEND_STATS, backend, bytes);
+    add(&BACKEND_STATS, member, bytes);
+}
+
+/// The whole frame: `data_end - data` is only the first buffer of a multi-buffer frame.
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> u64 {
+    // SAFETY: read-only helper on the program's own context.
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) }
 }
 
 #[inline(always)]

@@ -129,6 +129,15 @@ impl Fixture {
     fn service(&self, name: &str) -> ServiceInfo {
         self.director.services[name].info
     }
+
+    /// A service's packets/bytes as the daemon reports them.
+    fn service_total(&self, name: &str) -> lb_common::Counter {
+        let st = &self.director.services[name];
+        self.k
+            .dp
+            .service_counter(st.info.id, st.backends.values().map(|b| b.id))
+            .unwrap()
+    }
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -689,22 +698,39 @@ fn per_service_and_backend_counters() {
         e.1 += pkt.len() as u64;
         total_bytes += pkt.len() as u64;
     }
-    let svc =
-        f.k.dp
-            .counter(CounterKind::Service, f.service("web4").id)
-            .unwrap();
+    let svc = f.service_total("web4");
     assert_eq!((svc.packets, svc.bytes), (50, total_bytes));
-    for (id, (p, b)) in per_backend {
+    // The program counts forwarded frames only per backend: the service's own slot is empty.
+    let own = f.k.dp.counter(CounterKind::Service, f.service("web4").id);
+    assert_eq!(own.unwrap(), lb_common::Counter::default());
+    for (&id, &(p, b)) in &per_backend {
         let c = f.k.dp.counter(CounterKind::Backend, id).unwrap();
         assert_eq!((c.packets, c.bytes), (p, b));
     }
+    assert_eq!(f.service_total("dns4").packets, 0);
+    // A removed backend's traffic stays in the service's total, and its freed id starts
+    // from zero when a new backend takes it.
+    let mut cfg = base_config("30s");
+    let gone = cfg.services[0].backends.remove(0).address;
+    let gone_id = f.director.services["web4"].backends[&gone].id;
+    f.apply(&cfg);
+    let svc = f.service_total("web4");
+    assert_eq!((svc.packets, svc.bytes), (50, total_bytes));
+    let own = f.k.dp.counter(CounterKind::Service, f.service("web4").id);
+    let (p, b) = per_backend[&gone_id];
     assert_eq!(
-        f.k.dp
-            .counter(CounterKind::Service, f.service("dns4").id)
-            .unwrap()
-            .packets,
-        0
+        own.unwrap(),
+        lb_common::Counter {
+            packets: p,
+            bytes: b
+        }
     );
+    f.apply(&with_fourth_backend(&cfg, 0));
+    let new_id = f.director.services["web4"].backends[&sa("10.99.0.14:0").ip()].id;
+    assert_eq!(new_id, gone_id, "the freed id is reused");
+    let fresh = f.k.dp.counter(CounterKind::Backend, new_id).unwrap();
+    assert_eq!(fresh, lb_common::Counter::default());
+    assert_eq!(f.service_total("web4").packets, 50);
 }
 
 /// Run this thread on CPU 0 only: the flood guard counts per CPU, the model stands for one.
@@ -1082,10 +1108,7 @@ fn frames_larger_than_a_page() {
         Action::Drop,
         Stat::DropMalformed,
     );
-    let svc =
-        f.k.dp
-            .counter(CounterKind::Service, f.service("web4").id)
-            .unwrap();
+    let svc = f.service_total("web4");
     assert_eq!(svc.packets, 4);
     assert!(svc.bytes > 4 * 4096 && rows == 8);
 }

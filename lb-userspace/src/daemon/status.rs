@@ -28,7 +28,10 @@ impl Owner {
             .get(name)
             .ok_or_else(|| ApiError::internal(format!("service {name:?} is not programmed")))?;
         let counter = |kind, id| self.dp.counter(kind, id).unwrap_or_default();
-        let svc_counter = counter(CounterKind::Service, st.info.id);
+        let svc_counter = self
+            .dp
+            .service_counter(st.info.id, st.backends.values().map(|b| b.id))
+            .unwrap_or_default();
         let drops = self.dp.service_drops(st.info.id).unwrap_or_default();
         let farm = cfg.forwarding == crate::config::Forwarding::Farm;
         let drops = SERVICE_DROP_REASONS

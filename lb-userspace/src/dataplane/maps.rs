@@ -31,6 +31,10 @@ pub trait Maps {
     fn write_ring(&mut self, offset: u32, slots: &[(u32, u32)]) -> Result<()>;
     /// Zero an id's packet/byte counters (the id is handed to a new service or backend).
     fn reset_counter(&mut self, kind: CounterKind, id: u32) -> Result<()>;
+    /// Backend `backend` leaves `service` (already invalidated): its packet/byte counts move
+    /// into the service's own slot, which keeps the service's total (see
+    /// `Dataplane::service_counter`), and its slot is zeroed.
+    fn retire_backend_counter(&mut self, service: u32, backend: u32) -> Result<()>;
     /// A tunnel service's outer-header parameters, by service id. The default writes
     /// nothing: for map sets without tunnels (a previous version's, in the benchmark).
     fn set_tunnel(&mut self, _service: u32, _t: &TunnelInfo) -> Result<()> {
@@ -63,6 +67,7 @@ tee! {
     set_backend(id: u32, b: &Backend);
     write_ring(o: u32, s: &[(u32, u32)]);
     reset_counter(kind: CounterKind, id: u32);
+    retire_backend_counter(service: u32, backend: u32);
     set_tunnel(service: u32, t: &TunnelInfo);
 }
 
@@ -114,6 +119,11 @@ impl Maps for DryRun {
         Ok(())
     }
     fn reset_counter(&mut self, _: CounterKind, _: u32) -> Result<()> {
+        Ok(())
+    }
+    fn retire_backend_counter(&mut self, service: u32, backend: u32) -> Result<()> {
+        ensure!(service < MAX_SERVICES, "service id {service} out of range");
+        ensure!(backend < BACKEND_SLOTS, "backend id {backend} out of range");
         Ok(())
     }
     fn set_tunnel(&mut self, service: u32, _: &TunnelInfo) -> Result<()> {

@@ -361,7 +361,8 @@ impl Dataplane {
             .collect()
     }
 
-    /// Packets/bytes of a service or backend id, summed over CPUs.
+    /// Packets/bytes of one `SVC_STATS` or `BACKEND_STATS` slot, summed over CPUs. A
+    /// service's traffic is [`Dataplane::service_counter`].
     pub fn counter(&self, kind: CounterKind, id: u32) -> Result<Counter> {
         let a = match kind {
             CounterKind::Service => &self.maps.svc_stats,
@@ -369,10 +370,23 @@ impl Dataplane {
         };
         Ok(a.get(&id, 0)?
             .iter()
-            .fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            }))
+            .fold(Counter::default(), |acc, c| acc + *c))
+    }
+
+    /// Packets/bytes of service `id` whose current backends are `backends`: the program
+    /// counts a forwarded frame only for its backend, so the service's own slot holds what
+    /// its removed backends carried (and a farm service's deliveries), and the rest is its
+    /// backends' sum.
+    pub fn service_counter(
+        &self,
+        id: u32,
+        backends: impl IntoIterator<Item = u32>,
+    ) -> Result<Counter> {
+        backends
+            .into_iter()
+            .try_fold(self.counter(CounterKind::Service, id)?, |acc, b| {
+                Ok(acc + self.counter(CounterKind::Backend, b)?)
+            })
     }
 
     /// The conntrack sync ring buffer (`CT_SYNC`), for its one reader; taken once. It is
@@ -535,6 +549,16 @@ impl Maps for Dataplane {
             }
         }
         Ok(())
+    }
+
+    fn retire_backend_counter(&mut self, service: u32, backend: u32) -> Result<()> {
+        let svc = self.maps.svc_stats.get(&service, 0)?;
+        let gone = self.maps.backend_stats.get(&backend, 0)?;
+        let sum: Vec<Counter> = svc.iter().zip(gone.iter()).map(|(a, b)| *a + *b).collect();
+        self.maps
+            .svc_stats
+            .set(service, aya::maps::PerCpuValues::try_from(sum)?, 0)?;
+        self.reset_counter(CounterKind::Backend, backend)
     }
 }
 

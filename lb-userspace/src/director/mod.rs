@@ -610,7 +610,8 @@ impl Director {
         }
 
         // Backends no longer configured leave the table first, then are invalidated so their
-        // conntrack entries re-hash, then their ids are freed.
+        // conntrack entries re-hash, then their counts move to the service's own slot (the
+        // service's total stays whole), then their ids are freed.
         let gone: Vec<BackendState> = st
             .backends
             .keys()
@@ -623,6 +624,7 @@ impl Director {
         sync_service(st, &self.members, maps)?;
         for e in gone {
             maps.set_backend(e.id, &Backend::default())?;
+            maps.retire_backend_counter(st.info.id, e.id)?;
             self.backend_ids.release(e.id);
         }
         Ok(())
@@ -799,6 +801,9 @@ mod tests {
         }
         fn reset_counter(&mut self, k: CounterKind, id: u32) -> Result<()> {
             self.model.reset_counter(k, id)
+        }
+        fn retire_backend_counter(&mut self, s: u32, b: u32) -> Result<()> {
+            self.model.retire_backend_counter(s, b)
         }
         fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> Result<()> {
             self.model.set_service(k, i)

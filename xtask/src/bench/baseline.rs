@@ -279,6 +279,10 @@ impl Maps for OldMaps {
         let zero = PerCpuValues::try_from(vec![Counter::default(); self.cpus])?;
         Ok(a.set(id, zero, 0)?)
     }
+    fn retire_backend_counter(&mut self, _: u32, backend: u32) -> Result<()> {
+        // The benchmark reads no service totals of the previous version.
+        self.reset_counter(CounterKind::Backend, backend)
+    }
 }
 
 /// The baseline's `farmlb_xdp`, loaded and programmed.

@@ -345,6 +345,12 @@ impl ServiceKey {
         }
     }
 
+    /// The keys that may serve a packet to `addr:port/proto`, in the order the program
+    /// tries them: the exact port's, then the port-wildcard one.
+    pub const fn candidates(addr: Addr, port: u16, proto: u8) -> [Self; 2] {
+        [Self::new(addr, port, proto), Self::new(addr, 0, proto)]
+    }
+
     /// The key as the words `SERVICE_ENTRIES` stores and the program compares: the address
     /// in four words, then port and protocol.
     #[inline(always)]

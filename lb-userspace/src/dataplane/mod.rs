@@ -426,13 +426,10 @@ impl Dataplane {
     /// The conntrack entry of `flow`, keyed by the service it is addressed to now (none
     /// without a service).
     pub fn conntrack_of(&self, flow: &FlowKey) -> Result<Option<CtEntry>> {
-        let svc = [flow.dport, 0].into_iter().find_map(|port| {
-            let key = ServiceKey::new(flow.dst, port, flow.proto);
-            self.services
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, s)| s)
-        });
+        let svc = ServiceKey::candidates(flow.dst, flow.dport, flow.proto)
+            .into_iter()
+            .find_map(|key| self.services.iter().find(|(k, _)| *k == key))
+            .map(|(_, s)| s);
         match svc {
             Some(s) => self.conntrack_get(flow.of_service(s.id).ct_key()),
             None => Ok(None),

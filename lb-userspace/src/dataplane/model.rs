@@ -208,10 +208,9 @@ impl Model {
         dport: u16,
         proto: u8,
     ) -> Option<(ServiceKey, ServiceInfo)> {
-        [dport, 0].into_iter().find_map(|port| {
-            let key = ServiceKey::new(*dst, port, proto);
-            self.services.get(&key).map(|s| (key, *s))
-        })
+        ServiceKey::candidates(*dst, dport, proto)
+            .into_iter()
+            .find_map(|key| self.services.get(&key).map(|s| (key, *s)))
     }
 
     /// `flow`'s conntrack key, under the service it is addressed to (none without one).

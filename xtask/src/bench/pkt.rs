@@ -401,7 +401,7 @@ fn measure(
 
     // samples[key][prog] = ns per packet, one per run.
     let mut samples: HashMap<(&str, Prog), Vec<f64>> = HashMap::new();
-    for run in 0..plan.runs {
+    for run in 0..plan.pkt_runs {
         // Alternate the order every run so neither program always goes first.
         let order: Vec<&Probe> = if run % 2 == 0 {
             probes.iter().collect()
@@ -594,13 +594,13 @@ fn measure(
             (_, Err(e)) => format!("not available: {e}"),
             (Err(e), _) => format!("not available: {e}"),
         },
-        runs = plan.runs,
+        runs = plan.pkt_runs,
         n = probes.len(),
         cpu = CPU,
     );
     s.raw = json!({
         "repeat": plan.repeat,
-        "runs": plan.runs,
+        "runs": plan.pkt_runs,
         "samples_ns": samples
             .iter()
             .map(|((k, p), v)| (format!("{}.{k}", prog_name(*p)), json!(v)))

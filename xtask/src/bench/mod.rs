@@ -52,7 +52,8 @@ pub struct Plan {
     /// Runs of the per-packet probes: a run takes a few seconds, and the per-run ratios of
     /// this machine spread by ±15%, so more of them steady the median.
     pub pkt_runs: usize,
-    /// BPF_PROG_TEST_RUN repeat count per per-packet sample.
+    /// BPF_PROG_TEST_RUN runs per per-packet sample (the probes of `pkt` split them into
+    /// `CHUNKS` calls).
     pub repeat: u32,
     pub fwd_warmup: Duration,
     pub fwd_window: Duration,

@@ -31,6 +31,9 @@ use super::Plan;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const OWN_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
+/// Calls a sample is split into, taking turns with the same packet's other programs.
+const CHUNKS: u32 = 10;
+
 /// Conntrack size of farmlb and of the floors' map.
 const CT_SIZE: u32 = 65536;
 /// The established flows' 5-tuples (`packets()`), pre-filled in the hit floor's map.
@@ -402,15 +405,25 @@ fn measure(
     // samples[key][prog] = ns per packet, one per run.
     let mut samples: HashMap<(&str, Prog), Vec<f64>> = HashMap::new();
     for run in 0..plan.pkt_runs {
-        // Alternate the order every run so neither program always goes first.
-        let order: Vec<&Probe> = if run % 2 == 0 {
-            probes.iter().collect()
-        } else {
-            probes.iter().rev().collect()
-        };
-        for p in order {
-            let ns = progs.time(p, plan.repeat)?;
-            samples.entry((p.key, p.prog)).or_default().push(ns);
+        // Alternate the order every run so neither packet always goes first.
+        let mut groups: Vec<&[Probe]> = probes.chunk_by(|a, b| a.key == b.key).collect();
+        if run % 2 == 1 {
+            groups.reverse();
+        }
+        // A packet's programs take turns in `CHUNKS` short calls (order reversed every
+        // turn), so a sample and its baselines share the machine's slow spells.
+        for g in groups {
+            let mut sum = vec![0.0; g.len()];
+            for c in 0..CHUNKS {
+                for i in 0..g.len() {
+                    let i = if c % 2 == 0 { i } else { g.len() - 1 - i };
+                    sum[i] += progs.time(&g[i], plan.repeat / CHUNKS)?;
+                }
+            }
+            for (p, ns) in g.iter().zip(sum) {
+                let ns = ns / CHUNKS as f64;
+                samples.entry((p.key, p.prog)).or_default().push(ns);
+            }
         }
     }
     let d = |k: &str, p: Prog| Dist::new(samples[&(k, p)].clone());
@@ -548,16 +561,20 @@ fn measure(
     s.method = format!(
         "All programs are loaded in this process; farmlb's maps are programmed by its own \
          `Director` from a fixed config (3 services, 3 backends each, 65537-slot Maglev \
-         tables, fixed backend MACs). Each sample is one `BPF_PROG_TEST_RUN` call with \
-         repeat = {repeat}; the value is the kernel's mean time per run (1 ns resolution). \
+         tables, fixed backend MACs). Each sample is the mean of {chunks} `BPF_PROG_TEST_RUN` \
+         calls with repeat = {chunk_repeat} ({repeat} runs in all), each the kernel's mean \
+         time per run (1 ns resolution); the programs timed on one packet take turns call by \
+         call (order reversed every turn), so a sample and its baselines share the machine's \
+         slow spells. \
          Without live frames the kernel does not reset the packet between repeats: farmlb's \
          direct-routing rewrite only changes the MACs and the reference only swaps them, so \
          the packet stays a valid input for every repeat. Every timed farmlb call checks \
          that its path counter grew by exactly `repeat` (established/UDP: conntrack hit, \
          primed by one run beforehand; SYN: a SYN re-hashes and rewrites its conntrack \
          entry every time, so each repeat is a miss + Maglev lookup; non-VIP: pass). \
-         {runs} runs; each run times all {n} (program, packet) pairs, in reverse order every \
-         other run (A/B alternation); a ratio sample is farmlb/baseline within one run. The \
+         {runs} runs; each run times all {n} (program, packet) pairs, the packets in reverse \
+         order every other run (A/B alternation); a ratio sample is farmlb/baseline within \
+         one run. The \
          reference is timed on the same packet as farmlb. Everything runs on one thread \
          pinned to CPU {cpu}, so a flow's conntrack entry lives on the CPU that handles its \
          packets, as with a NIC's RSS (conntrack is an LRU map with per-CPU lists). Seen \
@@ -579,6 +596,8 @@ fn measure(
          XDP_TX. Neither changes the packet's length, so repeat = N timing applies. \
          Previous version: {old}.",
         repeat = plan.repeat,
+        chunks = CHUNKS,
+        chunk_repeat = plan.repeat / CHUNKS,
         ct = CT_SIZE,
         old = match (&rev, &progs.old) {
             (Ok(r), Ok(_)) => format!(

@@ -379,10 +379,22 @@ impl Director {
             .values()
             .flat_map(|s| s.backends.values().map(|b| b.id))
             .collect();
+        let adopted: BTreeSet<u32> = self.services.values().map(|s| s.info.id).collect();
         for (id, b) in &snap.backends {
             if b.service == MEMBER_OWNER && b.flags & BACKEND_F_VALID != 0 {
                 self.valid_members.insert(*id);
             } else if *b != Backend::default() && !kept.contains(id) {
+                // A backend dropped from the config while the daemon was down: its traffic
+                // stays its (adopted) service's. Frames it takes until its ring slots move
+                // go uncounted.
+                if adopted.contains(&b.service) {
+                    maps.retire_backend_counter(b.service, *id)?;
+                }
+                // Its id is held until it is invalidated: a new backend must not take it
+                // before (member slots are not in the pool).
+                if *id < MAX_BACKENDS {
+                    self.backend_ids.reserve(*id);
+                }
                 self.stale.push(*id);
             }
         }
@@ -439,6 +451,9 @@ impl Director {
         }
         for id in std::mem::take(&mut self.stale) {
             maps.set_backend(id, &Backend::default())?;
+            if id < MAX_BACKENDS {
+                self.backend_ids.release(id);
+            }
         }
         Ok(())
     }
@@ -790,6 +805,7 @@ mod tests {
         model: Model,
         ring_writes: Vec<(u32, u32)>,
         backend_writes: Vec<(u32, Backend)>,
+        retired: Vec<(u32, u32)>,
     }
 
     impl Maps for Rec {
@@ -803,6 +819,7 @@ mod tests {
             self.model.reset_counter(k, id)
         }
         fn retire_backend_counter(&mut self, s: u32, b: u32) -> Result<()> {
+            self.retired.push((s, b));
             self.model.retire_backend_counter(s, b)
         }
         fn set_service(&mut self, k: &ServiceKey, i: &ServiceInfo) -> Result<()> {
@@ -905,6 +922,37 @@ mod tests {
             "{} slots rewritten",
             changed.len()
         );
+    }
+
+    /// A backend dropped from the config while the daemon was down: its counts go to its
+    /// service, and its id is not handed to a new backend before it is invalidated (the
+    /// new one would be invalidated with it).
+    #[test]
+    fn adopting_retires_a_backend_the_config_dropped_and_holds_its_id() {
+        let c = three();
+        let (d, mut rec, _) = setup(&c);
+        let st = &d.services["web"];
+        let snap = crate::dataplane::Snapshot {
+            services: vec![(st.key, st.info, st.table.clone())],
+            backends: rec.model.backends.iter().map(|(i, b)| (*i, *b)).collect(),
+        };
+        let (svc, gone) = (st.info.id, id(&d, C));
+        let next = cfg(&format!(
+            "[[service.backend]]\naddress = \"{A}\"\n[[service.backend]]\naddress = \"{B}\"\n\
+             [[service.backend]]\naddress = \"10.0.0.14\"\n"
+        ));
+        let mut d2 = Director::new(lb_common::DEFAULT_RING_SLOTS, [2, 0, 0, 0, 0, 1]);
+        d2.adopt(&next, &snap, &mut rec).unwrap();
+        assert_eq!(rec.retired, [(svc, gone)]);
+        d2.apply(&next, &mut rec, &mut macs(&next)).unwrap();
+        let new = id(&d2, "10.0.0.14");
+        assert_ne!(
+            new, gone,
+            "the dropped backend's id was handed out before it was cleared"
+        );
+        assert!(valid(&rec, new));
+        assert_eq!(rec.model.backends[&gone], Backend::default());
+        assert!(!d2.services["web"].table.contains(&gone));
     }
 
     #[test]

@@ -133,10 +133,10 @@ impl Fixture {
     /// A service's packets/bytes as the daemon reports them.
     fn service_total(&self, name: &str) -> lb_common::Counter {
         let st = &self.director.services[name];
-        self.k
-            .dp
-            .service_counter(st.info.id, st.backends.values().map(|b| b.id))
-            .unwrap()
+        let dp = &self.k.dp;
+        let backends = st.backends.values();
+        let counters = backends.map(|b| dp.counter(CounterKind::Backend, b.id).unwrap());
+        dp.service_counter(st.info.id, counters).unwrap()
     }
 }
 

@@ -28,10 +28,6 @@ impl Owner {
             .get(name)
             .ok_or_else(|| ApiError::internal(format!("service {name:?} is not programmed")))?;
         let counter = |kind, id| self.dp.counter(kind, id).unwrap_or_default();
-        let svc_counter = self
-            .dp
-            .service_counter(st.info.id, st.backends.values().map(|b| b.id))
-            .unwrap_or_default();
         let drops = self.dp.service_drops(st.info.id).unwrap_or_default();
         let farm = cfg.forwarding == crate::config::Forwarding::Farm;
         let drops = SERVICE_DROP_REASONS
@@ -46,6 +42,10 @@ impl Owner {
             .values()
             .map(|b| (b.id, counter(CounterKind::Backend, b.id)))
             .collect();
+        let svc_counter = self
+            .dp
+            .service_counter(st.info.id, counters.values().copied())
+            .unwrap_or_default();
         let backends: Vec<BackendView> = cfg
             .backends
             .iter()

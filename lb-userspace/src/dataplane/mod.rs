@@ -373,20 +373,17 @@ impl Dataplane {
             .fold(Counter::default(), |acc, c| acc + *c))
     }
 
-    /// Packets/bytes of service `id` whose current backends are `backends`: the program
-    /// counts a forwarded frame only for its backend, so the service's own slot holds what
-    /// its removed backends carried (and a farm service's deliveries), and the rest is its
-    /// backends' sum.
+    /// Packets/bytes of service `id`, given its current backends' counters (read once by
+    /// the caller, which shows them too): the program counts a forwarded frame only for its
+    /// backend, so the service's own slot holds what its removed backends carried (and a
+    /// farm service's deliveries), and the rest is its backends' sum.
     pub fn service_counter(
         &self,
         id: u32,
-        backends: impl IntoIterator<Item = u32>,
+        backends: impl IntoIterator<Item = Counter>,
     ) -> Result<Counter> {
-        backends
-            .into_iter()
-            .try_fold(self.counter(CounterKind::Service, id)?, |acc, b| {
-                Ok(acc + self.counter(CounterKind::Backend, b)?)
-            })
+        let own = self.counter(CounterKind::Service, id)?;
+        Ok(backends.into_iter().fold(own, |acc, c| acc + c))
     }
 
     /// The conntrack sync ring buffer (`CT_SYNC`), for its one reader; taken once. It is

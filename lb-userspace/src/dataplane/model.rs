@@ -55,8 +55,8 @@ pub struct Decision {
     /// through `backend`'s), meaningful when `bytes` is non-zero; and whose per-service drop
     /// counter a drop of a reason in `SERVICE_DROP_REASONS` bumps.
     pub service: u32,
-    /// Bytes added to the backend's (farm: and the service's) counters: the whole frame (every fragment of a
-    /// multi-buffer frame), or 0 for exits that count no traffic.
+    /// Bytes added to the backend's (farm: and the service's) counters: the whole frame
+    /// (every fragment of a multi-buffer frame), or 0 for exits that count no traffic.
     pub bytes: u64,
     /// The service's forwarding mode (`FWD_*`) for `Tx` and the tunnel exits.
     pub fwd: u8,
